@@ -1,0 +1,1 @@
+"""Driver entry points: what `ray job submit` runs."""

@@ -1,0 +1,35 @@
+"""Connecting to Ray and checking, before any actor exists, that the cluster can run the roles."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rlhf_ray.config import RunConfig
+from rlhf_ray.resources import RoleRequest, check_fits
+
+
+def connect(run: RunConfig) -> str:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local one.
+
+    The local dashboard binds to 127.0.0.1 only. Returns a description for the console.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+    context = ray.init(
+        num_cpus=run.num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+    )
+    return f"started a local Ray; dashboard at http://{context.dashboard_url or 'n/a'}"
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(requests: list[RoleRequest], what: str) -> None:
+    """Raise ResourceError (exit 2) when the live cluster can never satisfy `requests`."""
+    check_fits(requests, alive_nodes(), what)

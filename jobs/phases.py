@@ -1,0 +1,157 @@
+"""The steps `jobs/rlhf.py` runs, each a short function over Ray and the Ray-free library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+import yaml
+
+from rlhf_ray import evaluation, reward, sft
+from rlhf_ray.checkpoints import is_complete
+from rlhf_ray.config import Config
+from rlhf_ray.config_loader import config_to_dict
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.prepare import PreparedRun, limits_of, read_rows
+from rlhf_ray.resources import RoleRequest, bundle, ppo_requests, training_requests
+from rlhf_ray.train_common import launch
+
+PHASE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "policy"}
+PHASE_INPUTS = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward")}
+
+
+def check_phase_inputs(cfg: Config, out: Path) -> None:
+    """Every selected phase's inputs exist already or are made earlier in this run."""
+    for phase in cfg.run.phases:
+        for needed in PHASE_INPUTS[phase]:
+            if needed not in cfg.run.phases and not is_complete(out / PHASE_DIRS[needed]):
+                raise ConfigError(
+                    f"run.phases={','.join(cfg.run.phases)}: the {phase} phase needs a complete "
+                    f"{out / PHASE_DIRS[needed]}/ from an earlier run, and there is none; "
+                    f"add {needed} to --phases"
+                )
+
+
+def print_data_report(report: dict) -> None:
+    for name, info in report.items():
+        line = f"[data] {name}: {info['rows']} rows from {info['source']}"
+        if info.get("overlong"):
+            verb = "truncated" if info["overlong_action"] == "truncate" else "rejected"
+            line += f"; {info['overlong']} over the token limits, {verb}"
+        if info.get("ignored_fields"):
+            line += f"; ignored fields {info['ignored_fields']}"
+        print(line)
+
+
+def resource_requests(cfg: Config) -> list[RoleRequest]:
+    """The largest set of roles alive at one time: PPO's actors, or the train workers."""
+    needs = training_requests(cfg.resources)
+    if "ppo" in cfg.run.phases:
+        ppo = ppo_requests(cfg.resources, cfg.ppo.num_rollout_actors)
+        needs = ppo if _total_cpus(ppo) >= _total_cpus(needs) else needs
+    return needs
+
+
+def _total_cpus(requests: list[RoleRequest]) -> float:
+    return sum(r.bundle.get("CPU", 0.0) * r.count for r in requests)
+
+
+def save_resolved_config(cfg: Config, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def train_sft(cfg: Config, prepared: PreparedRun) -> None:
+    out = Path(cfg.run.output_dir).resolve()
+    job = sft.SFTJob(
+        base_path=_abs_if_local(prepared.base_path),
+        data_dir=prepared.data_dir.resolve(),
+        out_dir=out / PHASE_DIRS["sft"],
+        tb_dir=out / "tb",
+        model=cfg.model,
+        quantization=cfg.quantization,
+        lora=cfg.lora,
+        sft=cfg.sft,
+        limits=limits_of(cfg.data),
+        worker_cpus=cfg.resources.train_worker_cpus,
+        seed=cfg.run.seed,
+    )
+    launch("sft", sft.sft_worker_loop, {"job": job}, cfg.resources, out)
+
+
+def train_reward(cfg: Config, prepared: PreparedRun) -> None:
+    out = Path(cfg.run.output_dir).resolve()
+    job = reward.RewardJob(
+        sft_path=str(out / PHASE_DIRS["sft"]),
+        data_dir=prepared.data_dir.resolve(),
+        out_dir=out / PHASE_DIRS["reward"],
+        tb_dir=out / "tb",
+        model=cfg.model,
+        quantization=cfg.quantization,
+        lora=cfg.lora,
+        reward=cfg.reward,
+        limits=limits_of(cfg.data),
+        worker_cpus=cfg.resources.train_worker_cpus,
+        seed=cfg.run.seed,
+    )
+    launch("reward", reward.reward_worker_loop, {"job": job}, cfg.resources, out)
+
+
+def train_ppo(cfg: Config, prepared: PreparedRun) -> None:
+    from jobs.ppo import run_ppo
+
+    run_ppo(cfg, prepared)
+
+
+def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
+    """Sample every existing model on the held-out prompts, in parallel Ray tasks."""
+    out = Path(cfg.run.output_dir).resolve()
+    models = {"base": _abs_if_local(prepared.base_path)}
+    for name, phase in (("sft", "sft"), ("policy", "ppo")):
+        if is_complete(out / PHASE_DIRS[phase]):
+            models[name] = str(out / PHASE_DIRS[phase])
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "eval_prompts")]
+    res = cfg.resources
+    task = ray.remote(evaluation.generate_eval_responses).options(
+        **_ray_options(bundle(res.rollout_cpus, res.rollout_gpus)), name="evaluate"
+    )
+    refs = {
+        name: task.remote(
+            evaluation.EvalJob(
+                path,
+                cfg.model,
+                cfg.quantization,
+                cfg.eval,
+                limits_of(cfg.data),
+                cfg.run.seed + 7,
+                res.rollout_cpus,
+            ),
+            prompts,
+        )
+        for name, path in models.items()
+    }
+    responses = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
+    responses["ideal"] = evaluation.ideal_responses(prompts)
+    evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses)
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "reward_dir": out / PHASE_DIRS["reward"],
+        "data_dir": prepared.data_dir,
+    }
+
+
+def _ray_options(resources: dict[str, float]) -> dict:
+    return {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0)}
+
+
+def _abs_if_local(path: str) -> str:
+    """Model paths that exist locally become absolute (workers run in other directories)."""
+    p = Path(path)
+    return str(p.resolve()) if p.exists() else path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,70 @@
+"""The rlhf-ray driver: SFT, then the reward model, then PPO, then the gold-judge report.
+
+    python jobs/rlhf.py [--config PRESET_OR_YAML] [--output_dir DIR] [--phases sft,reward,ppo]
+    ray job submit --working-dir . -- python jobs/rlhf.py --config smoke
+
+Every phase writes `<output_dir>/<phase>/` atomically and is skipped when that exists, so a
+run that stopped resumes where it was.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python jobs/rlhf.py`): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs import cluster, phases  # noqa: E402
+from rlhf_ray.checkpoints import is_complete  # noqa: E402
+from rlhf_ray.cli import parse_run_args  # noqa: E402
+from rlhf_ray.errors import UserInputError  # noqa: E402
+from rlhf_ray.prepare import prepare_run  # noqa: E402
+from rlhf_ray.report import print_summary, write_summary  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # 1. Everything the user gave is checked before any model loads or Ray starts.
+        cfg = parse_run_args(argv)
+        out = Path(cfg.run.output_dir)
+        phases.check_phase_inputs(cfg, out)
+        prepared = prepare_run(cfg)
+        phases.print_data_report(prepared.report)
+        print(cluster.connect(cfg.run), flush=True)
+        cluster.check_resources(phases.resource_requests(cfg), "this run")
+    except UserInputError as err:
+        print(f"rlhf-ray: error: {err}", file=sys.stderr)
+        return 2
+    phases.save_resolved_config(cfg, out)
+    seconds: dict[str, float] = {}
+
+    # 2. The three phases, each skipped when its complete output exists.
+    for name, run_phase in (
+        ("sft", phases.train_sft),
+        ("reward", phases.train_reward),
+        ("ppo", phases.train_ppo),
+    ):
+        if name not in cfg.run.phases:
+            continue
+        if is_complete(out / phases.PHASE_DIRS[name]):
+            print(f"[{name}] complete output in {out / phases.PHASE_DIRS[name]}; skipped")
+            continue
+        start = time.time()
+        run_phase(cfg, prepared)
+        seconds[name] = round(time.time() - start, 1)
+        print(f"[{name}] done in {seconds[name]:.1f}s", flush=True)
+
+    # 3. Measure every model there is with the gold judge, on held-out prompts.
+    start = time.time()
+    evaluation = phases.evaluate(cfg, prepared)
+    seconds["eval"] = round(time.time() - start, 1)
+    summary = write_summary(cfg, out, prepared.report, evaluation, seconds)
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Errors about what the user gave us (config, data, paths, resources).
+
+The CLI turns any `UserInputError` into a one-paragraph message and exit code 2, before any
+model is loaded or Ray resource is taken where that is possible.
+"""
+
+
+class UserInputError(Exception):
+    """Something the user supplied is wrong; the message names what, where, and what is allowed."""
+
+
+class ConfigError(UserInputError):
+    """A config key, type or value is not allowed."""
+
+
+class DataError(UserInputError):
+    """A data file or row is malformed."""
+
+
+class ResourceError(UserInputError):
+    """The cluster can never provide what a role asks for."""

@@ -1,0 +1,66 @@
+"""Rows in TRL's formats drawn from the synthetic world (`synthetic.py`).
+
+Evaluation prompts are held out: no training row (SFT, preference or RL) uses their text, so
+the gold reward on them measures generalisation, not recall of a training string.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlhf_ray import synthetic
+from rlhf_ray.config import DataConfig
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.gold import GoldJudge
+from rlhf_ray.synthetic import PromptSpec
+
+
+def split_prompts(num_eval: int, seed: int) -> tuple[list[PromptSpec], list[PromptSpec]]:
+    """(train specs, eval specs): a seeded shuffle of the world, `num_eval` held out."""
+    specs = synthetic.all_prompts()
+    if num_eval > len(specs) // 2:
+        raise ConfigError(
+            f"data.num_eval_prompts={num_eval}: expected at most {len(specs) // 2} "
+            f"(half of the synthetic world's {len(specs)} distinct prompts)"
+        )
+    random.Random(seed).shuffle(specs)
+    return specs[num_eval:], specs[:num_eval]
+
+
+def sft_rows(specs: list[PromptSpec], cfg: DataConfig, rng: random.Random) -> list[dict]:
+    """Demonstrations, a `flawed_fraction` share of them flawed on purpose."""
+    rows = []
+    for _ in range(cfg.num_sft):
+        spec = rng.choice(specs)
+        completion = synthetic.sample_response(spec, cfg.flawed_fraction, rng)
+        rows.append({"prompt": spec.text, "completion": completion})
+    return rows
+
+
+def preference_rows(
+    specs: list[PromptSpec], count: int, cfg: DataConfig, judge: GoldJudge, rng: random.Random
+) -> list[dict]:
+    """Pairs of demonstrator responses labelled by the gold judge, flipped at `label_noise`."""
+    rows = []
+    while len(rows) < count:
+        spec = rng.choice(specs)
+        a = synthetic.sample_response(spec, cfg.flawed_fraction, rng)
+        b = synthetic.sample_response(spec, cfg.flawed_fraction, rng)
+        score_a = judge.score(spec.text, a).total
+        score_b = judge.score(spec.text, b).total
+        if score_a == score_b:
+            continue  # a tie teaches nothing about preference
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        if rng.random() < cfg.label_noise:
+            chosen, rejected = rejected, chosen
+        rows.append({"prompt": spec.text, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def prompt_rows(specs: list[PromptSpec], count: int, rng: random.Random) -> list[dict]:
+    return [{"prompt": rng.choice(specs).text} for _ in range(count)]
+
+
+def eval_rows(specs: list[PromptSpec]) -> list[dict]:
+    """Held-out prompts with the ideal response (kept for the report, never trained on)."""
+    return [{"prompt": s.text, "ideal": synthetic.ideal_response(s)} for s in specs]

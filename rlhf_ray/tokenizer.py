@@ -1,0 +1,49 @@
+"""Tokenizers: a byte-level BPE trained on the run's own data, or a Hugging Face one.
+
+Both come out with a pad token distinct from EOS: generation left-pads prompts, and a pad equal
+to EOS would make every padded prompt look finished (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style) with <pad>, <s>, </s> as ids 0, 1, 2."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure its pad token exists and differs from EOS.
+
+    Llama/Mistral tokenizers ship no pad token; their <unk> is a safe distinct pad (it never
+    appears in real text), so no embedding row has to be added.
+    """
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; generation could never stop")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is None or tok.unk_token_id == tok.eos_token_id:
+            raise ValueError(
+                f"tokenizer at {path} has no pad token distinct from EOS and no <unk> to use"
+            )
+        tok.pad_token = tok.unk_token
+    return tok
