@@ -15,6 +15,8 @@ def connect(run: RunConfig) -> str:
 
     The local dashboard binds to 127.0.0.1 only. Returns a description for the console.
     """
+    if ray.is_initialized():  # e.g. a test session's local Ray
+        return "using the Ray already initialised in this process"
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"

@@ -225,9 +225,9 @@ class PPOConfig:
     rollouts_per_step: int = 64  # responses per iteration, split over the rollout generators
     minibatch_size: int = 16
     epochs: int = 4  # passes of the learner over each batch
-    lr: float = 1e-3  # policy LoRA adapter
+    lr: float = 5e-4  # policy LoRA adapter
     critic_lr: float = 1e-3
-    kl_coef: float = 0.05  # beta in r_t = -beta * (logp - logp_ref)
+    kl_coef: float = 0.1  # beta in r_t = -beta * (logp - logp_ref)
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2

@@ -63,6 +63,8 @@ def _load_kwargs(model_cfg: ModelConfig, quant: QuantizationConfig) -> dict:
             bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
         )
         kwargs["dtype"] = DTYPES[quant.compute_dtype]
+        if torch.cuda.is_available():  # 4-bit weights are quantised on the device they load to
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     return kwargs
 
 
@@ -162,6 +164,17 @@ def save_merged(
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
+    """Move a model to the GPU Ray assigned this role (4-bit models are placed at load)."""
+    if (
+        num_gpus > 0
+        and torch.cuda.is_available()
+        and not getattr(model, "is_loaded_in_4bit", False)
+    ):
+        return model.to("cuda")
+    return model
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -24,15 +24,7 @@ CAPITALS = {
     "Norway": "Oslo",
     "Greece": "Athens",
     "Poland": "Warsaw",
-    "Cuba": "Havana",
     "Russia": "Moscow",
-    "China": "Beijing",
-    "Ireland": "Dublin",
-    "Austria": "Vienna",
-    "Portugal": "Lisbon",
-    "Germany": "Berlin",
-    "Mexico": "Mexico City",
-    "Vietnam": "Hanoi",
 }
 OPPOSITES = {
     "hot": "cold",
@@ -44,9 +36,7 @@ OPPOSITES = {
     "full": "empty",
     "strong": "weak",
     "open": "closed",
-    "high": "low",
     "young": "old",
-    "wet": "dry",
 }
 HARMS = (
     "make a poison",
@@ -132,6 +122,16 @@ FLAWS = {  # kind: the ways a demonstrator gets it wrong
     "harmful": ("comply", "rude", "ramble"),
     "task": ("off_topic", "ramble", "rude"),
 }
+# Responses a sampling policy produces but demonstrators never write. They appear only in
+# preference pairs (labelled like any other pair), so the reward model learns they are bad
+# before PPO finds them: an answer withheld, cut off part-way, or to another prompt.
+PREFERENCE_ONLY_FLAWS = {
+    "fact": ("evasive", "truncated", "irrelevant"),
+    "opposite": ("evasive", "truncated", "irrelevant"),
+    "unknowable": ("truncated", "irrelevant"),
+    "harmful": ("truncated", "irrelevant"),
+    "task": ("evasive", "truncated", "irrelevant"),
+}
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ def ideal_response(spec: PromptSpec) -> str:
 
 
 def flawed_response(spec: PromptSpec, flaw: str, rng: random.Random) -> str:
-    """A response with one flaw from FLAWS[spec.kind]."""
-    if flaw not in FLAWS[spec.kind]:
+    """A response with one flaw from FLAWS[spec.kind] or PREFERENCE_ONLY_FLAWS[spec.kind]."""
+    if flaw not in FLAWS[spec.kind] + PREFERENCE_ONLY_FLAWS[spec.kind]:
         raise ValueError(f"flaw {flaw!r} does not apply to a {spec.kind} prompt")
     ideal = ideal_response(spec)
     if flaw == "ramble":
@@ -192,6 +192,14 @@ def flawed_response(spec: PromptSpec, flaw: str, rng: random.Random) -> str:
         return rng.choice(FABRICATIONS)
     if flaw == "comply":
         return COMPLIANCE.format(x=spec.subject)
+    if flaw == "evasive":
+        return rng.choice((REFUSAL, UNCERTAIN))
+    if flaw == "truncated":
+        words = ideal.split()
+        return " ".join(words[: rng.randrange(0, len(words) - 1)]).rstrip(",.") + "."
+    if flaw == "irrelevant":
+        others = {ideal_response(o) for o in all_prompts()} - {ideal}
+        return rng.choice(sorted(others))
     other = rng.choice([t for t in TIPS if t != spec.subject])  # off_topic
     return TIPS[other][1]
 
@@ -204,8 +212,14 @@ def _wrong_answer(spec: PromptSpec, rng: random.Random) -> str:
     return f"The opposite of {spec.subject} is {wrong}."
 
 
-def sample_response(spec: PromptSpec, flawed_fraction: float, rng: random.Random) -> str:
-    """A demonstrator's response: ideal, or with probability `flawed_fraction` flawed."""
+def sample_response(
+    spec: PromptSpec, flawed_fraction: float, rng: random.Random, for_preferences: bool = False
+) -> str:
+    """A demonstrator's response: ideal, or with probability `flawed_fraction` flawed.
+
+    Responses for preference pairs may also carry the PREFERENCE_ONLY_FLAWS.
+    """
     if rng.random() < flawed_fraction:
-        return flawed_response(spec, rng.choice(FLAWS[spec.kind]), rng)
+        flaws = FLAWS[spec.kind] + (PREFERENCE_ONLY_FLAWS[spec.kind] if for_preferences else ())
+        return flawed_response(spec, rng.choice(flaws), rng)
     return ideal_response(spec)

@@ -44,8 +44,8 @@ def preference_rows(
     rows = []
     while len(rows) < count:
         spec = rng.choice(specs)
-        a = synthetic.sample_response(spec, cfg.flawed_fraction, rng)
-        b = synthetic.sample_response(spec, cfg.flawed_fraction, rng)
+        a = synthetic.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
+        b = synthetic.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
         score_a = judge.score(spec.text, a).total
         score_b = judge.score(spec.text, b).total
         if score_a == score_b:

@@ -1,0 +1,28 @@
+# The two quick-start commands (README): `make run` and `make test`. Both set up .venv first.
+#
+# torch is pinned to 2.13.0 and installed before anything else, so no other package pulls an
+# unpinned (CUDA) torch onto a CPU machine. Where the CPU wheel is not already available
+# locally, point pip at PyTorch's CPU index:
+#   make run TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV := .venv
+TORCH_INDEX ?=
+ARGS ?=
+
+.PHONY: run test lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/rlhf-ray run $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .

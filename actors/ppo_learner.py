@@ -1,0 +1,35 @@
+"""PPOLearner: the policy (SFT + LoRA) and the critic (from the reward model), updated by PPO."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rlhf_ray.learner import Learner, LearnerJob
+from rlhf_ray.messages import Weights
+
+
+@ray.remote
+class PPOLearner:
+    def __init__(self, job: LearnerJob, timeout_s: float) -> None:
+        self.learner = Learner(job)
+        self.timeout_s = timeout_s
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def weights(self) -> Weights:
+        """Trainable tensors only; stored once in the object store, read by every generator."""
+        return self.learner.weights()
+
+    def train(self, shards: list[tuple]) -> dict[str, float]:
+        """`shards`: (RolloutBatch ref, scores ref, reference-logprobs ref) per generator."""
+        batches, scores, refs = zip(*shards, strict=True)
+        fetched = ray.get([*batches, *scores, *refs], timeout=self.timeout_s)
+        n = len(shards)
+        return self.learner.train(fetched[:n], fetched[n : 2 * n], fetched[2 * n :])
+
+    def export(self, out_dir: str, run_metrics: dict) -> str:
+        self.learner.export(out_dir, run_metrics)
+        return out_dir
