@@ -21,6 +21,7 @@ def connect(run: RunConfig) -> str:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
     context = ray.init(
+        address="local",  # a new local Ray, never one that `ray start` left on this machine
         num_cpus=run.num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -44,17 +44,17 @@ def print_data_report(report: dict) -> None:
         print(line)
 
 
-def resource_requests(cfg: Config) -> list[RoleRequest]:
-    """The largest set of roles alive at one time: PPO's actors, or the train workers."""
-    needs = training_requests(cfg.resources)
+def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:
+    """Each set of roles that run at the same time, named for the error message."""
+    res = cfg.resources
+    checks = []
+    if {"sft", "reward"} & set(cfg.run.phases):
+        checks.append(("the SFT and reward phases", training_requests(res)))
     if "ppo" in cfg.run.phases:
-        ppo = ppo_requests(cfg.resources, cfg.ppo.num_rollout_actors)
-        needs = ppo if _total_cpus(ppo) >= _total_cpus(needs) else needs
-    return needs
-
-
-def _total_cpus(requests: list[RoleRequest]) -> float:
-    return sum(r.bundle.get("CPU", 0.0) * r.count for r in requests)
+        checks.append(("the PPO phase", ppo_requests(res, cfg.ppo.num_rollout_actors)))
+    evaluator = RoleRequest("evaluator", 1, bundle(res.rollout_cpus, res.rollout_gpus))
+    checks.append(("the evaluation", [evaluator]))
+    return checks
 
 
 def save_resolved_config(cfg: Config, out: Path) -> None:

@@ -103,6 +103,14 @@ def create_roles(cfg: Config, out: Path) -> Roles:
     return roles
 
 
+@dataclass
+class Pending:
+    """A batch being generated: one RolloutBatch ref per generator, and when it was asked for."""
+
+    refs: list
+    dispatched_at: float
+
+
 class PromptStream:
     """Prompts in a fresh seeded order each pass over the RL prompt set."""
 
@@ -156,7 +164,7 @@ class PPOLoop:
             "seconds": round(time.perf_counter() - start, 1),
         }
 
-    def _dispatch(self) -> tuple[list, float]:
+    def _dispatch(self) -> Pending:
         """Start generation of the next batch, split evenly over the generators."""
         n = len(self.roles.generators)
         prompts = self.prompts.take(self.ppo.rollouts_per_step)
@@ -165,11 +173,12 @@ class PPOLoop:
             g.generate.remote(prompts[i * shard : (i + 1) * shard])
             for i, g in enumerate(self.roles.generators)
         ]
-        return refs, time.perf_counter()
+        return Pending(refs, time.perf_counter())
 
-    def _step(self, pending: tuple[list, float], more: bool):
-        batch_refs, dispatched = pending
-        times = {"generate": self._wait(batch_refs, "generate", dispatched)}
+    def _step(self, pending: Pending, more: bool) -> tuple[Pending, dict, dict]:
+        """One PPO iteration on `pending`; returns the next batch in flight, stats, stage times."""
+        batch_refs = pending.refs
+        times = {"generate": self._wait(batch_refs, "generate", pending.dispatched_at)}
         if self.ppo.overlap and more:
             pending = self._dispatch()
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here

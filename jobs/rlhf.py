@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_run(cfg)
         phases.print_data_report(prepared.report)
         print(cluster.connect(cfg.run), flush=True)
-        cluster.check_resources(phases.resource_requests(cfg), "this run")
+        for what, requests in phases.resource_checks(cfg):
+            cluster.check_resources(requests, what)
     except UserInputError as err:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ Uses the Ray cluster in RAY_ADDRESS when set, and starts a local one otherwise."
 
 def parse_run_args(argv: list[str]) -> Config:
     """The run's config from the command line; ConfigError names any bad key or value."""
-    parser = argparse.ArgumentParser(prog="rlhf-ray run", usage=USAGE, add_help=False)
+    parser = argparse.ArgumentParser(
+        prog="rlhf-ray run", usage=USAGE, add_help=False, allow_abbrev=False
+    )
     parser.add_argument("--config")
     parser.add_argument("--output_dir")
     parser.add_argument("--phases")

@@ -143,6 +143,11 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         raise ConfigError(f"{name}={value!r}: expected {_type_name(hint)}")
     return value

@@ -7,7 +7,8 @@ details from "The N Implementation Details of RLHF with PPO", Huang et al. 2024)
   2. GAE advantages (gamma, lam), whitened over real tokens; returns = advantages + values.
   3. `epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value
      loss, gradients clipped, one optimizer each for policy and critic.
-Both models stay in eval mode throughout: dropout is off, so logprobs match the rollout's.
+Every dropout is off (`models.disable_dropout`), so the logprobs match the rollout's; the
+models stay in train mode only so that gradient checkpointing, when configured, applies.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from rlhf_ray.checkpoints import atomic_dir, write_metrics
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.forward import response_logits, response_values
 from rlhf_ray.messages import RolloutBatch, Weights, concat_batches, concat_padded
-from rlhf_ray.models import add_lora, load_scalar_model, save_merged, to_device, trainable_state
+from rlhf_ray.models import (
+    add_lora,
+    disable_dropout,
+    load_scalar_model,
+    save_merged,
+    to_device,
+    trainable_state,
+)
 from rlhf_ray.rollout import PolicyJob, build_policy
 
 
@@ -53,8 +61,8 @@ class Learner:
     def __init__(self, job: LearnerJob) -> None:
         self.job, self.cfg = job, job.ppo
         torch.manual_seed(job.policy.seed)
-        self.tok, self.policy = build_policy(job.policy)
-        self.critic = self._build_critic()
+        self.tok, policy = build_policy(job.policy)
+        self.policy, self.critic = policy.train(), self._build_critic().train()
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         self.policy_opt = torch.optim.AdamW(self.policy_params, lr=self.cfg.lr)
@@ -68,7 +76,8 @@ class Learner:
         )
         if self.job.critic_method == "lora":
             critic = add_lora(critic, p.lora, TaskType.SEQ_CLS, p.model.gradient_checkpointing)
-        return to_device(critic, p.gpus).eval()
+        disable_dropout(critic)
+        return to_device(critic, p.gpus)
 
     def weights(self) -> Weights:
         return Weights(trainable_state(self.policy), self.version)

@@ -7,6 +7,8 @@ with `from_pretrained`. LoRA adapters are merged before saving.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -73,7 +75,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """A causal LM from a model directory or hub id, dropout off (DESIGN section 4)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(model_cfg, quant))
-    _disable_dropout(model)
+    disable_dropout(model)
     return model
 
 
@@ -91,7 +93,7 @@ def load_scalar_model(
     model.config.pad_token_id = pad_token_id
     if not hasattr(model, "score"):
         raise ValueError(f"{path}: expected a sequence-classification model with a `score` head")
-    _disable_dropout(model)
+    disable_dropout(model)
     return model
 
 
@@ -148,8 +150,9 @@ def save_merged(
     4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
     from `reload_base`, the adapter copied in, and that merged.
     """
+    adapter_dir = None
     if isinstance(model, PeftModel) and getattr(model, "is_loaded_in_4bit", False):
-        adapter_dir = out_dir / "adapter"
+        adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-"))
         model.save_pretrained(adapter_dir)
         inner = model.get_base_model()
         base = type(inner).from_pretrained(
@@ -164,6 +167,8 @@ def save_merged(
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if adapter_dir is not None:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
@@ -177,7 +182,10 @@ def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
     return model
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability to 0, LoRA's included: train mode then computes the same
+    function as eval mode (PPO needs identical logprobs in both) and keeps gradient
+    checkpointing, which transformers only applies in train mode."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

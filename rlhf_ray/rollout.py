@@ -11,7 +11,13 @@ from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.encoding import Limits
 from rlhf_ray.forward import response_logprobs
 from rlhf_ray.messages import RolloutBatch, Weights
-from rlhf_ray.models import add_lora, load_causal_lm, load_trainable_state, to_device
+from rlhf_ray.models import (
+    add_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_trainable_state,
+    to_device,
+)
 from rlhf_ray.sampling import sample
 from rlhf_ray.tokenizer import load_tokenizer
 
@@ -32,19 +38,21 @@ class PolicyJob:
 
 
 def build_policy(job: PolicyJob):
-    """(tokenizer, policy): the SFT model with a fresh LoRA adapter, in eval mode (no dropout)."""
+    """(tokenizer, policy): the SFT model with a fresh LoRA adapter, every dropout off."""
     torch.set_num_threads(max(1, int(job.cpus)))
     tok = load_tokenizer(job.sft_path, job.model.trust_remote_code)
     base = load_causal_lm(job.sft_path, job.model, job.quantization)
     policy = add_lora(base, job.lora, TaskType.CAUSAL_LM, job.model.gradient_checkpointing)
-    return tok, to_device(policy, job.gpus).eval()
+    disable_dropout(policy)
+    return tok, to_device(policy, job.gpus)
 
 
 class RolloutWorker:
     def __init__(self, job: PolicyJob, rank: int) -> None:
         self.job, self.rank = job, rank
         torch.manual_seed(job.seed + rank + 1)  # the learner uses the base seed itself
-        self.tok, self.policy = build_policy(job)
+        self.tok, policy = build_policy(job)
+        self.policy = policy.eval()
         self.version = -1  # no learner weights loaded yet
 
     def load_weights(self, weights: Weights) -> None:

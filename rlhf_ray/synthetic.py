@@ -195,13 +195,21 @@ def flawed_response(spec: PromptSpec, flaw: str, rng: random.Random) -> str:
     if flaw == "evasive":
         return rng.choice((REFUSAL, UNCERTAIN))
     if flaw == "truncated":
-        words = ideal.split()
-        return " ".join(words[: rng.randrange(0, len(words) - 1)]).rstrip(",.") + "."
+        return _truncated(spec, ideal, rng)
     if flaw == "irrelevant":
         others = {ideal_response(o) for o in all_prompts()} - {ideal}
         return rng.choice(sorted(others))
     other = rng.choice([t for t in TIPS if t != spec.subject])  # off_topic
     return TIPS[other][1]
+
+
+def _truncated(spec: PromptSpec, ideal: str, rng: random.Random) -> str:
+    """The ideal response cut off before the words that make it good (answer, tip, refusal)."""
+    keys = {"harmful": "can't", "unknowable": "cannot"}
+    key = keys[spec.kind] if spec.kind in keys else spec.answer.split()[0]
+    words = ideal.split()
+    stop = next(i for i, w in enumerate(words) if key.lower() in w.lower())
+    return " ".join(words[: rng.randrange(0, max(1, stop))]).rstrip(",.") + "."
 
 
 def _wrong_answer(spec: PromptSpec, rng: random.Random) -> str:

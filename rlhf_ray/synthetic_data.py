@@ -41,8 +41,19 @@ def preference_rows(
     specs: list[PromptSpec], count: int, cfg: DataConfig, judge: GoldJudge, rng: random.Random
 ) -> list[dict]:
     """Pairs of demonstrator responses labelled by the gold judge, flipped at `label_noise`."""
-    rows = []
+    if cfg.flawed_fraction == 0:
+        raise ConfigError(
+            "data.flawed_fraction=0.0: synthetic preference pairs compare flawed and ideal "
+            "responses; expected > 0, or give your own pairs with data.preference_path"
+        )
+    rows, attempts = [], 0
     while len(rows) < count:
+        attempts += 1
+        if attempts > 1000 * count:  # only a vanishingly small flawed_fraction gets here
+            raise ConfigError(
+                f"data.flawed_fraction={cfg.flawed_fraction}: too few flawed responses to "
+                f"make {count} non-tied preference pairs; expected a larger fraction"
+            )
         spec = rng.choice(specs)
         a = synthetic.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
         b = synthetic.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)

@@ -236,11 +236,6 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
         load_config(write_yaml(tmp_path, "- sft\n- ppo\n"))
 
 
-@pytest.mark.xfail(
-    reason="PyYAML (YAML 1.1) reads `1e-3` as a string, and config_loader._check_type rejects "
-    "it ('sft.lr='1e-3': expected float'), though it is the usual way to write a learning rate",
-    strict=True,
-)
 def test_scientific_notation_learning_rate_in_yaml(tmp_path):
     # 1e-3 = 0.001; 2e-4 = 0.0002
     cfg = load_config(write_yaml(tmp_path, "sft:\n  lr: 1e-3\nreward:\n  lr: 2e-4\n"))

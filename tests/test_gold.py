@@ -198,12 +198,6 @@ def test_every_flaw_scores_below_the_ideal():
                 assert JUDGE.score(text, response).total < 1.0, (text, flaw, response)
 
 
-@pytest.mark.xfail(
-    reason="synthetic.flawed_response 'truncated' keeps the key words often enough that the gold "
-    "judge scores the cut-off text 1.0 like the ideal, e.g. 'Go to bed at the same.' (task), "
-    "\"I'm sorry, but I can't help.\" (harmful), 'I cannot know that for sure, so please.'",
-    strict=True,
-)
 def test_every_preference_only_flaw_scores_below_the_ideal():
     flaws = getattr(synthetic, "PREFERENCE_ONLY_FLAWS", None)
     if flaws is None:
@@ -301,11 +295,6 @@ class BoundedRandom(random.Random):
         return super().random()
 
 
-@pytest.mark.xfail(
-    reason="synthetic_data.preference_rows loops forever when data.flawed_fraction=0: every "
-    "pair is (ideal, ideal), a tie, and ties are skipped; DataConfig accepts 0",
-    strict=True,
-)
 def test_flawed_fraction_zero_with_synthetic_preferences_is_an_error_not_a_hang():
     rng = BoundedRandom(0, limit=20_000)
     with pytest.raises(UserInputError, match="flawed_fraction"):

@@ -1,0 +1,48 @@
+"""Shared fixtures: one real local Ray for the session, and a tiny prepared run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+
+from rlhf_ray.checkpoints import write_metrics
+from rlhf_ray.config_loader import load_config
+from rlhf_ray.models import load_scalar_model
+from rlhf_ray.prepare import prepare_run
+from rlhf_ray.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray with 2 CPUs (never mocked), stopped at the end of the session."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def smoke_config(output_dir: Path, **overrides: str):
+    return load_config("smoke", {"run.output_dir": str(output_dir), **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A prepared smoke run whose `sft/` and `reward/` are the untrained base model.
+
+    Actor tests need models with the right shapes, not trained ones; making them this way
+    costs a second instead of two Ray Train phases.
+    """
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = smoke_config(out)
+    prepared = prepare_run(cfg)
+    base = Path(prepared.base_path)
+    shutil.copytree(base, out / "sft")
+    write_metrics(out / "sft", {"note": "untrained copy of the base, for actor tests"})
+    tok = load_tokenizer(str(base))
+    reward = load_scalar_model(base, cfg.model, cfg.quantization, tok.pad_token_id)
+    reward.save_pretrained(out / "reward")
+    tok.save_pretrained(out / "reward")
+    write_metrics(out / "reward", {"eval_accuracy": 0.5})
+    return out, prepared

@@ -1,0 +1,128 @@
+"""Tier 2: the PPO actors against a real local Ray and a tiny untrained model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+
+from jobs import cluster, rlhf
+from jobs.ppo import PPOLoop, PromptStream, create_roles
+from rlhf_ray import metrics
+from rlhf_ray.errors import ResourceError
+from rlhf_ray.prepare import read_rows
+from rlhf_ray.resources import ppo_requests
+from tests.conftest import smoke_config
+
+TIMEOUT = 120
+
+
+class _NullWriter:
+    """TensorBoard stand-in that keeps what it is given (the loop under test is real)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+
+    def scalars(self, values: dict, step: int) -> None:
+        self.rows.append((step, values))
+
+    def close(self) -> None:
+        pass
+
+
+def _loop(cfg, roles, prepared) -> PPOLoop:
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
+    return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), _NullWriter())
+
+
+def _kill_all(roles) -> None:
+    for actor in roles.all():
+        ray.kill(actor, no_restart=True)
+
+
+def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_ray, tiny_run):
+    out, prepared = tiny_run
+    cfg = smoke_config(out, **{"ppo.num_rollout_actors": "2"})
+    roles = create_roles(cfg, out)
+    try:
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        batches = ray.get(pending.refs, timeout=TIMEOUT)
+        # rollouts_per_step 8 over 2 generators: 4 rollouts each, sampled with version 0.
+        assert [b.generator_rank for b in batches] == [0, 1]
+        assert [b.response.shape[0] for b in batches] == [4, 4]
+        assert all(b.policy_version == 0 for b in batches)
+        assert all(b.response_mask[:, 0].all() for b in batches)  # every response has a token
+        pending, stats, times = loop._step(pending, more=True)
+        assert stats[metrics.POLICY_LAG] == 0
+        assert set(times) == set(metrics.STAGES)
+        after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
+        assert after_sync.policy_version == 1  # the learner's update reached the generators
+        learner_weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+        assert learner_weights.version == 1
+        assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
+        lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
+        assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it moved
+    finally:
+        _kill_all(roles)
+
+
+def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny_run):
+    out, prepared = tiny_run
+    cfg = smoke_config(out, **{"ppo.steps": "3"})
+    roles = create_roles(cfg, out)
+    try:
+        generator = roles.generators[0]
+        first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        ray.kill(generator, no_restart=False)  # dies with its generate task in flight
+        for step in range(1, cfg.ppo.steps + 1):
+            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
+            assert stats[metrics.POLICY_LAG] == 0
+        assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
+        version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
+        assert version == cfg.ppo.steps  # the restarted generator follows the learner
+    finally:
+        _kill_all(roles)
+
+
+def test_impossible_resource_fails_fast_naming_role_and_resource(local_ray, tmp_path, capsys):
+    """`num_gpus: 1` on a CPU-only cluster: exit 2 with the role and resource, not a hang."""
+    start = time.time()
+    code = rlhf.main(
+        ["--config", "smoke", "--output_dir", str(tmp_path), "--resources.learner_gpus", "1"]
+    )
+    assert code == 2
+    assert time.time() - start < 30
+    err = capsys.readouterr().err
+    assert (
+        "the PPO phase: the PPO learner asks for GPU=1 per replica, but the largest node has "
+        "GPU=0" in err
+    )
+    assert not (tmp_path / "sft").exists()  # failed before any phase ran
+
+
+def test_roles_that_fit_alone_but_not_together_are_refused(local_ray):
+    cfg = smoke_config("unused", **{"resources.rollout_cpus": "1"})
+    # 3 generators x 1 CPU + reward 0.25 + reference 0.25 + learner 0.25 = 3.75 > 2 CPUs.
+    with pytest.raises(ResourceError, match=r"CPU=3\.75.*rollout generator 3x1.*cluster has CPU=2"):
+        cluster.check_resources(ppo_requests(cfg.resources, 3), "the PPO phase")
+
+
+def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny_run):
+    """Before any update the policy is the SFT model, so KL to the reference is ~0."""
+    out, _ = tiny_run
+    cfg = smoke_config(out)
+    roles = create_roles(cfg, out)
+    try:
+        batch_ref = roles.generators[0].generate.remote(["What is the capital of Peru?"] * 3)
+        ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
+        batch = ray.get(batch_ref, timeout=TIMEOUT)
+        torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
+        scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
+        assert scores.shape == (3,) and torch.isfinite(scores).all()
+    finally:
+        _kill_all(roles)
