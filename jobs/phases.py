@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ray
@@ -116,30 +115,18 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
     task = ray.remote(evaluation.generate_eval_responses).options(
         **_ray_options(bundle(res.rollout_cpus, res.rollout_gpus)), name="evaluate"
     )
-    refs = {
-        name: task.remote(
-            evaluation.EvalJob(
-                path,
-                cfg.model,
-                cfg.quantization,
-                cfg.eval,
-                limits_of(cfg.data),
-                cfg.run.seed + 7,
-                res.rollout_cpus,
-            ),
-            prompts,
+
+    def job(path: str) -> evaluation.EvalJob:  # one sampling seed for every model
+        limits = limits_of(cfg.data)
+        return evaluation.EvalJob(
+            path, cfg.model, cfg.quantization, cfg.eval, limits, cfg.run.seed, res.rollout_cpus
         )
-        for name, path in models.items()
-    }
+
+    refs = {name: task.remote(job(path), prompts) for name, path in models.items()}
     responses = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
     responses["ideal"] = evaluation.ideal_responses(prompts)
     evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses)
-    return {
-        "prompts": prompts,
-        "responses": responses,
-        "reward_dir": out / PHASE_DIRS["reward"],
-        "data_dir": prepared.data_dir,
-    }
+    return {"prompts": prompts, "responses": responses, "data_dir": prepared.data_dir}
 
 
 def _ray_options(resources: dict[str, float]) -> dict:
@@ -150,8 +137,3 @@ def _abs_if_local(path: str) -> str:
     """Model paths that exist locally become absolute (workers run in other directories)."""
     p = Path(path)
     return str(p.resolve()) if p.exists() else path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]

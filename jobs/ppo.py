@@ -128,13 +128,8 @@ class PromptStream:
 
 class PPOLoop:
     def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, writer) -> None:
-        self.cfg, self.ppo, self.roles, self.prompts, self.writer = (
-            cfg,
-            cfg.ppo,
-            roles,
-            prompts,
-            writer,
-        )
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.roles, self.prompts, self.writer = roles, prompts, writer
         self.timeout = cfg.run.ray_timeout_s
         self.stage_totals = dict.fromkeys(metrics.STAGES, 0.0)
 

@@ -42,10 +42,6 @@ def stage_time(stage: str) -> str:
     return f"time/{stage}_s"
 
 
-# Held-out evaluation by the gold judge
-GOLD_REWARD = "eval/gold_reward"
-
-
 class MetricWriter:
     """Scalars to TensorBoard under `log_dir` (SummaryWriter is created lazily, once)."""
 

@@ -48,7 +48,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     rows, report = gather_rows(cfg.data, cfg.reward.eval_fraction, cfg.run.seed)
     tokenizer, base_path = _base_model(cfg, rows, out)
     limits = limits_of(cfg.data)
-    for name in ("sft", "preferences", "preferences_eval", "prompts", "eval_prompts"):
+    for name in DATASETS:
         kept, overlong = _apply_limits(name, rows[name], tokenizer, limits, cfg.data.overlong)
         rows[name] = kept
         report[name].update(rows=len(kept), overlong=overlong, overlong_action=cfg.data.overlong)

@@ -11,6 +11,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.evaluation import gold_scores, mean_gold, win_rate
 from rlhf_ray.gold import GoldJudge
 from rlhf_ray.prepare import read_rows
+from rlhf_ray.reward import EVAL_SCORES_FILE
 
 SUMMARY_FILE = "summary.json"
 
@@ -62,7 +63,7 @@ def _reward_model_summary(cfg: Config, out: Path, data_dir: Path, judge: GoldJud
     if cfg.data.preference_path is None:
         result["rm_accuracy_ceiling"] = _round(1 - cfg.data.label_noise)
     pairs = read_rows(data_dir, "preferences_eval")
-    with open(reward_dir / "eval_scores.jsonl", encoding="utf-8") as f:
+    with open(reward_dir / EVAL_SCORES_FILE, encoding="utf-8") as f:
         scores = [json.loads(line) for line in f]
     agree = [
         (s["chosen"] > s["rejected"])

@@ -92,6 +92,18 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A real `ray start --head` (dashboard on 127.0.0.1), stopped by killing only its group."""
     gcs, dashboard = _free_port(), _free_port()
+    # Every fixed default port gets a free one: the session's local Ray may hold the defaults
+    # (its dashboard agent on 52365 left this head with "No available agent to submit job").
+    ports = [
+        f"--{flag}={_free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+        )
+    ]
     # Ray's token authentication, with a token of this test's own for the head and the client.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
@@ -110,6 +122,7 @@ def ray_head(tmp_path):
             "--num-cpus=2",
             "--include-dashboard=true",
             f"--temp-dir={temp_dir}",
+            *ports,
         ],
         env=env,
         start_new_session=True,
@@ -149,34 +162,35 @@ def test_ray_job_submit_smoke_round_trip(ray_head, tmp_path):
     env = {**env, "RAY_ADDRESS": address}
     out = tmp_path / "job-run"
     _wait_for_jobs_api(env, 90)
-    code, submitted = _ray_cli(
-        [
-            "job",
-            "submit",
-            "--no-wait",
-            "--submission-id",
-            "smoke-job",
-            "--working-dir",
-            ".",
-            "--",
-            sys.executable,
-            "jobs/rlhf.py",
-            "--config",
-            "smoke",
-            "--output_dir",
-            str(out),
-        ],
-        env,
-        timeout=120,
-    )
+    submit = [
+        "job",
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        "smoke-job",
+        "--working-dir",
+        ".",
+        "--",
+        sys.executable,
+        "jobs/rlhf.py",
+        "--config",
+        "smoke",
+        "--output_dir",
+        str(out),
+    ]
+    deadline = time.time() + 90
+    code, submitted = _ray_cli(submit, env, timeout=120)
+    while code != 0 and "try again later" in submitted and time.time() < deadline:
+        time.sleep(3)  # the head's job agent starts a little after the Jobs API answers
+        code, submitted = _ray_cli(submit, env, timeout=120)
     assert code == 0, submitted
     status, deadline = "", time.time() + 600
     while time.time() < deadline:
-        status = _ray_cli(["job", "status", "smoke-job"], env)[1]
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = _ray_cli(["job", "status", "smoke-job"], env)[1].lower()
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
     logs = _ray_cli(["job", "logs", "smoke-job"], env)[1]
-    assert "SUCCEEDED" in status, status + logs[-3000:]
+    assert "succeeded" in status, status + logs[-3000:]
     assert "joined the Ray cluster" in logs
     check_run_outputs(out)
