@@ -126,3 +126,21 @@ def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny
         assert scores.shape == (3,) and torch.isfinite(scores).all()
     finally:
         _kill_all(roles)
+
+
+def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):
+    out, prepared = tiny_run
+    cfg = smoke_config(out, **{"ppo.overlap": "true", "ppo.steps": "3"})
+    roles = create_roles(cfg, out)
+    try:
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        lags = []
+        for step in range(1, cfg.ppo.steps + 1):
+            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
+            lags.append(stats[metrics.POLICY_LAG])
+        # Step 1 trains on version-0 rollouts with the learner at 0; every later batch was
+        # dispatched before the previous update finished, so it is one version behind.
+        assert lags == [0, 1, 1]
+    finally:
+        _kill_all(roles)

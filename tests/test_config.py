@@ -347,26 +347,29 @@ def test_console_script_help_and_usage(capsys):
 def test_driver_exits_2_naming_the_key_before_ray_starts(capsys, argv, parts):
     from jobs.rlhf import main
 
+    ray_before = ray.is_initialized()  # a session's local Ray may be up already
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("rlhf-ray: error: ")
     for part in parts:
         assert part in err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # the driver started no Ray
 
 
 def test_driver_rejects_a_phase_whose_input_is_missing(capsys, tmp_path):
     from jobs.rlhf import main
 
     # The reward phase needs <output_dir>/sft from an earlier run; tmp_path has none.
+    ray_before = ray.is_initialized()
     assert main(["--output_dir", str(tmp_path), "--phases", "reward"]) == 2
     err = capsys.readouterr().err
     assert "run.phases=reward" in err and "add sft to --phases" in err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
 def test_console_script_run_forwards_to_the_driver(capsys):
+    ray_before = ray.is_initialized()
     assert cli.main(["run", "--sft.epochs", "0"]) == 2
     assert "sft.epochs=0" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
