@@ -187,13 +187,7 @@ def _rollout_stats(b: RolloutBatch, t: Targets, kl_coef: float) -> dict[str, flo
 
 
 def _to(b: RolloutBatch, device: torch.device) -> RolloutBatch:
+    """The same batch with every tensor on `device`."""
     return RolloutBatch(
-        query=b.query.to(device),
-        query_mask=b.query_mask.to(device),
-        response=b.response.to(device),
-        response_mask=b.response_mask.to(device),
-        has_eos=b.has_eos.to(device),
-        logprobs=b.logprobs.to(device),
-        policy_version=b.policy_version,
-        generator_rank=b.generator_rank,
+        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(b).items()}
     )

@@ -12,14 +12,20 @@ import torch
 
 
 @dataclass
-class RolloutBatch:
-    """Responses sampled by one rollout generator."""
+class Samples:
+    """Responses sampled for a batch of prompts (by a rollout generator, or for evaluation)."""
 
     query: torch.Tensor  # (B, P) int64 prompt ids, left-padded with pad_id
     query_mask: torch.Tensor  # (B, P) int64, 1 on real prompt tokens
     response: torch.Tensor  # (B, R) int64, pad_id after the first EOS
     response_mask: torch.Tensor  # (B, R) float32, 1 up to and including the first EOS
     has_eos: torch.Tensor  # (B,) bool, False when the response hit the length limit
+
+
+@dataclass
+class RolloutBatch(Samples):
+    """Samples from one rollout generator, with what the learner needs to train on them."""
+
     logprobs: torch.Tensor  # (B, R) float32 behaviour-policy logprobs at the sampling temperature
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int

@@ -68,11 +68,7 @@ class RolloutWorker:
             self.policy, s.query, s.query_mask, s.response, s.response_mask, self.job.temperature
         )
         return RolloutBatch(
-            query=s.query.cpu(),
-            query_mask=s.query_mask.cpu(),
-            response=s.response.cpu(),
-            response_mask=s.response_mask.cpu(),
-            has_eos=s.has_eos.cpu(),
+            **{name: tensor.cpu() for name, tensor in vars(s).items()},
             logprobs=(logprobs * s.response_mask).cpu(),
             policy_version=self.version,
             generator_rank=self.rank,

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.encoding import Limits, pad_left, prompt_ids
+from rlhf_ray.messages import Samples
 from rlhf_ray.ppo_math import truncate_after_eos
-
-
-@dataclass
-class Samples:
-    query: torch.Tensor  # (B, P) int64 prompt ids, left-padded with pad_id
-    query_mask: torch.Tensor  # (B, P) int64, 1 on real prompt tokens
-    response: torch.Tensor  # (B, R) int64, pad_id after the first EOS
-    response_mask: torch.Tensor  # (B, R) float32, 1 up to and including the first EOS
-    has_eos: torch.Tensor  # (B,) bool
 
 
 def generation_config(
