@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from rlhf_ray.config_loader import load_config
 from rlhf_ray.models import load_scalar_model
 from rlhf_ray.prepare import prepare_run
 from rlhf_ray.tokenizer import load_tokenizer
+
+
+def raises_with(*parts, exc: type[Exception]):
+    """pytest.raises(exc) whose message must contain every part (literally), in any order."""
+    pattern = "(?s)" + "".join(f"(?=.*{re.escape(str(part))})" for part in parts)
+    return pytest.raises(exc, match=pattern)
 
 
 @pytest.fixture(scope="session")

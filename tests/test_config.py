@@ -4,7 +4,6 @@ Every error test checks that the message names the key (section.field), the bad 
 is allowed, because that is what lets a user fix the command line or the preset.
 """
 
-import re
 
 import pytest
 import ray
@@ -14,14 +13,11 @@ from rlhf_ray.cli import parse_run_args
 from rlhf_ray.config import Config, DataConfig, PPOConfig, RunConfig, SFTConfig
 from rlhf_ray.config_loader import PRESET_DIR, config_to_dict, load_config
 from rlhf_ray.errors import ConfigError
-
-_ALL_PARTS = "(?s)"
+from tests import conftest
 
 
 def raises_with(*parts, exc=ConfigError):
-    """pytest.raises whose message must contain every part (literally), in any order."""
-    pattern = _ALL_PARTS + "".join(f"(?=.*{re.escape(str(p))})" for p in parts)
-    return pytest.raises(exc, match=pattern)
+    return conftest.raises_with(*parts, exc=exc)
 
 
 def write_yaml(tmp_path, text, name="cfg.yaml"):

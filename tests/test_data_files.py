@@ -4,21 +4,19 @@ Every error test checks that the message names the option, the file, the line or
 field, since that is what lets a user fix the file.
 """
 
-import re
 
 import datasets
 import pytest
 
 from rlhf_ray.data_files import PREFERENCE_FIELDS, PROMPT_FIELDS, SFT_FIELDS, load_rows
 from rlhf_ray.errors import DataError
+from tests import conftest
 
 OPT = "data.sft_path"
 
 
 def raises_with(*parts):
-    """pytest.raises(DataError) whose message must contain every part, in any order."""
-    pattern = "(?s)" + "".join(f"(?=.*{re.escape(str(part))})" for part in parts)
-    return pytest.raises(DataError, match=pattern)
+    return conftest.raises_with(*parts, exc=DataError)
 
 
 def write(tmp_path, text, name="rows.jsonl"):
