@@ -119,7 +119,14 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
     def job(path: str) -> evaluation.EvalJob:  # one sampling seed for every model
         limits = limits_of(cfg.data)
         return evaluation.EvalJob(
-            path, cfg.model, cfg.quantization, cfg.eval, limits, cfg.run.seed, res.rollout_cpus
+            path,
+            cfg.model,
+            cfg.quantization,
+            cfg.eval,
+            limits,
+            cfg.run.seed,
+            res.rollout_cpus,
+            res.rollout_gpus,
         )
 
     refs = {name: task.remote(job(path), prompts) for name, path in models.items()}

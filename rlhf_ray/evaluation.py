@@ -16,7 +16,7 @@ from rlhf_ray import synthetic
 from rlhf_ray.config import EvalConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.encoding import Limits
 from rlhf_ray.gold import GoldJudge
-from rlhf_ray.models import load_causal_lm
+from rlhf_ray.models import load_causal_lm, to_device, use_cpus
 from rlhf_ray.sampling import decode_responses, sample
 from rlhf_ray.tokenizer import load_tokenizer
 
@@ -30,16 +30,16 @@ class EvalJob:
     limits: Limits
     seed: int
     cpus: float
+    gpus: float
 
 
 def generate_eval_responses(job: EvalJob, prompts: list[str]) -> list[list[str]]:
     """`eval.samples_per_prompt` sampled responses per prompt: -> [prompt][sample] text."""
-    torch.set_num_threads(max(1, int(job.cpus)))
+    use_cpus(job.cpus)
     torch.manual_seed(job.seed)  # same seed for every model: differences come from the model
     tok = load_tokenizer(job.model_path, job.model.trust_remote_code)
-    model = load_causal_lm(job.model_path, job.model, job.quantization).eval()
-    if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
-        model.to("cuda")
+    model = load_causal_lm(job.model_path, job.model, job.quantization)
+    model = to_device(model, job.gpus).eval()
     n = job.eval.samples_per_prompt
     flat = [p for p in prompts for _ in range(n)]
     texts = []

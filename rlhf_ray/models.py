@@ -171,6 +171,11 @@ def save_merged(
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
+def use_cpus(cpus: float) -> None:
+    """Torch threads to match the CPUs Ray gave this role (at least one)."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
     """Move a model to the GPU Ray assigned this role (4-bit models are placed at load)."""
     if (

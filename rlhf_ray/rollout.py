@@ -17,6 +17,7 @@ from rlhf_ray.models import (
     load_causal_lm,
     load_trainable_state,
     to_device,
+    use_cpus,
 )
 from rlhf_ray.sampling import sample
 from rlhf_ray.tokenizer import load_tokenizer
@@ -39,7 +40,7 @@ class PolicyJob:
 
 def build_policy(job: PolicyJob):
     """(tokenizer, policy): the SFT model with a fresh LoRA adapter, every dropout off."""
-    torch.set_num_threads(max(1, int(job.cpus)))
+    use_cpus(job.cpus)
     tok = load_tokenizer(job.sft_path, job.model.trust_remote_code)
     base = load_causal_lm(job.sft_path, job.model, job.quantization)
     policy = add_lora(base, job.lora, TaskType.CAUSAL_LM, job.model.gradient_checkpointing)

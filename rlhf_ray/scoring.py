@@ -9,7 +9,7 @@ import torch
 from rlhf_ray.config import ModelConfig, QuantizationConfig
 from rlhf_ray.forward import response_logprobs, sequence_scores
 from rlhf_ray.messages import RolloutBatch
-from rlhf_ray.models import load_causal_lm, load_scalar_model, to_device
+from rlhf_ray.models import load_causal_lm, load_scalar_model, to_device, use_cpus
 from rlhf_ray.tokenizer import load_tokenizer
 
 
@@ -30,7 +30,7 @@ class Scorer:
     """The trained reward model, reading its score at the last real token of prompt+response."""
 
     def __init__(self, job: FrozenModelJob) -> None:
-        torch.set_num_threads(max(1, int(job.cpus)))
+        use_cpus(job.cpus)
         tok = load_tokenizer(job.path, job.model.trust_remote_code)
         model = load_scalar_model(job.path, job.model, job.quantization, tok.pad_token_id)
         self.model = to_device(model, job.gpus).eval()
@@ -48,7 +48,7 @@ class Reference:
     """The frozen SFT policy: logprobs of the sampled responses, for the KL penalty."""
 
     def __init__(self, job: FrozenModelJob, temperature: float) -> None:
-        torch.set_num_threads(max(1, int(job.cpus)))
+        use_cpus(job.cpus)
         model = load_causal_lm(job.path, job.model, job.quantization)
         self.model = to_device(model, job.gpus).eval()
         self.temperature = temperature

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config import ResourcesConfig
+from rlhf_ray.models import use_cpus
 
 
 def launch(
@@ -68,7 +69,7 @@ def worker_setup(cpus: float, seed: int) -> Worker:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cpus)))
+    use_cpus(cpus)
     torch.manual_seed(seed + rank)
     return Worker(rank, world, ray.train.torch.get_device())
 

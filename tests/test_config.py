@@ -4,7 +4,6 @@ Every error test checks that the message names the key (section.field), the bad 
 is allowed, because that is what lets a user fix the command line or the preset.
 """
 
-
 import pytest
 import ray
 

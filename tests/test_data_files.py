@@ -4,7 +4,6 @@ Every error test checks that the message names the option, the file, the line or
 field, since that is what lets a user fix the file.
 """
 
-
 import datasets
 import pytest
 
