@@ -6,14 +6,14 @@ import os
 
 import ray
 
-from rlhf_ray.learner import Learner, LearnerJob
-from rlhf_ray.messages import Weights
+from rlhf_ray.ppo import learner
+from rlhf_ray.ppo.messages import Weights
 
 
 @ray.remote
 class PPOLearner:
-    def __init__(self, job: LearnerJob, timeout_s: float) -> None:
-        self.learner = Learner(job)
+    def __init__(self, settings: learner.LearnerSettings, timeout_s: float) -> None:
+        self.learner = learner.PPOLearner(settings)
         self.timeout_s = timeout_s
 
     def ready(self) -> int:

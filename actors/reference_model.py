@@ -7,14 +7,15 @@ import os
 import ray
 import torch
 
-from rlhf_ray.messages import RolloutBatch
-from rlhf_ray.scoring import FrozenModelJob, Reference
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo import reference_model
+from rlhf_ray.ppo.messages import RolloutBatch
 
 
 @ray.remote
 class ReferenceModel:
-    def __init__(self, job: FrozenModelJob, temperature: float) -> None:
-        self.reference = Reference(job, temperature)
+    def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
+        self.reference = reference_model.ReferenceModel(settings, temperature)
 
     def ready(self) -> int:
         return os.getpid()

@@ -7,14 +7,15 @@ import os
 import ray
 import torch
 
-from rlhf_ray.messages import RolloutBatch
-from rlhf_ray.scoring import FrozenModelJob, Scorer
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo import reward_scorer
+from rlhf_ray.ppo.messages import RolloutBatch
 
 
 @ray.remote
 class RewardScorer:
-    def __init__(self, job: FrozenModelJob) -> None:
-        self.scorer = Scorer(job)
+    def __init__(self, settings: FrozenModelSettings) -> None:
+        self.scorer = reward_scorer.RewardScorer(settings)
 
     def ready(self) -> int:
         return os.getpid()

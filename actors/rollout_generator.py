@@ -6,24 +6,26 @@ import os
 
 import ray
 
-from rlhf_ray.messages import RolloutBatch, Weights
-from rlhf_ray.rollout import PolicyJob, RolloutWorker
+from rlhf_ray.ppo import rollout_generator
+from rlhf_ray.ppo.messages import RolloutBatch, Weights
 
 
 @ray.remote
 class RolloutGenerator:
-    def __init__(self, job: PolicyJob, rank: int, learner, timeout_s: float) -> None:
-        self.worker = RolloutWorker(job, rank)
+    def __init__(
+        self, settings: rollout_generator.PolicySettings, rank: int, learner, timeout_s: float
+    ) -> None:
+        self.generator = rollout_generator.RolloutGenerator(settings, rank)
         # Fresh start or restart after a crash: take the learner's current weights, so a
         # restarted generator never samples from a stale policy.
-        self.worker.load_weights(ray.get(learner.weights.remote(), timeout=timeout_s))
+        self.generator.load_weights(ray.get(learner.weights.remote(), timeout=timeout_s))
 
     def ready(self) -> int:
         return os.getpid()
 
     def generate(self, prompts: list[str]) -> RolloutBatch:
-        return self.worker.generate(prompts)
+        return self.generator.generate(prompts)
 
     def load_weights(self, weights: Weights) -> int:
-        self.worker.load_weights(weights)
+        self.generator.load_weights(weights)
         return weights.version

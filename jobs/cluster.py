@@ -7,7 +7,7 @@ import os
 import ray
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.resources import RoleRequest, check_fits
+from rlhf_ray.run.resources import RoleRequest, check_fits
 
 
 def connect(run: RunConfig) -> str:

@@ -5,18 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
-import yaml
 
-from rlhf_ray import evaluation, reward, sft
-from rlhf_ray.checkpoints import is_complete
 from rlhf_ray.config import Config
-from rlhf_ray.config_loader import config_to_dict
+from rlhf_ray.config.loading import config_to_yaml
+from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
-from rlhf_ray.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.resources import RoleRequest, bundle, ppo_requests, training_requests
-from rlhf_ray.train_common import launch
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.run import evaluation
+from rlhf_ray.run.checkpoints import is_complete, phase_dir
+from rlhf_ray.run.resources import (
+    RoleRequest,
+    actor_options,
+    bundle,
+    ppo_requests,
+    training_requests,
+)
+from rlhf_ray.train import reward, sft
+from rlhf_ray.train.common import launch
 
-PHASE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "policy"}
 PHASE_INPUTS = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward")}
 
 
@@ -24,10 +30,10 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
     """Every selected phase's inputs exist already or are made earlier in this run."""
     for phase in cfg.run.phases:
         for needed in PHASE_INPUTS[phase]:
-            if needed not in cfg.run.phases and not is_complete(out / PHASE_DIRS[needed]):
+            if needed not in cfg.run.phases and not is_complete(phase_dir(out, needed)):
                 raise ConfigError(
                     f"run.phases={','.join(cfg.run.phases)}: the {phase} phase needs a complete "
-                    f"{out / PHASE_DIRS[needed]}/ from an earlier run, and there is none; "
+                    f"{phase_dir(out, needed)}/ from an earlier run, and there is none; "
                     f"add {needed} to --phases"
                 )
 
@@ -58,15 +64,15 @@ def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:
 
 def save_resolved_config(cfg: Config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
 
 
 def train_sft(cfg: Config, prepared: PreparedRun) -> None:
     out = Path(cfg.run.output_dir).resolve()
-    job = sft.SFTJob(
+    settings = sft.SFTWorkerSettings(
         base_path=_abs_if_local(prepared.base_path),
         data_dir=prepared.data_dir.resolve(),
-        out_dir=out / PHASE_DIRS["sft"],
+        out_dir=phase_dir(out, "sft"),
         tb_dir=out / "tb",
         model=cfg.model,
         quantization=cfg.quantization,
@@ -76,15 +82,15 @@ def train_sft(cfg: Config, prepared: PreparedRun) -> None:
         worker_cpus=cfg.resources.train_worker_cpus,
         seed=cfg.run.seed,
     )
-    launch("sft", sft.sft_worker_loop, {"job": job}, cfg.resources, out)
+    launch("sft", sft.sft_worker_loop, {"settings": settings}, cfg.resources, out)
 
 
 def train_reward(cfg: Config, prepared: PreparedRun) -> None:
     out = Path(cfg.run.output_dir).resolve()
-    job = reward.RewardJob(
-        sft_path=str(out / PHASE_DIRS["sft"]),
+    settings = reward.RewardWorkerSettings(
+        sft_path=str(phase_dir(out, "sft")),
         data_dir=prepared.data_dir.resolve(),
-        out_dir=out / PHASE_DIRS["reward"],
+        out_dir=phase_dir(out, "reward"),
         tb_dir=out / "tb",
         model=cfg.model,
         quantization=cfg.quantization,
@@ -94,7 +100,7 @@ def train_reward(cfg: Config, prepared: PreparedRun) -> None:
         worker_cpus=cfg.resources.train_worker_cpus,
         seed=cfg.run.seed,
     )
-    launch("reward", reward.reward_worker_loop, {"job": job}, cfg.resources, out)
+    launch("reward", reward.reward_worker_loop, {"settings": settings}, cfg.resources, out)
 
 
 def train_ppo(cfg: Config, prepared: PreparedRun) -> None:
@@ -108,36 +114,25 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
     out = Path(cfg.run.output_dir).resolve()
     models = {"base": _abs_if_local(prepared.base_path)}
     for name, phase in (("sft", "sft"), ("policy", "ppo")):
-        if is_complete(out / PHASE_DIRS[phase]):
-            models[name] = str(out / PHASE_DIRS[phase])
+        if is_complete(phase_dir(out, phase)):
+            models[name] = str(phase_dir(out, phase))
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "eval_prompts")]
     res = cfg.resources
     task = ray.remote(evaluation.generate_eval_responses).options(
-        **_ray_options(bundle(res.rollout_cpus, res.rollout_gpus)), name="evaluate"
+        **actor_options(res.rollout_cpus, res.rollout_gpus), name="evaluate"
     )
 
-    def job(path: str) -> evaluation.EvalJob:  # one sampling seed for every model
-        limits = limits_of(cfg.data)
-        return evaluation.EvalJob(
-            path,
-            cfg.model,
-            cfg.quantization,
-            cfg.eval,
-            limits,
-            cfg.run.seed,
-            res.rollout_cpus,
-            res.rollout_gpus,
+    def settings(path: str) -> evaluation.EvalSettings:
+        model = FrozenModelSettings(
+            path, cfg.model, cfg.quantization, res.rollout_cpus, res.rollout_gpus
         )
+        return evaluation.EvalSettings(model, cfg.eval, limits_of(cfg.data), cfg.run.seed)
 
-    refs = {name: task.remote(job(path), prompts) for name, path in models.items()}
+    refs = {name: task.remote(settings(path), prompts) for name, path in models.items()}
     responses = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
     responses["ideal"] = evaluation.ideal_responses(prompts)
     evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses)
     return {"prompts": prompts, "responses": responses, "data_dir": prepared.data_dir}
-
-
-def _ray_options(resources: dict[str, float]) -> dict:
-    return {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0)}
 
 
 def _abs_if_local(path: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -24,12 +24,14 @@ from actors.ppo_learner import PPOLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
-from rlhf_ray import metrics
 from rlhf_ray.config import Config
-from rlhf_ray.learner import LearnerJob
-from rlhf_ray.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.rollout import PolicyJob
-from rlhf_ray.scoring import FrozenModelJob
+from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo.learner import LearnerSettings
+from rlhf_ray.ppo.rollout_generator import PolicySettings
+from rlhf_ray.run import metrics
+from rlhf_ray.run.checkpoints import phase_dir
+from rlhf_ray.run.resources import actor_options
 
 
 @dataclass
@@ -52,7 +54,7 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
         )
         totals = PPOLoop(cfg, roles, prompts, metrics.MetricWriter(out / "tb")).run()
         _get(
-            roles.learner.export.remote(str(out / "policy"), totals),
+            roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
             cfg.run.ray_timeout_s,
             "exporting the policy",
         )
@@ -64,8 +66,9 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
 def create_roles(cfg: Config, out: Path) -> Roles:
     """The four roles, named for the dashboard, each with the resources its config asks for."""
     res, timeout = cfg.resources, cfg.run.ray_timeout_s
-    policy = PolicyJob(
-        str(out / "sft"),
+    sft_dir, reward_dir = str(phase_dir(out, "sft")), str(phase_dir(out, "reward"))
+    policy = PolicySettings(
+        sft_dir,
         cfg.model,
         cfg.quantization,
         cfg.lora,
@@ -75,27 +78,28 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         res.learner_gpus,
         cfg.run.seed,
     )
+    learner_settings = LearnerSettings(policy, reward_dir, cfg.reward.method, cfg.ppo)
     learner = PPOLearner.options(
-        name="learner", **_opts(res.learner_cpus, res.learner_gpus)
-    ).remote(LearnerJob(policy, str(out / "reward"), cfg.reward.method, cfg.ppo), timeout)
+        name="learner", **actor_options(res.learner_cpus, res.learner_gpus)
+    ).remote(learner_settings, timeout)
 
-    def frozen(path: str, cpus: float, gpus: float) -> FrozenModelJob:
-        return FrozenModelJob(path, cfg.model, cfg.quantization, cpus, gpus)
+    def frozen(path: str, cpus: float, gpus: float) -> FrozenModelSettings:
+        return FrozenModelSettings(path, cfg.model, cfg.quantization, cpus, gpus)
 
-    scorer = RewardScorer.options(name="reward", **_opts(res.reward_cpus, res.reward_gpus)).remote(
-        frozen(str(out / "reward"), res.reward_cpus, res.reward_gpus)
-    )
+    scorer = RewardScorer.options(
+        name="reward", **actor_options(res.reward_cpus, res.reward_gpus)
+    ).remote(frozen(reward_dir, res.reward_cpus, res.reward_gpus))
     reference = ReferenceModel.options(
-        name="reference", **_opts(res.reference_cpus, res.reference_gpus)
-    ).remote(frozen(str(out / "sft"), res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
-    gen_job = PolicyJob(**{**policy.__dict__, "cpus": res.rollout_cpus, "gpus": res.rollout_gpus})
+        name="reference", **actor_options(res.reference_cpus, res.reference_gpus)
+    ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
+    generator_settings = replace(policy, cpus=res.rollout_cpus, gpus=res.rollout_gpus)
     generators = [
         RolloutGenerator.options(
             name=f"rollout-{rank}",
             max_restarts=cfg.ppo.max_generator_restarts,
             max_task_retries=cfg.ppo.max_generator_restarts,
-            **_opts(res.rollout_cpus, res.rollout_gpus),
-        ).remote(gen_job, rank, learner, timeout)
+            **actor_options(res.rollout_cpus, res.rollout_gpus),
+        ).remote(generator_settings, rank, learner, timeout)
         for rank in range(cfg.ppo.num_rollout_actors)
     ]
     roles = Roles(learner, scorer, reference, generators)
@@ -117,12 +121,12 @@ class PromptStream:
     def __init__(self, prompts: list[str], seed: int) -> None:
         self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
 
-    def take(self, n: int) -> list[str]:
-        while len(self.queue) < n:
+    def take(self, count: int) -> list[str]:
+        while len(self.queue) < count:
             order = self.prompts[:]
             self.rng.shuffle(order)
             self.queue += order
-        taken, self.queue = self.queue[:n], self.queue[n:]
+        taken, self.queue = self.queue[:count], self.queue[count:]
         return taken
 
 
@@ -139,7 +143,7 @@ class PPOLoop:
         for step in range(1, self.ppo.steps + 1):
             step_start = time.perf_counter()
             pending, last, times = self._step(pending, more=step < self.ppo.steps)
-            tokens += last.pop("tokens")
+            tokens += last.pop(metrics.BATCH_TOKENS)
             last[metrics.TOKENS_PER_S] = tokens / (time.perf_counter() - start)
             self.writer.scalars(
                 {**last, **{metrics.stage_time(s): t for s, t in times.items()}}, step
@@ -213,10 +217,6 @@ class PPOLoop:
                 f"PPO stage '{stage}' did not finish within run.ray_timeout_s={self.timeout:g}s"
             )
         return time.perf_counter() - since
-
-
-def _opts(cpus: float, gpus: float) -> dict:
-    return {"num_cpus": cpus, "num_gpus": gpus}
 
 
 def _get(refs, timeout: float, what: str):

@@ -17,19 +17,33 @@ if __package__ in (None, ""):  # run as a script (`python jobs/rlhf.py`): import
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs import cluster, phases  # noqa: E402
-from rlhf_ray.checkpoints import is_complete  # noqa: E402
-from rlhf_ray.cli import parse_run_args  # noqa: E402
+from rlhf_ray.config import Config  # noqa: E402
+from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
+from rlhf_ray.data.prepare import prepare_run  # noqa: E402
 from rlhf_ray.errors import UserInputError  # noqa: E402
-from rlhf_ray.prepare import prepare_run  # noqa: E402
-from rlhf_ray.report import print_summary, write_summary  # noqa: E402
+from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
+from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python jobs/rlhf.py [options]`, which is what `ray job submit` runs."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        cfg = parse_run_args(argv, prog="python jobs/rlhf.py")
+    except UserInputError as err:
+        return report_input_error(err)
+    return run(cfg)
+
+
+def report_input_error(err: UserInputError) -> int:
+    print(f"rlhf-ray: error: {err}", file=sys.stderr)
+    return 2
+
+
+def run(cfg: Config) -> int:
+    out = Path(cfg.run.output_dir)
+    try:
         # 1. Everything the user gave is checked before any model loads or Ray starts.
-        cfg = parse_run_args(argv)
-        out = Path(cfg.run.output_dir)
         phases.check_phase_inputs(cfg, out)
         prepared = prepare_run(cfg)
         phases.print_data_report(prepared.report)
@@ -37,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, requests in phases.resource_checks(cfg):
             cluster.check_resources(requests, what)
     except UserInputError as err:
-        print(f"rlhf-ray: error: {err}", file=sys.stderr)
-        return 2
+        return report_input_error(err)
     phases.save_resolved_config(cfg, out)
     seconds: dict[str, float] = {}
 
@@ -50,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if name not in cfg.run.phases:
             continue
-        if is_complete(out / phases.PHASE_DIRS[name]):
-            print(f"[{name}] complete output in {out / phases.PHASE_DIRS[name]}; skipped")
+        if is_complete(phase_dir(out, name)):
+            print(f"[{name}] complete output in {phase_dir(out, name)}; skipped")
             continue
         start = time.time()
         run_phase(cfg, prepared)

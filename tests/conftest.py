@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from rlhf_ray.checkpoints import write_metrics
-from rlhf_ray.config_loader import load_config
-from rlhf_ray.models import load_scalar_model
-from rlhf_ray.prepare import prepare_run
-from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.config.command_line import parse_run_args
+from rlhf_ray.data.prepare import prepare_run
+from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.loading import load_scalar_model
+from rlhf_ray.run.checkpoints import write_metrics
 
 
 def raises_with(*parts, exc: type[Exception]):
@@ -31,7 +31,11 @@ def local_ray():
 
 
 def smoke_config(output_dir: Path, **overrides: str):
-    return load_config("smoke", {"run.output_dir": str(output_dir), **overrides})
+    """The smoke preset with `--section.key value` overrides, parsed as the command line is."""
+    argv = ["--config", "smoke", "--run.output_dir", str(output_dir)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", value]
+    return parse_run_args(argv)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ import torch
 
 from jobs import cluster, rlhf
 from jobs.ppo import PPOLoop, PromptStream, create_roles
-from rlhf_ray import metrics
+from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ResourceError
-from rlhf_ray.prepare import read_rows
-from rlhf_ray.resources import ppo_requests
+from rlhf_ray.run import metrics
+from rlhf_ray.run.resources import ppo_requests
 from tests.conftest import smoke_config
 
 TIMEOUT = 120

@@ -9,19 +9,19 @@ import random
 
 import pytest
 
-from rlhf_ray import synthetic
 from rlhf_ray.config import DataConfig
+from rlhf_ray.data.prepare import gather_rows
 from rlhf_ray.errors import ConfigError, UserInputError
-from rlhf_ray.gold import GoldJudge, GoldScore
-from rlhf_ray.prepare import gather_rows
-from rlhf_ray.synthetic import all_prompts, flawed_response, ideal_response
-from rlhf_ray.synthetic_data import (
+from rlhf_ray.world import assistant_world
+from rlhf_ray.world.assistant_world import all_prompts, flawed_response, ideal_response
+from rlhf_ray.world.dataset_rows import (
     eval_rows,
     preference_rows,
     prompt_rows,
     sft_rows,
     split_prompts,
 )
+from rlhf_ray.world.gold_judge import GoldJudge, GoldScore
 
 JUDGE = GoldJudge()
 SPECS = {spec.text: spec for spec in all_prompts()}
@@ -191,7 +191,7 @@ def test_judge_rejects_unknown_prompt():
 
 def test_every_flaw_scores_below_the_ideal():
     for text, spec in SPECS.items():
-        for flaw in synthetic.FLAWS[spec.kind]:
+        for flaw in assistant_world.FLAWS[spec.kind]:
             for seed in range(2):
                 response = flawed_response(spec, flaw, random.Random(seed))
                 assert response != ideal_response(spec)
@@ -199,9 +199,7 @@ def test_every_flaw_scores_below_the_ideal():
 
 
 def test_every_preference_only_flaw_scores_below_the_ideal():
-    flaws = getattr(synthetic, "PREFERENCE_ONLY_FLAWS", None)
-    if flaws is None:
-        pytest.skip("this version of the world has no preference-only flaws")
+    flaws = assistant_world.PREFERENCE_ONLY_FLAWS
     # Today, by hand: "Go to bed at the same." has the keyword "bed" and 6 words, so it scores
     # helpful 1 + honest 0 + harmless 0 + concise 0 = 1.0, the same as the ideal.
     for text, spec in SPECS.items():
@@ -253,10 +251,11 @@ def test_split_prompts_holds_out_eval_prompts():
     assert split_prompts(30, seed=2)[1] != held_out
 
 
-def test_split_prompts_refuses_to_hold_out_more_than_half():
-    assert len(split_prompts(95, 0)[1]) == 95  # 190 // 2 = 95 is allowed
+def test_at_most_half_the_world_is_held_out():
+    assert assistant_world.max_eval_prompts() == 95  # 190 // 2
+    assert len(split_prompts(DataConfig(num_eval_prompts=95).num_eval_prompts, 0)[1]) == 95
     with pytest.raises(ConfigError, match=r"data\.num_eval_prompts=96.*at most 95"):
-        split_prompts(96, 0)
+        DataConfig(num_eval_prompts=96)
 
 
 def test_eval_prompts_never_appear_in_training_rows():

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForSequenceClassification
 
-from rlhf_ray.encoding import IGNORE_INDEX, Limits, pad_left, pad_right, sft_example
-from rlhf_ray.forward import position_ids, sequence_scores
-from rlhf_ray.reward import bradley_terry_loss, pair_stats
-from rlhf_ray.sft import collate, completion_only_loss
-from rlhf_ray.tokenizer import train_bpe_tokenizer
+from rlhf_ray.data.encoding import IGNORE_INDEX, Limits, pad_left, pad_right, sft_example
+from rlhf_ray.data.tokenizer import train_bpe_tokenizer
+from rlhf_ray.models.forward import position_ids, sequence_scores
+from rlhf_ray.train.reward import bradley_terry_loss, pair_stats
+from rlhf_ray.train.sft import collate, completion_only_loss
 
 LN3, LN2 = math.log(3.0), math.log(2.0)
 TEMPLATE = "User: {prompt}\nAssistant:"

@@ -1,8 +1,8 @@
-"""Tests for rlhf_ray.messages.concat_batches: shards from several generators made one batch."""
+"""Tests for rlhf_ray.ppo.messages.concat_batches: shards from several generators made one batch."""
 
 import torch
 
-from rlhf_ray.messages import RolloutBatch, concat_batches, concat_padded
+from rlhf_ray.ppo.messages import RolloutBatch, concat_batches, concat_padded
 
 PAD = 9  # distinct from every real id and from the masks' 0
 

@@ -1,4 +1,4 @@
-"""Tests for rlhf_ray.models and rlhf_ray.tokenizer on a tiny Mistral saved to tmp_path.
+"""Tests for rlhf_ray.models and rlhf_ray.data.tokenizer on a tiny Mistral saved to tmp_path.
 
 The 4-bit tests run bitsandbytes on CPU (supported since bitsandbytes 0.48).
 """
@@ -13,7 +13,8 @@ from tokenizers import models as tok_models
 from transformers import AutoModelForCausalLM, MistralForCausalLM, PreTrainedTokenizerFast
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
-from rlhf_ray.models import (
+from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from rlhf_ray.models.loading import (
     add_lora,
     build_embedded_model,
     load_causal_lm,
@@ -22,7 +23,6 @@ from rlhf_ray.models import (
     save_merged,
     trainable_state,
 )
-from rlhf_ray.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 # hidden 64: bitsandbytes' CPU 4-bit kernels need in_features to be a multiple of its block (64).
 MODEL = ModelConfig(

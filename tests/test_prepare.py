@@ -7,7 +7,7 @@ import json
 import ray
 
 from jobs import rlhf
-from rlhf_ray.prepare import prepare_run, read_rows
+from rlhf_ray.data.prepare import prepare_run, read_rows
 from tests.conftest import smoke_config
 
 LONG = " ".join(["word"] * 200)  # far over any completion limit used here

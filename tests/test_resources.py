@@ -1,4 +1,4 @@
-"""Tests for rlhf_ray.resources: can the cluster ever run what the config asks for?
+"""Tests for rlhf_ray.run.resources: can the cluster ever run what the config asks for?
 
 Nodes are plain dicts as in `ray.nodes()[i]["Resources"]`; no Ray is started.
 """
@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_ray.config import ResourcesConfig
 from rlhf_ray.errors import ResourceError
-from rlhf_ray.resources import RoleRequest, bundle, check_fits, ppo_requests, training_requests
+from rlhf_ray.run.resources import RoleRequest, bundle, check_fits, ppo_requests, training_requests
 
 CPU_NODE = {"CPU": 2.0, "memory": 8e9, "node:10.0.0.1": 1.0}
 GPU_NODE = {"CPU": 4.0, "GPU": 1.0, "memory": 8e9}

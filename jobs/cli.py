@@ -1,0 +1,57 @@
+"""The `rlhf-ray` console script.
+
+    rlhf-ray run [--config PRESET_OR_YAML] [options]    the three phases (= python jobs/rlhf.py)
+    rlhf-ray config show [--config ...] [options]       the resolved config as YAML, nothing run
+    rlhf-ray --version
+
+Parsing imports only the config package, so `--help`, `--version` and input errors are quick
+and print nothing from torch, transformers or bitsandbytes; the driver is imported to run.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+from rlhf_ray.config.command_line import parse_run_args
+from rlhf_ray.config.loading import config_to_yaml
+from rlhf_ray.errors import UserInputError
+
+USAGE = """usage: rlhf-ray run [--config PRESET_OR_YAML] [--section.key VALUE ...]
+       rlhf-ray config show [--config PRESET_OR_YAML] [--section.key VALUE ...]
+       rlhf-ray --version
+
+  run           supervised fine-tuning, the reward model and PPO, then the gold judge's report
+  config show   print the resolved config (preset + overrides) as YAML without running
+Every setting and its default: rlhf-ray run --help"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[:1]
+    try:
+        if command in (["-h"], ["--help"]):
+            print(USAGE)
+            return 0
+        if command == ["--version"]:
+            print(f"rlhf-ray {metadata.version('rlhf-ray')}")
+            return 0
+        if command == ["run"]:
+            cfg = parse_run_args(argv[1:], prog="rlhf-ray run")
+            from jobs.rlhf import run  # the driver: Ray, torch and the models load from here
+
+            return run(cfg)
+        if argv[:2] == ["config", "show"]:
+            print(config_to_yaml(parse_run_args(argv[2:], prog="rlhf-ray config show")), end="")
+            return 0
+    except UserInputError as err:
+        print(f"rlhf-ray: error: {err}", file=sys.stderr)
+        return 2
+    wrong = " ".join(argv[:2]) if argv[:1] == ["config"] else (argv[0] if argv else "")
+    problem = f"unknown command {wrong!r}" if wrong else "a command is required"
+    print(f"{USAGE}\n\nrlhf-ray: error: {problem}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

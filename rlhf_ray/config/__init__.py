@@ -1,0 +1,36 @@
+"""Settings: one frozen, validated dataclass per concern (`sections`), loaded from a YAML preset
+plus command-line overrides (`loading`)."""
+
+from rlhf_ray.config.sections import (
+    DTYPES,
+    EMBEDDED_MODEL,
+    PHASES,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    PPOConfig,
+    QuantizationConfig,
+    ResourcesConfig,
+    RewardConfig,
+    RunConfig,
+    SFTConfig,
+)
+
+__all__ = [
+    "DTYPES",
+    "EMBEDDED_MODEL",
+    "PHASES",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PPOConfig",
+    "QuantizationConfig",
+    "ResourcesConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SFTConfig",
+]

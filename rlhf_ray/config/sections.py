@@ -1,0 +1,389 @@
+"""One frozen, validated dataclass per concern, and the `Config` that groups them.
+
+Each component receives only the section it needs (e.g. the SFT loop gets `SFTConfig`), never
+the whole `Config`. Validation raises `ConfigError` naming `section.key`, the value and what is
+allowed. The comment on each field is its one-line description in `rlhf-ray run --help`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.world.assistant_world import max_eval_prompts
+
+EMBEDDED_MODEL = "embedded"
+PHASES = ("sft", "reward", "ppo")
+DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_METHODS = ("full", "lora")
+RAY_RESOURCE_UNIT = 0.0001  # Ray rounds resource amounts to 4 decimal places
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+class Section:
+    """What every section checks before its own rules: finite numbers and encodable text."""
+
+    section: ClassVar[str]  # the YAML section / command-line prefix, e.g. "sft"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.fail(f.name, value, "a finite number")
+            for text in value if isinstance(value, tuple) else (value,):
+                if isinstance(text, str) and not _is_utf8(text):
+                    self.fail(f.name, text, "text that is valid UTF-8")
+        self.validate()
+
+    def validate(self) -> None:
+        """The section's own rules; raise with `self.fail`."""
+
+    def fail(self, key: str, value: object, allowed: str) -> None:
+        raise ConfigError(f"{self.section}.{key}={value!r}: expected {allowed}")
+
+    def check(self, ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            self.fail(key, getattr(self, key), allowed)
+
+    def positive(self, *keys: str) -> None:
+        for key in keys:
+            self.check(getattr(self, key) > 0, key, "a number > 0")
+
+    def non_negative(self, *keys: str) -> None:
+        for key in keys:
+            self.check(getattr(self, key) >= 0, key, "a number >= 0")
+
+    def one_of(self, key: str, allowed: tuple[str, ...]) -> None:
+        self.check(getattr(self, key) in allowed, key, f"one of {', '.join(allowed)}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # command-line bytes that are not UTF-8 arrive as surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """Which base model to start from. `embedded` builds a small Mistral from the fields below."""
+
+    section: ClassVar[str] = "model"
+    # a Hugging Face model id or local directory, or `embedded` (built from the fields below)
+    name_or_path: str = EMBEDDED_MODEL
+    trust_remote_code: bool = False  # run code shipped with a hub model (only if you trust it)
+    dtype: str = "float32"  # weights and compute dtype of models that are not 4-bit
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    vocab_size: int = 512  # embedded: size of the byte-level BPE tokenizer trained on the data
+    hidden_size: int = 128  # embedded: width of the residual stream
+    intermediate_size: int = 256  # embedded: width of the MLP
+    num_layers: int = 2  # embedded: transformer blocks
+    num_heads: int = 4  # embedded: attention heads
+    num_kv_heads: int = 2  # embedded: key/value heads (grouped-query attention)
+
+    def validate(self) -> None:
+        self.check(bool(self.name_or_path.strip()), "name_or_path", "a model id or directory")
+        self.one_of("dtype", DTYPES)
+        self.positive("hidden_size", "intermediate_size", "num_layers", "num_heads")
+        self.positive("num_kv_heads")
+        self.check(self.vocab_size >= 300, "vocab_size", "at least 300 (bytes + merges)")
+        self.check(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"a multiple of num_heads={self.num_heads}",
+        )
+        head_dim = self.hidden_size // self.num_heads
+        self.check(
+            head_dim % 2 == 0,
+            "hidden_size",
+            f"hidden_size / num_heads even for rotary embeddings (it is {head_dim})",
+        )
+        self.check(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"a divisor of num_heads={self.num_heads}",
+        )
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.name_or_path == EMBEDDED_MODEL
+
+
+@dataclass(frozen=True)
+class QuantizationConfig(Section):
+    """bitsandbytes 4-bit loading (QLoRA). Off for the embedded CPU default."""
+
+    section: ClassVar[str] = "quantization"
+    load_in_4bit: bool = False  # load base weights in 4 bits (bitsandbytes); needs LoRA training
+    quant_type: str = "nf4"  # 4-bit data type: nf4 (normal float) or fp4
+    double_quant: bool = True  # quantise the quantisation constants too (saves ~0.4 bit/weight)
+    compute_dtype: str = "bfloat16"  # dtype the 4-bit weights are dequantised to for matmuls
+
+    def validate(self) -> None:
+        self.one_of("quant_type", ("nf4", "fp4"))
+        self.one_of("compute_dtype", DTYPES)
+
+
+@dataclass(frozen=True)
+class LoraConfig(Section):
+    """The LoRA adapter used where a phase trains with `method: lora`, and always by PPO."""
+
+    section: ClassVar[str] = "lora"
+    r: int = 8  # rank of the adapter matrices
+    alpha: int = 32  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = 0.05  # dropout on the adapter input (PPO sets every dropout to 0)
+    # module names to adapt; on the command line: --lora.target_modules q_proj v_proj
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def validate(self) -> None:
+        self.positive("r", "alpha")
+        self.check(0 <= self.dropout < 1, "dropout", "a fraction in [0, 1)")
+        self.check(len(self.target_modules) > 0, "target_modules", "at least one module name")
+        for module in self.target_modules:
+            if not _MODULE_NAME.fullmatch(module):
+                self.fail(
+                    "target_modules",
+                    self.target_modules,
+                    f"module names such as q_proj, not {module!r}; give a list: "
+                    "[q_proj, v_proj] in YAML, --lora.target_modules q_proj v_proj on the "
+                    "command line",
+                )
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Where rows come from (files, or the synthetic world for any not given) and their limits."""
+
+    section: ClassVar[str] = "data"
+    sft_path: str | None = None  # demonstrations {prompt, completion}; None = synthetic
+    preference_path: str | None = None  # pairs {prompt, chosen, rejected}; None = synthetic
+    prompt_path: str | None = None  # PPO prompts {prompt}; None = synthetic
+    eval_prompt_path: str | None = None  # held-out prompts {prompt}; None = synthetic
+    num_sft: int = 2000  # synthetic demonstrations
+    num_preferences: int = 2000  # synthetic preference pairs (before the held-out split)
+    num_prompts: int = 1024  # synthetic PPO prompts
+    num_eval_prompts: int = 64  # synthetic held-out prompts (when eval_prompt_path is None)
+    flawed_fraction: float = 0.5  # share of synthetic demonstrations that are flawed on purpose
+    label_noise: float = 0.1  # share of synthetic preference labels flipped
+    max_prompt_tokens: int = 32  # prompt token limit (templated prompt)
+    max_completion_tokens: int = 32  # completion token limit, also PPO's max new tokens
+    overlong: str = "truncate"  # rows over the limits: truncate or reject (counted either way)
+    prompt_template: str = "User: {prompt}\nAssistant:"  # how a prompt is shown to the model
+
+    def validate(self) -> None:
+        self.positive("num_sft", "num_preferences", "num_prompts", "num_eval_prompts")
+        self.positive("max_prompt_tokens", "max_completion_tokens")
+        self.check(0 <= self.flawed_fraction < 1, "flawed_fraction", "a fraction in [0, 1)")
+        self.check(0 <= self.label_noise < 0.5, "label_noise", "a rate in [0, 0.5)")
+        self.one_of("overlong", ("truncate", "reject"))
+        self._check_template()
+        if self.eval_prompt_path is None:
+            most = max_eval_prompts()
+            self.check(
+                self.num_eval_prompts <= most,
+                "num_eval_prompts",
+                f"at most {most} (half of the synthetic world's prompts), or your own "
+                "prompts in data.eval_prompt_path",
+            )
+
+    def _check_template(self) -> None:
+        allowed = "a template with the field {prompt} exactly once (write {{ and }} for braces)"
+        try:
+            parsed = list(string.Formatter().parse(self.prompt_template))
+        except ValueError:
+            self.fail("prompt_template", self.prompt_template, allowed)
+        named = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+        self.check(named == [("prompt", "", None)], "prompt_template", allowed)
+
+
+@dataclass(frozen=True)
+class SFTConfig(Section):
+    """Supervised fine-tuning: loss on completion tokens only."""
+
+    section: ClassVar[str] = "sft"
+    method: str = "full"  # full fine-tuning, or a LoRA adapter (the lesson's recipe)
+    epochs: int = 3  # passes over the demonstrations
+    batch_size: int = 32  # rows per optimizer step, per Ray Train worker
+    lr: float = 1e-3  # peak learning rate (linear warm-up, cosine decay to 10%)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm
+
+    def validate(self) -> None:
+        self.one_of("method", TRAIN_METHODS)
+        self.positive("epochs", "batch_size", "lr", "max_grad_norm")
+        self.non_negative("weight_decay")
+
+
+@dataclass(frozen=True)
+class RewardConfig(Section):
+    """Reward model: a scalar head on the SFT model, Bradley-Terry loss on preference pairs."""
+
+    section: ClassVar[str] = "reward"
+    method: str = "full"  # full fine-tuning, or a LoRA adapter (the lesson's recipe)
+    epochs: int = 2  # passes over the preference pairs
+    batch_size: int = 32  # pairs per optimizer step, per Ray Train worker
+    lr: float = 5e-4  # peak learning rate (linear warm-up, cosine decay to 10%)
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm
+    eval_fraction: float = 0.1  # share of preference pairs held out for pairwise accuracy
+
+    def validate(self) -> None:
+        self.one_of("method", TRAIN_METHODS)
+        self.positive("epochs", "batch_size", "lr", "max_grad_norm")
+        self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
+
+
+ROLES = ("train_worker", "rollout", "reward", "reference", "learner")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig(Section):
+    """What each role asks Ray for. Fractions of a GPU let roles share one device."""
+
+    section: ClassVar[str] = "resources"
+    train_workers: int = 1  # Ray Train data-parallel workers for SFT and the reward model
+    train_worker_cpus: float = 1.0  # CPUs per Ray Train worker
+    train_worker_gpus: float = 0.0  # GPUs per Ray Train worker
+    rollout_cpus: float = 1.0  # CPUs per rollout generator
+    rollout_gpus: float = 0.0  # GPUs per rollout generator
+    reward_cpus: float = 0.5  # CPUs of the reward scorer
+    reward_gpus: float = 0.0  # GPUs of the reward scorer
+    reference_cpus: float = 0.5  # CPUs of the reference model
+    reference_gpus: float = 0.0  # GPUs of the reference model
+    learner_cpus: float = 1.0  # CPUs of the PPO learner (policy + critic)
+    learner_gpus: float = 0.0  # GPUs of the PPO learner
+
+    def validate(self) -> None:
+        self.positive("train_workers")
+        for role in ROLES:
+            for kind in ("cpus", "gpus"):
+                key = f"{role}_{kind}"
+                amount = getattr(self, key)
+                self.check(
+                    amount == 0 or amount >= RAY_RESOURCE_UNIT,
+                    key,
+                    f"0 or at least {RAY_RESOURCE_UNIT} (Ray's smallest unit)",
+                )
+                self.non_negative(key)
+            gpus = getattr(self, f"{role}_gpus")
+            self.check(
+                gpus <= 1 or gpus == int(gpus), f"{role}_gpus", "a fraction <= 1 or a whole number"
+            )
+
+
+@dataclass(frozen=True)
+class PPOConfig(Section):
+    """PPO as an actor system. Defaults follow "The N Implementation Details of RLHF with PPO"."""
+
+    section: ClassVar[str] = "ppo"
+    steps: int = 40  # PPO iterations: generate, score, reference, learn, sync
+    num_rollout_actors: int = 1  # rollout generators; rollouts_per_step is split over them
+    rollouts_per_step: int = 64  # responses sampled per iteration
+    minibatch_size: int = 16  # responses per gradient step of the learner
+    epochs: int = 4  # passes of the learner over each batch
+    lr: float = 5e-4  # learning rate of the policy's LoRA adapter
+    critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
+    kl_coef: float = 0.1  # beta in the per-token reward r_t = -beta * (logp - logp_ref)
+    gamma: float = 1.0  # discount of GAE
+    lam: float = 0.95  # lambda of GAE
+    clip_range: float = 0.2  # PPO ratio clip
+    value_clip_range: float = 0.2  # critic value clip around the rollout's values
+    max_grad_norm: float = 1.0  # policy and critic gradients each clipped to this norm
+    temperature: float = 1.0  # sampling temperature; every logprob uses logits / temperature
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
+    whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
+    overlap: bool = False  # generate the next batch while the learner updates (lag <= 1)
+    max_policy_lag: int = 1  # batches sampled more than this many versions ago are an error
+    max_generator_restarts: int = 3  # a dead rollout generator is restarted this many times
+
+    def validate(self) -> None:
+        self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
+        self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
+        self.positive("max_grad_norm", "temperature")
+        self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag")
+        self.non_negative("max_generator_restarts")
+        self.check(0 < self.gamma <= 1, "gamma", "a discount in (0, 1]")
+        self.check(0 <= self.lam <= 1, "lam", "a value in [0, 1]")
+        self.check(
+            self.rollouts_per_step % self.num_rollout_actors == 0,
+            "rollouts_per_step",
+            f"a multiple of num_rollout_actors={self.num_rollout_actors}",
+        )
+        self.check(
+            self.rollouts_per_step % self.minibatch_size == 0,
+            "minibatch_size",
+            f"a divisor of rollouts_per_step={self.rollouts_per_step}",
+        )
+        self.check(
+            not self.overlap or self.max_policy_lag >= 1,
+            "max_policy_lag",
+            ">= 1 when overlap is on (the next batch is sampled one version behind)",
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    """Held-out evaluation by the gold judge: sampled responses, compared per prompt."""
+
+    section: ClassVar[str] = "eval"
+    samples_per_prompt: int = 2  # responses sampled per held-out prompt and model
+    temperature: float = 1.0  # sampling temperature of the evaluation
+    batch_size: int = 64  # prompts sampled at once
+
+    def validate(self) -> None:
+        self.positive("samples_per_prompt", "temperature", "batch_size")
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    """Where outputs go, which phases run, the base seed, and how the local Ray starts."""
+
+    section: ClassVar[str] = "run"
+    output_dir: str = "runs/default"  # every phase's output; shared storage on a cluster
+    phases: tuple[str, ...] = PHASES  # phases to run, in order; complete ones are skipped
+    seed: int = 0  # base seed; each role and worker derives its own from it
+    num_cpus: int | None = None  # CPUs of a local Ray started by the run; None = all cores
+    ray_timeout_s: float = 600.0  # the longest any single remote call may take
+    progress_bar: bool = True  # a progress bar for PPO on the console
+
+    def validate(self) -> None:
+        self.check(bool(self.output_dir.strip()), "output_dir", "a directory path")
+        unknown = [p for p in self.phases if p not in PHASES]
+        self.check(not unknown and len(self.phases) > 0, "phases", f"a subset of {PHASES}")
+        self.check(len(set(self.phases)) == len(self.phases), "phases", "no phase twice")
+        self.check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "> 0 or None")
+        self.positive("ray_timeout_s")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run, one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantization.load_in_4bit:
+            for phase in (self.sft, self.reward):
+                if phase.method != "lora":
+                    raise ConfigError(
+                        f"{phase.section}.method={phase.method!r}: 4-bit weights cannot be "
+                        "fully fine-tuned; expected 'lora' when quantization.load_in_4bit is true"
+                    )
+            if self.model.is_embedded and self.model.hidden_size % 64:
+                raise ConfigError(
+                    f"model.hidden_size={self.model.hidden_size}: expected a multiple of 64 "
+                    "when quantization.load_in_4bit is true (bitsandbytes 4-bit blocks)"
+                )

@@ -1,0 +1,148 @@
+"""Everything that happens before Ray starts: data, tokenizer, the base model directory.
+
+User files are validated here (file, line, field), so bad input fails before any model is
+loaded or Ray resource taken. The rows every phase uses are written to `<output_dir>/data/`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_ray.config import Config, DataConfig
+from rlhf_ray.data import user_files
+from rlhf_ray.data.encoding import Limits, is_overlong
+from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
+from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from rlhf_ray.errors import DataError
+from rlhf_ray.models.loading import build_embedded_model
+from rlhf_ray.run.checkpoints import atomic_dir, replace_dir
+from rlhf_ray.world import dataset_rows
+from rlhf_ray.world.gold_judge import GoldJudge
+
+DATASETS = ("sft", "preferences", "preferences_eval", "prompts", "eval_prompts")
+_COMPLETION_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected")}
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    base_path: str  # the model directory or hub id SFT starts from
+    data_dir: Path  # holds <name>.jsonl for each of DATASETS
+    report: dict  # per dataset: source, rows, overlong rows, ignored fields
+
+
+def limits_of(cfg: DataConfig) -> Limits:
+    return Limits(cfg.prompt_template, cfg.max_prompt_tokens, cfg.max_completion_tokens)
+
+
+def read_rows(data_dir: Path, name: str) -> list[dict]:
+    """Rows this module wrote (already validated)."""
+    return read_jsonl(data_dir / f"{name}.jsonl")
+
+
+def prepare_run(cfg: Config) -> PreparedRun:
+    out = Path(cfg.run.output_dir)
+    rows, report = gather_rows(cfg.data, cfg.reward.eval_fraction, cfg.run.seed)
+    tokenizer, base_path = _base_model(cfg, rows, out)
+    limits = limits_of(cfg.data)
+    for name in DATASETS:
+        kept, overlong = _apply_limits(name, rows[name], tokenizer, limits, cfg.data.overlong)
+        rows[name] = kept
+        report[name].update(rows=len(kept), overlong=overlong, overlong_action=cfg.data.overlong)
+    with replace_dir(out / "data") as tmp:
+        for name, dataset in rows.items():
+            write_jsonl(tmp / f"{name}.jsonl", dataset)
+    return PreparedRun(base_path, out / "data", report)
+
+
+def gather_rows(cfg: DataConfig, eval_fraction: float, seed: int) -> tuple[dict, dict]:
+    """User files where given, synthetic rows for the rest; preferences split train/eval."""
+    rng = random.Random(seed)
+    # Synthetic prompts are held out only for synthetic evaluation; with the user's own eval
+    # prompts, every synthetic prompt may be trained on.
+    held_out = cfg.num_eval_prompts if cfg.eval_prompt_path is None else 0
+    train_specs, eval_specs = dataset_rows.split_prompts(held_out, seed)
+    judge = GoldJudge()
+    synthetic = {
+        "sft": lambda: dataset_rows.sft_rows(train_specs, cfg, rng),
+        "preferences": lambda: dataset_rows.preference_rows(
+            train_specs, cfg.num_preferences, cfg, judge, rng
+        ),
+        "prompts": lambda: dataset_rows.prompt_rows(train_specs, cfg.num_prompts, rng),
+        "eval_prompts": lambda: dataset_rows.eval_rows(eval_specs),
+    }
+    files = {
+        "sft": (cfg.sft_path, "data.sft_path", user_files.SFT_FIELDS),
+        "preferences": (cfg.preference_path, "data.preference_path", user_files.PREFERENCE_FIELDS),
+        "prompts": (cfg.prompt_path, "data.prompt_path", user_files.PROMPT_FIELDS),
+        "eval_prompts": (cfg.eval_prompt_path, "data.eval_prompt_path", user_files.PROMPT_FIELDS),
+    }
+    rows, report = {}, {}
+    for name, (path, option, fields) in files.items():
+        if path is None:
+            rows[name], report[name] = synthetic[name](), {"source": "synthetic"}
+            continue
+        loaded = user_files.load_rows(path, fields, option)
+        rows[name] = loaded.rows
+        report[name] = {"source": loaded.source, "ignored_fields": list(loaded.ignored_fields)}
+    rows["preferences"], rows["preferences_eval"] = _split_pairs(
+        rows["preferences"], eval_fraction, seed
+    )
+    report["preferences_eval"] = dict(report["preferences"], split_fraction=eval_fraction)
+    return rows, report
+
+
+def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
+    if len(pairs) < 2:
+        raise DataError(f"preferences: {len(pairs)} pair(s); at least 2 needed to hold some out")
+    order = list(range(len(pairs)))
+    random.Random(seed + 1).shuffle(order)
+    n_eval = max(1, round(len(pairs) * fraction))
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizerBase, str]:
+    """The tokenizer and where SFT starts: a hub id/path, or the embedded model in out/base."""
+    if not cfg.model.is_embedded:
+        tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        return tok, cfg.model.name_or_path
+    base_dir = out / "base"
+    if base_dir.exists():  # resume: keep the tokenizer the later phases were trained with
+        return load_tokenizer(str(base_dir)), str(base_dir)
+    tok = train_bpe_tokenizer(_corpus(rows, cfg.data.prompt_template), cfg.model.vocab_size)
+    max_positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
+    model = build_embedded_model(cfg.model, tok, max_positions, cfg.run.seed)
+    with atomic_dir(base_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return tok, str(base_dir)
+
+
+def _corpus(rows: dict, template: str):
+    """Texts the embedded tokenizer learns from: every prompt (templated) and completion."""
+    for name, dataset in rows.items():
+        for row in dataset:
+            yield template.format(prompt=row["prompt"])
+            for key in _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ()):
+                yield " " + row[key]
+
+
+def _apply_limits(name, dataset, tokenizer, limits: Limits, action: str):
+    """(rows kept, number of over-length rows); rejects them when `action` is 'reject'."""
+    keys = _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ())
+    flags = [
+        is_overlong(tokenizer, r["prompt"], tuple(r[k] for k in keys), limits) for r in dataset
+    ]
+    if action == "truncate":
+        return dataset, sum(flags)
+    kept = [row for row, long in zip(dataset, flags, strict=True) if not long]
+    if not kept:
+        raise DataError(
+            f"{name}: all {len(dataset)} rows exceed data.max_prompt_tokens="
+            f"{limits.max_prompt_tokens} or data.max_completion_tokens="
+            f"{limits.max_completion_tokens}, and data.overlong is 'reject'"
+        )
+    return kept, sum(flags)

@@ -1,0 +1,1 @@
+"""Models of every phase: loading (and LoRA, saving), forward passes, sampling."""

@@ -1,0 +1,231 @@
+"""Loading, building, adapting and saving the models of every phase.
+
+Every phase directory (`base/`, `sft/`, `reward/`, `policy/`) is a standard Hugging Face model
+directory with safetensors weights and the tokenizer, so any phase can start from any of them
+with `from_pretrained`. LoRA adapters are merged before saving.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
+from rlhf_ray.data.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class FrozenModelSettings:
+    """A model that is only read (reward scorer, reference model), and where it runs."""
+
+    path: str  # the reward model directory, or the SFT model directory for the reference
+    model: ModelConfig
+    quantization: QuantizationConfig
+    cpus: float
+    gpus: float
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_embedded_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int
+) -> MistralForCausalLM:
+    """A small, randomly initialised Mistral-architecture causal LM (the untrained base)."""
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+    )
+    return MistralForCausalLM(config)
+
+
+def _load_kwargs(model_cfg: ModelConfig, quant: QuantizationConfig) -> dict:
+    kwargs = {
+        "use_safetensors": True,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "dtype": DTYPES[model_cfg.dtype],
+    }
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        )
+        kwargs["dtype"] = DTYPES[quant.compute_dtype]
+        if torch.cuda.is_available():  # 4-bit weights are quantised on the device they load to
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
+
+
+def load_causal_lm(
+    path: str | Path, model_cfg: ModelConfig, quant: QuantizationConfig
+) -> PreTrainedModel:
+    """A causal LM from a model directory or hub id, dropout off (DESIGN section 4)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(model_cfg, quant))
+    disable_dropout(model)
+    return model
+
+
+def load_scalar_model(
+    path: str | Path, model_cfg: ModelConfig, quant: QuantizationConfig, pad_token_id: int
+) -> PreTrainedModel:
+    """A sequence-classification model with one scalar output (reward model, critic).
+
+    Loaded from a causal LM directory (the SFT model) the `score` head starts random; loaded from
+    the reward directory it is the trained head, which is how the critic starts from the RM.
+    """
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, **_load_kwargs(model_cfg, quant)
+    )
+    model.config.pad_token_id = pad_token_id
+    if not hasattr(model, "score"):
+        raise ValueError(f"{path}: expected a sequence-classification model with a `score` head")
+    disable_dropout(model)
+    return model
+
+
+def add_lora(
+    model: PreTrainedModel, lora: LoraConfig, task: TaskType, gradient_checkpointing: bool
+) -> PeftModel:
+    """Wrap a model with a trainable LoRA adapter (and the k-bit preparation QLoRA needs)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (the LoRA adapter, or all weights), detached on CPU."""
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors from `trainable_state` into a model of the same structure, in place."""
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise KeyError(f"weights for parameters this model does not have: {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def save_merged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    reload_base: str | Path | None = None,
+    model_cfg: ModelConfig | None = None,
+) -> None:
+    """Save a standard model directory, with any LoRA adapter merged into the weights.
+
+    4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
+    from `reload_base`, the adapter copied in, and that merged.
+    """
+    adapter_dir = None
+    if isinstance(model, PeftModel) and getattr(model, "is_loaded_in_4bit", False):
+        adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-"))
+        model.save_pretrained(adapter_dir)
+        inner = model.get_base_model()
+        base = type(inner).from_pretrained(
+            str(reload_base),
+            num_labels=inner.config.num_labels,
+            dtype=DTYPES[model_cfg.dtype],
+            use_safetensors=True,
+        )
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if adapter_dir is not None:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+
+
+def use_cpus(cpus: float) -> None:
+    """Torch threads to match the CPUs Ray gave this role (at least one)."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
+    """Move a model to the GPU Ray assigned this role (4-bit models are placed at load)."""
+    if (
+        num_gpus > 0
+        and torch.cuda.is_available()
+        and not getattr(model, "is_loaded_in_4bit", False)
+    ):
+        return model.to("cuda")
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability to 0, LoRA's included: train mode then computes the same
+    function as eval mode (PPO needs identical logprobs in both) and keeps gradient
+    checkpointing, which transformers only applies in train mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_frozen_causal_lm(settings: FrozenModelSettings) -> PreTrainedModel:
+    """A causal LM in eval mode on the role's device, with threads matching its CPUs."""
+    use_cpus(settings.cpus)
+    model = load_causal_lm(settings.path, settings.model, settings.quantization)
+    return to_device(model, settings.gpus).eval()
+
+
+def load_frozen_scalar_model(settings: FrozenModelSettings) -> PreTrainedModel:
+    """A scalar-head model (the reward model) in eval mode on the role's device."""
+    use_cpus(settings.cpus)
+    tok = load_tokenizer(settings.path, settings.model.trust_remote_code)
+    model = load_scalar_model(
+        settings.path, settings.model, settings.quantization, tok.pad_token_id
+    )
+    return to_device(model, settings.gpus).eval()

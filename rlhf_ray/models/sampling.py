@@ -1,0 +1,57 @@
+"""Sampling responses from a causal LM: the one code path for rollouts and for evaluation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
+from rlhf_ray.ppo.arithmetic import truncate_after_eos
+from rlhf_ray.ppo.messages import Samples
+
+
+def generation_config(
+    tok: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float
+) -> GenerationConfig:
+    """Plain ancestral sampling at `temperature`: no top-k/top-p, so the logprobs PPO computes
+    from logits / temperature are those of the distribution actually sampled from."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    limits: Limits,
+    temperature: float,
+) -> Samples:
+    device = next(model.parameters()).device
+    query, query_mask = pad_left([prompt_ids(tok, p, limits) for p in prompts], tok.pad_token_id)
+    query, query_mask = query.to(device), query_mask.to(device)
+    out = model.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        generation_config=generation_config(tok, limits.max_completion_tokens, temperature),
+    )
+    response, mask, has_eos = truncate_after_eos(
+        out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id
+    )
+    return Samples(query, query_mask, response, mask, has_eos)
+
+
+def decode_responses(tok: PreTrainedTokenizerBase, samples: Samples) -> list[str]:
+    """Response texts without EOS or padding."""
+    texts = []
+    for ids, mask in zip(samples.response, samples.response_mask, strict=True):
+        real = ids[mask.bool()].tolist()
+        texts.append(tok.decode(real, skip_special_tokens=True).strip())
+    return texts

@@ -1,0 +1,76 @@
+"""What the PPO roles send each other through the Ray object store.
+
+B = rollouts in a batch, P = prompt length, R = response length. Token tensors travel
+generator -> scorer / reference / learner as ObjectRefs; the driver never pulls them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    """Responses sampled for a batch of prompts (by a rollout generator, or for evaluation)."""
+
+    query: torch.Tensor  # (B, P) int64 prompt ids, left-padded with pad_id
+    query_mask: torch.Tensor  # (B, P) int64, 1 on real prompt tokens
+    response: torch.Tensor  # (B, R) int64, pad_id after the first EOS
+    response_mask: torch.Tensor  # (B, R) float32, 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool, False when the response hit the length limit
+
+
+@dataclass
+class RolloutBatch(Samples):
+    """Samples from one rollout generator, with what the learner needs to train on them."""
+
+    logprobs: torch.Tensor  # (B, R) float32 behaviour-policy logprobs at the sampling temperature
+    policy_version: int  # learner version whose weights sampled this batch
+    generator_rank: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_mask.sum()) + int(self.response_mask.sum())
+
+
+@dataclass
+class Weights:
+    """The trainable policy tensors (the LoRA adapter) after learner update `version`."""
+
+    tensors: dict[str, torch.Tensor]  # name -> tensor, as in model.named_parameters()
+    version: int
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> tuple[RolloutBatch, list[int]]:
+    """One batch from several generators' shards, re-padded to common widths.
+
+    Returns the batch (policy_version = the oldest shard's, generator_rank = -1) and the
+    policy version of every row, so the learner can check staleness per row.
+    """
+    p_width = max(b.query.shape[1] for b in batches)
+    r_width = max(b.response.shape[1] for b in batches)
+    versions = [b.policy_version for b in batches for _ in range(b.response.shape[0])]
+    merged = RolloutBatch(
+        query=torch.cat([_pad(b.query, p_width, pad_id, left=True) for b in batches]),
+        query_mask=torch.cat([_pad(b.query_mask, p_width, 0, left=True) for b in batches]),
+        response=torch.cat([_pad(b.response, r_width, pad_id) for b in batches]),
+        response_mask=torch.cat([_pad(b.response_mask, r_width, 0) for b in batches]),
+        has_eos=torch.cat([b.has_eos for b in batches]),
+        logprobs=torch.cat([_pad(b.logprobs, r_width, 0) for b in batches]),
+        policy_version=min(versions),
+        generator_rank=-1,
+    )
+    return merged, versions
+
+
+def concat_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """(B_i, R_i) tensors -> (sum B_i, width), zero-padded on the right."""
+    return torch.cat([_pad(tensor, width, 0) for tensor in tensors])
+
+
+def _pad(tensor: torch.Tensor, width: int, value: float, left: bool = False) -> torch.Tensor:
+    """Pad the last dimension of a (B, T) tensor to `width` columns."""
+    extra = width - tensor.shape[1]
+    return torch.nn.functional.pad(tensor, (extra, 0) if left else (0, extra), value=value)

@@ -1,0 +1,85 @@
+"""The rollout generator's work, Ray-free: a copy of the policy that samples responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import TaskType
+
+from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
+from rlhf_ray.data.encoding import Limits
+from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.forward import response_logprobs
+from rlhf_ray.models.loading import (
+    add_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_trainable_state,
+    to_device,
+    use_cpus,
+)
+from rlhf_ray.models.sampling import sample
+from rlhf_ray.ppo.messages import RolloutBatch, Weights
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """What it takes to build the policy (SFT model + LoRA adapter), in a generator or learner."""
+
+    sft_path: str
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    limits: Limits
+    temperature: float
+    cpus: float
+    gpus: float
+    seed: int
+
+
+def build_policy(settings: PolicySettings):
+    """(tokenizer, policy): the SFT model with a fresh LoRA adapter, every dropout off."""
+    use_cpus(settings.cpus)
+    tok = load_tokenizer(settings.sft_path, settings.model.trust_remote_code)
+    base = load_causal_lm(settings.sft_path, settings.model, settings.quantization)
+    policy = add_lora(
+        base, settings.lora, TaskType.CAUSAL_LM, settings.model.gradient_checkpointing
+    )
+    disable_dropout(policy)
+    return tok, to_device(policy, settings.gpus)
+
+
+class RolloutGenerator:
+    def __init__(self, settings: PolicySettings, rank: int) -> None:
+        self.settings, self.rank = settings, rank
+        torch.manual_seed(settings.seed + rank + 1)  # the learner uses the base seed itself
+        self.tok, policy = build_policy(settings)
+        self.policy = policy.eval()
+        self.version = -1  # no learner weights loaded yet
+
+    def load_weights(self, weights: Weights) -> None:
+        load_trainable_state(self.policy, weights.tensors)
+        self.version = weights.version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> RolloutBatch:
+        if self.version < 0:
+            raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
+        samples = sample(
+            self.policy, self.tok, prompts, self.settings.limits, self.settings.temperature
+        )
+        logprobs = response_logprobs(
+            self.policy,
+            samples.query,
+            samples.query_mask,
+            samples.response,
+            samples.response_mask,
+            self.settings.temperature,
+        )
+        return RolloutBatch(
+            **{name: tensor.cpu() for name, tensor in vars(samples).items()},
+            logprobs=(logprobs * samples.response_mask).cpu(),
+            policy_version=self.version,
+            generator_rank=self.rank,
+        )

@@ -1,0 +1,1 @@
+"""What a run keeps and reports: phase folders, checkpoints, metrics, resources, evaluation."""

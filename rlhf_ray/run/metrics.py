@@ -1,0 +1,64 @@
+"""Every metric name in one place (TRL's names where TRL has one), and the TensorBoard writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Supervised fine-tuning
+SFT_LOSS = "sft/loss"  # completion-only cross-entropy, per optimizer step
+SFT_EPOCH_LOSS = "sft/epoch_loss"
+SFT_TOKENS_PER_S = "sft/tokens_per_s"
+
+# Reward model (Bradley-Terry)
+REWARD_LOSS = "reward/loss"
+REWARD_ACCURACY = "reward/accuracy"  # training pairs, per step
+REWARD_MARGIN = "reward/margin"  # mean score(chosen) - score(rejected)
+REWARD_EVAL_ACCURACY = "reward/eval_accuracy"  # held-out pairs, against their (noisy) labels
+REWARD_EVAL_MARGIN = "reward/eval_margin"
+
+# PPO (names as in TRL's PPOTrainer)
+KL = "objective/kl"  # mean over rollouts of the summed per-token k1 KL to the reference
+SCORES = "objective/scores"  # reward-model score (after the missing-EOS penalty)
+RLHF_REWARD = "objective/rlhf_reward"  # scores - kl_coef * kl
+NON_SCORE_REWARD = "objective/non_score_reward"
+APPROXKL = "policy/approxkl_avg"
+CLIPFRAC = "policy/clipfrac_avg"
+ENTROPY = "policy/entropy_avg"
+POLICY_LOSS = "loss/policy_avg"
+VALUE_LOSS = "loss/value_avg"
+VALUE_CLIPFRAC = "val/clipfrac_avg"
+RATIO = "val/ratio"  # mean PPO ratio over every minibatch step of an iteration
+# The ratio of an iteration's first minibatch, before any update: 1 unless the rollout's
+# logprobs differ from the learner's own forward pass (padding, positions, temperature).
+RATIO_FIRST = "val/ratio_first"
+RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
+NO_EOS_FRACTION = "val/no_eos_fraction"
+POLICY_LAG = "policy/version_lag"  # learner version minus the rollout's policy_version
+TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO step
+# Not logged: the learner's count of prompt+response tokens in a batch, which the driver sums
+# into TOKENS_PER_S. A constant because it crosses from the learner's process to the driver.
+BATCH_TOKENS = "batch/tokens"
+STAGES = ("generate", "score", "reference", "learn", "sync")
+
+
+def stage_time(stage: str) -> str:
+    """`time/<stage>_s` for one of STAGES."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    return f"time/{stage}_s"
+
+
+class MetricWriter:
+    """Scalars to TensorBoard under `log_dir` (SummaryWriter is created lazily, once)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(name, float(value), step)
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,100 @@
+"""`summary.json`: the run's headline numbers, all measured (gold judge, held-out data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_ray.config import Config
+from rlhf_ray.data.jsonl import read_jsonl
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.run import metrics
+from rlhf_ray.run.checkpoints import is_complete, phase_dir, read_metrics
+from rlhf_ray.run.evaluation import gold_scores, mean_gold, win_rate
+from rlhf_ray.train.reward import EVAL_SCORES_FILE
+from rlhf_ray.world.gold_judge import GoldJudge
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(
+    cfg: Config, out: Path, data_report: dict, evaluation: dict, seconds: dict
+) -> dict:
+    judge = GoldJudge()
+    prompts = evaluation["prompts"]
+    gold = {name: gold_scores(judge, prompts, rs) for name, rs in evaluation["responses"].items()}
+    summary = {f"gold_reward_{name}": _round(mean_gold(scores)) for name, scores in gold.items()}
+    summary.update(
+        eval_prompts=len(prompts),
+        eval_prompts_judged=sum(judge.knows(p) for p in prompts),
+        eval_samples_per_prompt=cfg.eval.samples_per_prompt,
+    )
+    if "policy" in gold and "sft" in gold:
+        summary["win_rate_vs_sft"] = _round(win_rate(gold["policy"], gold["sft"]))
+        summary["gap_closed"] = _gap_closed(summary)
+    summary.update(_reward_model_summary(cfg, out, evaluation["data_dir"], judge))
+    summary.update(_ppo_summary(phase_dir(out, "ppo")))
+    summary["phase_seconds"] = {**_previous_seconds(out), **seconds}
+    summary["data"] = data_report
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== rlhf-ray summary (gold judge, held-out prompts) ===")
+    for key, value in summary.items():
+        if key not in ("data",):
+            print(f"{key:>24}: {value}")
+
+
+def _gap_closed(summary: dict) -> float | None:
+    """(policy - sft) / (ideal - sft): the share of the SFT-to-ideal gap PPO closed."""
+    sft, ideal, policy = (summary.get(f"gold_reward_{n}") for n in ("sft", "ideal", "policy"))
+    if None in (sft, ideal, policy) or ideal == sft:
+        return None
+    return _round((policy - sft) / (ideal - sft))
+
+
+def _reward_model_summary(cfg: Config, out: Path, data_dir: Path, judge: GoldJudge) -> dict:
+    """Held-out pairwise accuracy against the labels, and against the gold judge's ordering."""
+    reward_dir = phase_dir(out, "reward")
+    if not is_complete(reward_dir):
+        return {}
+    result = {"rm_accuracy": _round(read_metrics(reward_dir)["eval_accuracy"])}
+    if cfg.data.preference_path is None:
+        result["rm_accuracy_ceiling"] = _round(1 - cfg.data.label_noise)
+    pairs = read_rows(data_dir, "preferences_eval")
+    scores = read_jsonl(reward_dir / EVAL_SCORES_FILE)
+    agree = [
+        (s["chosen"] > s["rejected"])
+        == (
+            judge.score(p["prompt"], p["chosen"]).total
+            > judge.score(p["prompt"], p["rejected"]).total
+        )
+        for p, s in zip(pairs, scores, strict=True)
+        if judge.knows(p["prompt"])
+    ]
+    if agree:
+        result["rm_accuracy_gold"] = _round(sum(agree) / len(agree))
+    return result
+
+
+def _ppo_summary(policy_dir: Path) -> dict:
+    if not is_complete(policy_dir):
+        return {}
+    ppo = read_metrics(policy_dir)
+    return {
+        "kl_final": _round(ppo[metrics.KL]),
+        "ppo_tokens_per_s": _round(ppo[metrics.TOKENS_PER_S]),
+        "ppo_stage_seconds": ppo.get("stage_seconds"),
+    }
+
+
+def _previous_seconds(out: Path) -> dict:
+    """Phase times of earlier runs into the same directory (phases skipped this time)."""
+    path = out / SUMMARY_FILE
+    return json.loads(path.read_text()).get("phase_seconds", {}) if path.exists() else {}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -1,0 +1,183 @@
+"""What the SFT and reward-model loops share: Ray Train launch, sharding, gradient steps.
+
+Gradients are averaged with an explicit all-reduce rather than a DDP wrapper, so the loops can
+call the same forward functions (`forward.py`) that scoring and PPO use.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import TaskType
+from transformers import PreTrainedModel
+
+from rlhf_ray.config import LoraConfig, ResourcesConfig
+from rlhf_ray.models.loading import add_lora, use_cpus
+from rlhf_ray.run.resources import bundle
+
+
+def launch(
+    name: str,
+    loop: Callable[[dict], None],
+    loop_config: dict,
+    res: ResourcesConfig,
+    output_dir: Path,
+) -> None:
+    """Run `loop` on `res.train_workers` data-parallel Ray Train workers; raise on failure."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=res.train_workers,
+            use_gpu=res.train_worker_gpus > 0,
+            resources_per_worker=bundle(res.train_worker_cpus, res.train_worker_gpus),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str((output_dir / "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def worker_setup(cpus: float, seed: int) -> Worker:
+    """Threads to match the CPUs Ray gave us, the torch seed, the device.
+
+    Torch gets the base seed on every rank, not `seed + rank`: the model's random parts (a new
+    reward head, LoRA's `lora_A`) must start equal on all ranks, because averaged gradients
+    applied to different weights never converge. Data order differs per rank through the
+    loops' own `random.Random(seed + rank)`.
+    """
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_cpus(cpus)
+    torch.manual_seed(seed)
+    return Worker(rank, world, ray.train.torch.get_device())
+
+
+@torch.no_grad()
+def sync_initial_weights(model: torch.nn.Module, worker: Worker) -> None:
+    """Copy rank 0's trainable weights to every rank, once, before the first step.
+
+    The equal seed already makes the ranks build equal models when nothing draws from torch's
+    RNG before; this makes it a guarantee. Ranks draw different amounts as soon as they see
+    their own data (LoRA dropout draws per token), and a GPU kernel may not be deterministic.
+    From then on the all-reduced gradients in `optimizer_step` keep the ranks equal. Frozen
+    weights come from the same files on every rank and are not sent.
+    """
+    if worker.world > 1:
+        for p in trainable_params(model):
+            dist.broadcast(p.data, src=0)
+
+
+def ready_to_train(
+    model: PreTrainedModel,
+    worker: Worker,
+    lora: LoraConfig | None,
+    task: TaskType,
+    gradient_checkpointing: bool,
+) -> torch.nn.Module:
+    """The model as a loop trains it: with a new LoRA adapter when `lora` is given, on this
+    worker's device in train mode, and its trainable weights equal on every rank.
+
+    Call after `worker_setup`: the random parts (a new reward head, LoRA's `lora_A`) are drawn
+    from its shared seed, then synced from rank 0.
+    """
+    if lora is not None:
+        model = add_lora(model, lora, task, gradient_checkpointing)
+    model.to(worker.device).train()
+    sync_initial_weights(model, worker)
+    return model
+
+
+def step_count(examples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a loop over `examples` per rank: ceil(examples / batch_size) a pass."""
+    return -(-examples // batch_size) * epochs
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's share; short shards wrap around so every rank takes the same step count."""
+    per_rank = -(-len(items) // world)  # ceil
+    return [items[(rank + world * i) % len(items)] for i in range(per_rank)]
+
+
+def batches(items: list, batch_size: int, rng: random.Random) -> list[list]:
+    order = items[:]
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, params: list, max_grad_norm: float, world: int
+) -> float:
+    """All-reduce-average gradients across workers, clip, step; returns the pre-clip norm."""
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= world
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float = 0.05):
+    """Linear warm-up over the first `warmup_frac` of steps, then cosine decay to 10%."""
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+class Progress:
+    """Progress lines from the chief worker, about every 10% of the steps.
+
+    Ray forwards worker stdout to the driver's console line by line, so plain lines stay
+    readable where a redrawn bar would interleave with other output.
+    """
+
+    def __init__(self, name: str, total: int, worker: Worker) -> None:
+        self.name, self.total, self.enabled = name, total, worker.is_chief
+        self.every = max(1, total // 10)
+        self.start = time.time()
+
+    def update(self, step: int, **values: float) -> None:
+        if self.enabled and (step % self.every == 0 or step == self.total):
+            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            elapsed = time.time() - self.start
+            print(f"[{self.name}] step {step}/{self.total} {shown} ({elapsed:.0f}s)", flush=True)

@@ -1,0 +1,175 @@
+"""Phase 2, the reward model: a scalar head on the SFT model, Bradley-Terry loss, on Ray Train."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import TaskType
+
+from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig, RewardConfig
+from rlhf_ray.data.encoding import Limits, completion_ids, pad_right, prompt_ids
+from rlhf_ray.data.jsonl import write_jsonl
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.forward import sequence_scores
+from rlhf_ray.models.loading import load_scalar_model, save_merged
+from rlhf_ray.run import metrics
+from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
+from rlhf_ray.train.common import (
+    Progress,
+    Worker,
+    batches,
+    optimizer_step,
+    ready_to_train,
+    shard,
+    step_count,
+    trainable_params,
+    warmup_cosine,
+    worker_setup,
+)
+
+EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out pair: score of chosen and of rejected
+
+
+@dataclass(frozen=True)
+class RewardWorkerSettings:
+    sft_path: str
+    data_dir: Path
+    out_dir: Path
+    tb_dir: Path
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    reward: RewardConfig
+    limits: Limits
+    worker_cpus: float
+    seed: int
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs; chosen/rejected (B,) float."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def encode_pair(tok, row: dict, limits: Limits) -> tuple[list[int], list[int]]:
+    p = prompt_ids(tok, row["prompt"], limits)
+    return p + completion_ids(tok, row["chosen"], limits), p + completion_ids(
+        tok, row["rejected"], limits
+    )
+
+
+def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """Score chosen and rejected in one forward: -> (chosen (B,), rejected (B,))."""
+    ids, mask = pad_right([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    scores = sequence_scores(model, ids.to(device), mask.to(device))
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    return {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, pad_id, device, batch_size):
+    """Scores of all held-out pairs: -> (chosen (N,), rejected (N,))."""
+    model.eval()
+    parts = [
+        pair_scores(model, pairs[i : i + batch_size], pad_id, device)
+        for i in range(0, len(pairs), batch_size)
+    ]
+    model.train()
+    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+
+def build_reward_model(settings: RewardWorkerSettings, worker: Worker, pad_id: int):
+    """The reward model to train, on this worker's device, equal on every rank; its `score`
+    head is new and random."""
+    model = load_scalar_model(settings.sft_path, settings.model, settings.quantization, pad_id)
+    lora = settings.lora if settings.reward.method == "lora" else None
+    return ready_to_train(
+        model, worker, lora, TaskType.SEQ_CLS, settings.model.gradient_checkpointing
+    )
+
+
+def reward_worker_loop(config: dict) -> None:
+    """Ray Train worker entry point."""
+    settings: RewardWorkerSettings = config["settings"]
+    worker = worker_setup(settings.worker_cpus, settings.seed)
+    tok = load_tokenizer(settings.sft_path, settings.model.trust_remote_code)
+    train = [
+        encode_pair(tok, r, settings.limits) for r in read_rows(settings.data_dir, "preferences")
+    ]
+    train = shard(train, worker.rank, worker.world)
+    model = build_reward_model(settings, worker, tok.pad_token_id)
+    params = trainable_params(model)
+    opt = torch.optim.AdamW(params, lr=settings.reward.lr)
+    rng = random.Random(settings.seed + worker.rank)
+    total = step_count(len(train), settings.reward.batch_size, settings.reward.epochs)
+    schedule = warmup_cosine(opt, total)
+    bar = Progress("reward", total, worker)
+    writer = metrics.MetricWriter(settings.tb_dir) if worker.is_chief else None
+    step = 0
+    for _ in range(settings.reward.epochs):
+        for batch in batches(train, settings.reward.batch_size, rng):
+            chosen, rejected = pair_scores(model, batch, tok.pad_token_id, worker.device)
+            loss = bradley_terry_loss(chosen, rejected)
+            loss.backward()
+            optimizer_step(opt, params, settings.reward.max_grad_norm, worker.world)
+            schedule.step()
+            step += 1
+            stats = pair_stats(chosen.detach(), rejected.detach())
+            bar.update(step, loss=loss.item(), accuracy=stats["accuracy"])
+            if writer:
+                writer.scalars(
+                    {
+                        metrics.REWARD_LOSS: loss.item(),
+                        metrics.REWARD_ACCURACY: stats["accuracy"],
+                        metrics.REWARD_MARGIN: stats["margin"],
+                    },
+                    step,
+                )
+    if worker.is_chief:
+        _finish(settings, model, tok, writer, step, worker.device)
+
+
+def _finish(settings: RewardWorkerSettings, model, tok, writer, step: int, device) -> None:
+    """Held-out accuracy, then the merged model and its metrics, atomically."""
+    rows = read_rows(settings.data_dir, "preferences_eval")
+    pairs = [encode_pair(tok, r, settings.limits) for r in rows]
+    chosen, rejected = evaluate_pairs(
+        model, pairs, tok.pad_token_id, device, settings.reward.batch_size
+    )
+    stats = pair_stats(chosen, rejected)
+    writer.scalars(
+        {
+            metrics.REWARD_EVAL_ACCURACY: stats["accuracy"],
+            metrics.REWARD_EVAL_MARGIN: stats["margin"],
+        },
+        step,
+    )
+    writer.close()
+    with atomic_dir(settings.out_dir) as tmp:
+        save_merged(model, tok, tmp, reload_base=settings.sft_path, model_cfg=settings.model)
+        write_jsonl(
+            tmp / EVAL_SCORES_FILE,
+            (
+                {"chosen": c, "rejected": r}
+                for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)
+            ),
+        )
+        write_metrics(
+            tmp,
+            {
+                "eval_accuracy": stats["accuracy"],
+                "eval_margin": stats["margin"],
+                "eval_pairs": len(pairs),
+                "steps": step,
+            },
+        )

@@ -1,0 +1,121 @@
+"""Phase 1, supervised fine-tuning: cross-entropy on completion tokens only, on Ray Train."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import TaskType
+
+from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig, SFTConfig
+from rlhf_ray.data.encoding import IGNORE_INDEX, Limits, pad_right, sft_example
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.forward import causal_logits
+from rlhf_ray.models.loading import load_causal_lm, save_merged
+from rlhf_ray.run import metrics
+from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
+from rlhf_ray.train.common import (
+    Progress,
+    Worker,
+    batches,
+    optimizer_step,
+    ready_to_train,
+    shard,
+    step_count,
+    trainable_params,
+    warmup_cosine,
+    worker_setup,
+)
+
+
+@dataclass(frozen=True)
+class SFTWorkerSettings:
+    """What an SFT worker needs; picklable, sent to every Ray Train worker."""
+
+    base_path: str
+    data_dir: Path
+    out_dir: Path
+    tb_dir: Path
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    sft: SFTConfig
+    limits: Limits
+    worker_cpus: float
+    seed: int
+
+
+def completion_only_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens.
+
+    logits (B, T, V) float; labels (B, T) int64 with IGNORE_INDEX on prompt and padding.
+    Position t predicts token t+1, hence the shift.
+    """
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """-> ids (B, T) int64 right-padded, mask (B, T), labels (B, T) with IGNORE_INDEX on padding."""
+    ids, mask = pad_right([e[0] for e in examples], pad_id)
+    labels, _ = pad_right([e[1] for e in examples], IGNORE_INDEX)
+    return ids, mask, labels
+
+
+def build_sft_model(settings: SFTWorkerSettings, worker: Worker):
+    """The policy to fine-tune, on this worker's device, equal on every rank."""
+    model = load_causal_lm(settings.base_path, settings.model, settings.quantization)
+    lora = settings.lora if settings.sft.method == "lora" else None
+    return ready_to_train(
+        model, worker, lora, TaskType.CAUSAL_LM, settings.model.gradient_checkpointing
+    )
+
+
+def sft_worker_loop(config: dict) -> None:
+    """Ray Train worker entry point."""
+    settings: SFTWorkerSettings = config["settings"]
+    worker = worker_setup(settings.worker_cpus, settings.seed)
+    tok = load_tokenizer(settings.base_path, settings.model.trust_remote_code)
+    rows = shard(read_rows(settings.data_dir, "sft"), worker.rank, worker.world)
+    examples = [sft_example(tok, r["prompt"], r["completion"], settings.limits) for r in rows]
+    model = build_sft_model(settings, worker)
+    params = trainable_params(model)
+    opt = torch.optim.AdamW(params, lr=settings.sft.lr, weight_decay=settings.sft.weight_decay)
+    rng = random.Random(settings.seed + worker.rank)
+    total = step_count(len(examples), settings.sft.batch_size, settings.sft.epochs)
+    schedule = warmup_cosine(opt, total)
+    bar = Progress("sft", total, worker)
+    writer = metrics.MetricWriter(settings.tb_dir) if worker.is_chief else None
+    step, tokens, start, epoch_loss = 0, 0, time.time(), 0.0
+    for _ in range(settings.sft.epochs):
+        losses = []
+        for batch in batches(examples, settings.sft.batch_size, rng):
+            ids, mask, labels = (t.to(worker.device) for t in collate(batch, tok.pad_token_id))
+            loss = completion_only_loss(causal_logits(model, ids, mask), labels)
+            loss.backward()
+            optimizer_step(opt, params, settings.sft.max_grad_norm, worker.world)
+            schedule.step()
+            step, tokens = step + 1, tokens + int(mask.sum()) * worker.world
+            losses.append(loss.item())
+            bar.update(step, loss=loss.item())
+            if writer:
+                writer.scalars({metrics.SFT_LOSS: loss.item()}, step)
+        epoch_loss = sum(losses) / len(losses)
+        if writer:
+            writer.scalars({metrics.SFT_EPOCH_LOSS: epoch_loss}, step)
+    if worker.is_chief:
+        tokens_per_s = tokens / (time.time() - start)
+        writer.scalars({metrics.SFT_TOKENS_PER_S: tokens_per_s}, step)
+        writer.close()
+        result = {"final_epoch_loss": epoch_loss, "steps": step, "tokens_per_s": tokens_per_s}
+        with atomic_dir(settings.out_dir) as tmp:
+            save_merged(model, tok, tmp, reload_base=settings.base_path, model_cfg=settings.model)
+            write_metrics(tmp, result)

@@ -1,0 +1,74 @@
+"""Rows in TRL's formats drawn from the synthetic world (`assistant_world.py`).
+
+Evaluation prompts are held out: no training row (SFT, preference or RL) uses their text, so
+the gold reward on them measures generalisation, not recall of a training string.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlhf_ray.config import DataConfig
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.world import assistant_world
+from rlhf_ray.world.assistant_world import PromptSpec
+from rlhf_ray.world.gold_judge import GoldJudge
+
+
+def split_prompts(num_eval: int, seed: int) -> tuple[list[PromptSpec], list[PromptSpec]]:
+    """(train specs, eval specs): a seeded shuffle of the world, `num_eval` held out.
+
+    `DataConfig` has checked that `num_eval` <= `assistant_world.max_eval_prompts()`."""
+    specs = assistant_world.all_prompts()
+    random.Random(seed).shuffle(specs)
+    return specs[num_eval:], specs[:num_eval]
+
+
+def sft_rows(specs: list[PromptSpec], cfg: DataConfig, rng: random.Random) -> list[dict]:
+    """Demonstrations, a `flawed_fraction` share of them flawed on purpose."""
+    rows = []
+    for _ in range(cfg.num_sft):
+        spec = rng.choice(specs)
+        completion = assistant_world.sample_response(spec, cfg.flawed_fraction, rng)
+        rows.append({"prompt": spec.text, "completion": completion})
+    return rows
+
+
+def preference_rows(
+    specs: list[PromptSpec], count: int, cfg: DataConfig, judge: GoldJudge, rng: random.Random
+) -> list[dict]:
+    """Pairs of demonstrator responses labelled by the gold judge, flipped at `label_noise`."""
+    if cfg.flawed_fraction == 0:
+        raise ConfigError(
+            "data.flawed_fraction=0.0: synthetic preference pairs compare flawed and ideal "
+            "responses; expected > 0, or give your own pairs with data.preference_path"
+        )
+    rows, attempts = [], 0
+    while len(rows) < count:
+        attempts += 1
+        if attempts > 1000 * count:  # only a vanishingly small flawed_fraction gets here
+            raise ConfigError(
+                f"data.flawed_fraction={cfg.flawed_fraction}: too few flawed responses to "
+                f"make {count} non-tied preference pairs; expected a larger fraction"
+            )
+        spec = rng.choice(specs)
+        a = assistant_world.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
+        b = assistant_world.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
+        score_a = judge.score(spec.text, a).total
+        score_b = judge.score(spec.text, b).total
+        if score_a == score_b:
+            continue  # a tie teaches nothing about preference
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        if rng.random() < cfg.label_noise:
+            chosen, rejected = rejected, chosen
+        rows.append({"prompt": spec.text, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def prompt_rows(specs: list[PromptSpec], count: int, rng: random.Random) -> list[dict]:
+    return [{"prompt": rng.choice(specs).text} for _ in range(count)]
+
+
+def eval_rows(specs: list[PromptSpec]) -> list[dict]:
+    """Held-out prompts with the ideal response (kept for the report, never trained on)."""
+    return [{"prompt": s.text, "ideal": assistant_world.ideal_response(s)} for s in specs]

@@ -1,0 +1,110 @@
+"""The layout keeps its promises: the library never reaches into the driver or the actors, no
+module imports in a circle, and the presets ship inside the package."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("rlhf_ray", "jobs", "actors")
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the three top-level packages."""
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def imported_modules(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules `path` imports anywhere in the file (function-level imports included).
+
+    `from a.b import c` is an edge to `a.b.c` when that is a module, else to `a.b`.
+    """
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                for a in node.names
+            ]
+        else:
+            continue
+        found.update(name for name in names if name in modules)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_when_there_is_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_module_of_the_project_imports_in_a_circle():
+    modules = project_modules()
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_library_source_never_names_jobs_or_actors():
+    modules = project_modules()
+    for name, path in modules.items():
+        if name.startswith("rlhf_ray"):
+            bad = {m for m in imported_modules(path, modules) if m.split(".")[0] != "rlhf_ray"}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_importing_every_library_module_loads_nothing_from_jobs_or_actors():
+    library = sorted(name for name in project_modules() if name.startswith("rlhf_ray"))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {library!r}:\n"
+        "    importlib.import_module(name)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jobs', 'actors'))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_presets_are_package_data_found_from_any_directory(tmp_path):
+    code = (
+        "from rlhf_ray.config.loading import load_config, preset_names\n"
+        "assert preset_names() == ['default', 'mistral-7b-qlora', 'smoke'], preset_names()\n"
+        "assert load_config('smoke').ppo.steps == 2\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,127 @@
+"""The Ray-free PPO learner on real rollouts of a tiny untrained model (no Ray needed)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rlhf_ray.config.loading import config_from_yaml
+from rlhf_ray.data.encoding import prompt_ids
+from rlhf_ray.data.prepare import limits_of, read_rows
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+from rlhf_ray.ppo.reference_model import ReferenceModel
+from rlhf_ray.ppo.reward_scorer import RewardScorer
+from rlhf_ray.ppo.rollout_generator import PolicySettings, RolloutGenerator
+from rlhf_ray.run import metrics
+from tests.conftest import raises_with, smoke_config
+
+
+def _sharp_policy(sft_dir: Path, out_dir: Path) -> Path:
+    """The SFT directory with 2 layers re-drawn at init std 0.5 (seed 0).
+
+    The untrained smoke model is nearly uniform (every logprob about -ln 320), so a
+    learner that let the prompt's padding into attention would move the first ratio by only
+    ~1e-4. With sharp logits and two layers the same mistake moves it by ~4e-2. (An offset
+    in the position ids cannot show here: RoPE depends only on relative positions.)
+    """
+    shutil.copytree(sft_dir, out_dir)
+    config = AutoConfig.from_pretrained(sft_dir)
+    config.num_hidden_layers, config.initializer_range = 2, 0.5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_run, tmp_path_factory):
+    """Two zero-lag shards whose prompts have different widths, scored and referenced.
+
+    Returns (LearnerSettings, [shard, shard], [scores, scores], [ref_logprobs, ref_logprobs]).
+    """
+    out, prepared = tiny_run
+    cfg = smoke_config(out)
+    sft_dir = _sharp_policy(out / "sft", tmp_path_factory.mktemp("sharp") / "sft")
+    policy = PolicySettings(
+        str(sft_dir),
+        cfg.model,
+        cfg.quantization,
+        cfg.lora,
+        limits_of(cfg.data),
+        cfg.ppo.temperature,
+        1,
+        0,
+        cfg.run.seed,
+    )
+    # One minibatch of all 8 rollouts: the first step sees every row of both shards.
+    ppo = replace(cfg.ppo, rollouts_per_step=8, minibatch_size=8, epochs=1)
+    settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
+    weights = PPOLearner(settings).weights()  # version 0, as the driver syncs before step 1
+    generator = RolloutGenerator(policy, rank=0)
+    generator.load_weights(weights)
+
+    prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")]
+    width = {p: len(prompt_ids(generator.tok, p, policy.limits)) for p in prompts}
+    prompts.sort(key=width.get)
+    shards = [generator.generate(prompts[:4]), generator.generate(prompts[-4:])]
+    assert shards[0].query.shape[1] < shards[1].query.shape[1]  # re-padded when concatenated
+
+    frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=0)
+    scorer = RewardScorer(FrozenModelSettings(str(out / "reward"), **frozen))
+    reference = ReferenceModel(FrozenModelSettings(str(sft_dir), **frozen), policy.temperature)
+    scores = [scorer.score(shard) for shard in shards]
+    refs = [reference.logprobs(shard) for shard in shards]
+    return settings, shards, scores, refs
+
+
+def test_ratio_of_the_first_minibatch_is_one_at_zero_lag(rollouts):
+    """Before any update the learner's logprobs must equal the rollout's, row by row, even
+    though the learner sees both shards' prompts left-padded to one common width."""
+    settings, shards, scores, refs = rollouts
+    learner = PPOLearner(settings)
+    stats = learner.train(shards, scores, refs)
+    print(f"val/ratio_first = {stats[metrics.RATIO_FIRST]!r}")
+    assert stats[metrics.POLICY_LAG] == 0
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
+    # One minibatch and one epoch: the averaged stats are the first step's. approxkl is
+    # 0.5 * mean(log-ratio^2), so deviations that cancel in the mean ratio still show here.
+    assert stats[metrics.RATIO] == stats[metrics.RATIO_FIRST]
+    assert stats[metrics.APPROXKL] < 1e-10
+
+
+def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(rollouts):
+    """No vf_coef: each loss still moves its own model. The KL is logp_policy - logp_ref."""
+    settings, shards, _, _ = rollouts
+    learner = PPOLearner(settings)
+    before = {
+        "policy": [p.detach().clone() for p in learner.policy_params],
+        "critic": [p.detach().clone() for p in learner.critic_params],
+    }
+    # Reference logprobs 0.25 below the rollout's on every real token: kl = +0.25 per token,
+    # so objective/kl (summed per response, mean over responses) = 0.25 * mean length.
+    refs = [(s.logprobs - 0.25) * s.response_mask for s in shards]
+    scores = [torch.zeros(s.response.shape[0]) for s in shards]
+    stats = learner.train(shards, scores, refs)  # one minibatch of all rows, one epoch
+
+    lengths = torch.cat([s.response_mask.sum(1) for s in shards])
+    assert stats[metrics.KL] == pytest.approx(0.25 * lengths.mean().item(), abs=1e-4)
+    assert stats[metrics.RESPONSE_LENGTH] == pytest.approx(lengths.mean().item())
+    no_eos = torch.cat([~s.has_eos for s in shards]).float()
+    assert stats[metrics.SCORES] == pytest.approx(-settings.ppo.missing_eos_penalty * no_eos.mean())
+    assert stats[metrics.VALUE_LOSS] > 0 and stats[metrics.POLICY_LOSS] != 0
+    for name, params in (("policy", learner.policy_params), ("critic", learner.critic_params)):
+        moved = [not torch.equal(a, b) for a, b in zip(before[name], params, strict=True)]
+        assert any(moved), f"the {name} did not change after one minibatch step"
+
+
+def test_vf_coef_is_an_unknown_key():
+    """vf_coef was removed (it was a no-op with two Adam optimizers); using it is an error."""
+    with raises_with("unknown key ppo.vf_coef", "critic_lr", exc=ConfigError):
+        config_from_yaml("ppo:\n  vf_coef: 0.1\n", "test.yaml")
+    assert "vf_coef" not in vars(config_from_yaml("", "empty").ppo)
