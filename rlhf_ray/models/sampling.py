@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
@@ -26,6 +30,25 @@ def generation_config(
     )
 
 
+@contextmanager
+def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
+    """Hide the model's own `generation_config` for the duration of one `generate` call.
+
+    transformers fills every setting our GenerationConfig leaves unset (None) from the model's
+    `generation_config.json`: a hub model that ships repetition_penalty, min_p, top_k,
+    no_repeat_ngram_size, bad_words_ids or suppress_tokens would then sample from a
+    distribution other than softmax(logits / temperature), the one PPO's logprobs assume.
+    With an empty one in its place only our settings and the library's neutral defaults apply.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -37,11 +60,12 @@ def sample(
     device = next(model.parameters()).device
     query, query_mask = pad_left([prompt_ids(tok, p, limits) for p in prompts], tok.pad_token_id)
     query, query_mask = query.to(device), query_mask.to(device)
-    out = model.generate(
-        input_ids=query,
-        attention_mask=query_mask,
-        generation_config=generation_config(tok, limits.max_completion_tokens, temperature),
-    )
+    with _no_model_generation_defaults(model):
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            generation_config=generation_config(tok, limits.max_completion_tokens, temperature),
+        )
     response, mask, has_eos = truncate_after_eos(
         out[:, query.shape[1] :], tok.eos_token_id, tok.pad_token_id
     )
