@@ -344,12 +344,12 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
     [
         (["--sft.epochs", "0"], ("sft.epochs=0", "> 0")),
         (["--data.label_noise", "0.7"], ("data.label_noise=0.7", "[0, 0.5)")),
-        # 64 rollouts over 3 generators: 64 = 3 * 21 + 1, not a multiple.
+        # 128 rollouts over 3 generators: 128 = 3 * 42 + 2, not a multiple.
         (
             ["--ppo.num_rollout_actors", "3"],
-            ("ppo.rollouts_per_step=64", "multiple of num_rollout_actors=3"),
+            ("ppo.rollouts_per_step=128", "multiple of num_rollout_actors=3"),
         ),
-        # 64 % 24 = 16, so 24 does not divide 64.
+        # 128 % 24 = 8, so 24 does not divide 128.
         (["--ppo.minibatch_size", "24"], ("ppo.minibatch_size=24", "divisor")),
         (["--phases", "sft,rl"], ("run.phases=", "subset of", "'ppo'")),
         (["--phases", "sft,sft"], ("run.phases=", "no phase twice")),
