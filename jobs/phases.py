@@ -67,9 +67,9 @@ def save_resolved_config(cfg: Config, out: Path) -> None:
     (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
 
 
-def train_sft(cfg: Config, prepared: PreparedRun) -> None:
+def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> sft.SFTWorkerSettings:
     out = Path(cfg.run.output_dir).resolve()
-    settings = sft.SFTWorkerSettings(
+    return sft.SFTWorkerSettings(
         base_path=_abs_if_local(prepared.base_path),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "sft"),
@@ -82,12 +82,11 @@ def train_sft(cfg: Config, prepared: PreparedRun) -> None:
         worker_cpus=cfg.resources.train_worker_cpus,
         seed=cfg.run.seed,
     )
-    launch("sft", sft.sft_worker_loop, {"settings": settings}, cfg.resources, out)
 
 
-def train_reward(cfg: Config, prepared: PreparedRun) -> None:
+def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> reward.RewardWorkerSettings:
     out = Path(cfg.run.output_dir).resolve()
-    settings = reward.RewardWorkerSettings(
+    return reward.RewardWorkerSettings(
         sft_path=str(phase_dir(out, "sft")),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "reward"),
@@ -100,7 +99,16 @@ def train_reward(cfg: Config, prepared: PreparedRun) -> None:
         worker_cpus=cfg.resources.train_worker_cpus,
         seed=cfg.run.seed,
     )
-    launch("reward", reward.reward_worker_loop, {"settings": settings}, cfg.resources, out)
+
+
+def train_sft(cfg: Config, prepared: PreparedRun) -> None:
+    settings = {"settings": sft_worker_settings(cfg, prepared)}
+    launch("sft", sft.sft_worker_loop, settings, cfg.resources, Path(cfg.run.output_dir))
+
+
+def train_reward(cfg: Config, prepared: PreparedRun) -> None:
+    settings = {"settings": reward_worker_settings(cfg, prepared)}
+    launch("reward", reward.reward_worker_loop, settings, cfg.resources, Path(cfg.run.output_dir))
 
 
 def train_ppo(cfg: Config, prepared: PreparedRun) -> None:

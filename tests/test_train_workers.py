@@ -18,12 +18,12 @@ import torch
 from ray import cloudpickle
 from safetensors.torch import load_file, save_file
 
+from jobs import phases
 from rlhf_ray.data.encoding import sft_example
-from rlhf_ray.data.prepare import limits_of, read_rows
+from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import causal_logits
 from rlhf_ray.models.loading import trainable_state
-from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.train import reward, sft
 from rlhf_ray.train.common import (
     launch,
@@ -65,10 +65,10 @@ def _equal_weights_loop(config: dict) -> None:
     ]
     pairs = shard(pairs, worker.rank, worker.world)[:ROWS_PER_RANK]
     for method in ("full", "lora"):
-        job = dataclasses.replace(
+        settings = dataclasses.replace(
             rm_settings, reward=dataclasses.replace(rm_settings.reward, method=method)
         )
-        model = reward.build_reward_model(job, worker, pad)
+        model = reward.build_reward_model(settings, worker, pad)
         _save(model, out, f"reward-{method}", "setup", worker.rank)
         chosen, rejected = reward.pair_scores(model, pairs, pad, worker.device)
         _one_step(model, reward.bradley_terry_loss(chosen, rejected), worker)
@@ -83,39 +83,13 @@ def _equal_weights_loop(config: dict) -> None:
     _save(model, out, "sft-lora", "step", worker.rank)
 
 
-def _settings(out: Path, prepared):
-    """Worker settings as jobs/phases.py builds them, from the smoke preset (2 workers)."""
-    cfg = smoke_config(out, **{"sft.method": "lora"})
-    common = dict(
-        data_dir=prepared.data_dir.resolve(),
-        tb_dir=out / "tb",
-        model=cfg.model,
-        quantization=cfg.quantization,
-        lora=cfg.lora,
-        limits=limits_of(cfg.data),
-        worker_cpus=cfg.resources.train_worker_cpus,
-        seed=cfg.run.seed,
-    )
-    rm_settings = reward.RewardWorkerSettings(
-        sft_path=str(phase_dir(out, "sft")),
-        out_dir=out / "unused-reward",
-        reward=cfg.reward,
-        **common,
-    )
-    sft_settings = sft.SFTWorkerSettings(
-        base_path=str(phase_dir(out, "sft")),  # the untrained base copy
-        out_dir=out / "unused-sft",
-        sft=cfg.sft,
-        **common,
-    )
-    return cfg, rm_settings, sft_settings
-
-
 def test_two_train_workers_hold_equal_trainable_weights_after_setup_and_a_step(
     local_ray, tiny_run, tmp_path
 ):
     run_dir, prepared = tiny_run
-    cfg, rm_settings, sft_settings = _settings(run_dir, prepared)
+    cfg = smoke_config(run_dir, **{"sft.method": "lora"})  # sft/ there is the untrained base
+    rm_settings = phases.reward_worker_settings(cfg, prepared)
+    sft_settings = phases.sft_worker_settings(cfg, prepared)
     assert cfg.resources.train_workers == 2
     config = {"reward": rm_settings, "sft": sft_settings, "out": str(tmp_path)}
     # Ray workers cannot import this test module by name: send its functions by value.
