@@ -30,6 +30,14 @@ class PPOLearner:
         n = len(shards)
         return self.learner.train(fetched[:n], fetched[n : 2 * n], fetched[2 * n :])
 
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(tensors, JSON state): weights, optimizers, RNG and version, for a PPO checkpoint."""
+        return self.learner.checkpoint_state()
+
+    def restore(self, tensors: dict, state: dict) -> int:
+        self.learner.restore(tensors, state)
+        return self.learner.version
+
     def export(self, out_dir: str, run_metrics: dict) -> str:
         self.learner.export(out_dir, run_metrics)
         return out_dir

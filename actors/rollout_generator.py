@@ -8,6 +8,7 @@ import ray
 
 from rlhf_ray.ppo import rollout_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
+from rlhf_ray.run.ppo_checkpoints import rng_state, set_rng_state
 
 
 @ray.remote
@@ -29,3 +30,10 @@ class RolloutGenerator:
     def load_weights(self, weights: Weights) -> int:
         self.generator.load_weights(weights)
         return weights.version
+
+    def rng_state(self) -> dict:
+        """The sampling RNG after every batch asked of it so far (calls run in order)."""
+        return rng_state()
+
+    def set_rng_state(self, states: dict) -> None:
+        set_rng_state(states)

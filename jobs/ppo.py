@@ -7,12 +7,23 @@ One iteration is five named, timed stages:
   learn      PPOLearner.train(all refs)                           -> scalar stats
   sync       PPOLearner.weights() put once, loaded by every generator
 With `ppo.overlap` the next batch is generated while the learner updates (one version behind).
+
+Every `ppo.checkpoint_every` steps, and when the job is stopped (SIGTERM, as `ray job stop`
+sends), the state to continue exactly goes to `<output_dir>/ppo_checkpoints/step-N/`: learner
+weights, optimizers and RNG, every generator's RNG, the prompt order, the running metrics and
+the batch already generated for the next step. Rerunning the same command resumes from the
+newest complete checkpoint and gives the same steps as a run that was never stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,10 +37,13 @@ from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
+from rlhf_ray.errors import RunStopped, UserInputError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
+from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics
+from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 
@@ -45,14 +59,30 @@ class Roles:
         return [self.learner, self.scorer, self.reference, *self.generators]
 
 
+def stopped_after(step: int, checkpoint: Path) -> RunStopped:
+    return RunStopped(
+        f"PPO stopped after step {step}; its state is in {checkpoint}. "
+        "Run the same command again to continue from there."
+    )
+
+
 def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     out = Path(cfg.run.output_dir).resolve()
+    root = ckpt.checkpoints_root(out)
+    removed = ckpt.remove_incomplete(root)
+    if removed:
+        print(f"[ppo] removed incomplete checkpoints a stopped run left: {', '.join(removed)}")
+    resume_from = ckpt.newest_complete(root)
     roles = create_roles(cfg, out)
     try:
         prompts = PromptStream(
             [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")], cfg.run.seed
         )
-        totals = PPOLoop(cfg, roles, prompts, metrics.MetricWriter(out / "tb")).run()
+        loop = PPOLoop(cfg, roles, prompts, out)
+        if resume_from is not None:
+            loop.restore(resume_from)
+        with stop_on_sigterm() as stop:
+            totals = loop.run(stop)
         _get(
             roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
             cfg.run.ray_timeout_s,
@@ -61,6 +91,31 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     finally:
         for actor in roles.all():
             ray.kill(actor, no_restart=True)
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[StopRequest]:
+    """SIGTERM (`ray job stop`, a preempted node) asks the loop to checkpoint and stop after the
+    step in progress, instead of killing the driver mid-step."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def request(signum, frame) -> None:
+        print("[ppo] SIGTERM: checkpointing after the step in progress, then stopping", flush=True)
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGTERM, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def create_roles(cfg: Config, out: Path) -> Roles:
@@ -119,49 +174,147 @@ class PromptStream:
     """Prompts in a fresh seeded order each pass over the RL prompt set."""
 
     def __init__(self, prompts: list[str], seed: int) -> None:
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+        self.prompts, self.rng = prompts, random.Random(seed)
+        self.queue: list[int] = []  # indices into prompts, in the order they will be taken
 
     def take(self, count: int) -> list[str]:
         while len(self.queue) < count:
-            order = self.prompts[:]
+            order = list(range(len(self.prompts)))
             self.rng.shuffle(order)
             self.queue += order
         taken, self.queue = self.queue[:count], self.queue[count:]
-        return taken
+        return [self.prompts[i] for i in taken]
+
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "num_prompts": len(self.prompts),
+            "queue": self.queue,
+            "rng": [version, internal, gauss],
+        }
+
+    def restore(self, state: dict) -> None:
+        if state["num_prompts"] != len(self.prompts):
+            raise UserInputError(
+                f"the PPO checkpoint was taken with {state['num_prompts']} RL prompts, this run "
+                f"has {len(self.prompts)}: use a new run.output_dir for other data"
+            )
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queue = list(state["queue"])
 
 
 class PPOLoop:
-    def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, writer) -> None:
+    def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, out: Path) -> None:
         self.cfg, self.ppo = cfg, cfg.ppo
-        self.roles, self.prompts, self.writer = roles, prompts, writer
+        self.roles, self.prompts = roles, prompts
         self.timeout = cfg.run.ray_timeout_s
-        self.stage_totals = dict.fromkeys(metrics.STAGES, 0.0)
+        self.tb_dir, self.checkpoints = out / "tb" / "ppo", ckpt.checkpoints_root(out)
+        self.progress = Progress()
+        self.pending: Pending | None = None  # a restored batch for the next step
 
-    def run(self) -> dict:
-        bar = tqdm(total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar)
-        pending, tokens, start, last = self._dispatch(), 0.0, time.perf_counter(), {}
-        for step in range(1, self.ppo.steps + 1):
+    def run(self, stop: StopRequest) -> dict:
+        done = self.progress.step
+        if done >= self.ppo.steps:
+            print(f"[ppo] all {self.ppo.steps} steps were done before this run; nothing to train")
+            return self.progress.totals(self.ppo.steps)
+        writer = metrics.MetricWriter(self.tb_dir, purge_step=done + 1 if done else None)
+        bar = tqdm(
+            initial=done, total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar
+        )
+        pending, start = self.pending or self._dispatch(), time.perf_counter()
+        for step in range(done + 1, self.ppo.steps + 1):
             step_start = time.perf_counter()
             pending, last, times = self._step(pending, more=step < self.ppo.steps)
-            tokens += last.pop(metrics.BATCH_TOKENS)
-            last[metrics.TOKENS_PER_S] = tokens / (time.perf_counter() - start)
-            self.writer.scalars(
-                {**last, **{metrics.stage_time(s): t for s, t in times.items()}}, step
-            )
+            self.progress.add(last.pop(metrics.BATCH_TOKENS), times, last, step)
+            last[metrics.TOKENS_PER_S] = self.progress.tokens_per_s(time.perf_counter() - start)
+            writer.scalars({**last, **{metrics.stage_time(s): t for s, t in times.items()}}, step)
             bar.set_postfix(
                 score=f"{last[metrics.SCORES]:.2f}",
                 kl=f"{last[metrics.KL]:.2f}",
                 step_s=f"{time.perf_counter() - step_start:.1f}",
             )
             bar.update(1)
+            every = self.ppo.checkpoint_every
+            if stop.requested or (every and step % every == 0):
+                self.progress.seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                path = self.save_checkpoint(step, pending)
+                if stop.requested:
+                    writer.close()
+                    raise stopped_after(step, path)
         bar.close()
-        self.writer.close()
-        return {
-            **last,
-            "stage_seconds": {s: round(t, 2) for s, t in self.stage_totals.items()},
-            "steps": self.ppo.steps,
-            "seconds": round(time.perf_counter() - start, 1),
+        writer.close()
+        self.progress.seconds += time.perf_counter() - start
+        return self.progress.totals(self.ppo.steps)
+
+    def save_checkpoint(self, step: int, pending: Pending | None) -> Path:
+        """Everything `restore` needs to continue after `step` exactly as if never stopped."""
+        started = time.perf_counter()
+        gens = self.roles.generators
+        # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
+        # each generator's RNG is read after that batch (actor calls run in order).
+        batches = _get(pending.refs, self.timeout, "generating") if pending else []
+        learner_tensors, learner_state = _get(
+            self.roles.learner.checkpoint_state.remote(), self.timeout, "the learner's state"
+        )
+        rngs = _get([g.rng_state.remote() for g in gens], self.timeout, "generator RNG states")
+        tensors = ckpt.with_prefix("learner/", learner_tensors)
+        for rank, rng in enumerate(rngs):
+            tensors |= ckpt.with_prefix(f"generator{rank}/rng/", rng)
+        for rank, batch in enumerate(batches):
+            tensors |= ckpt.with_prefix(f"pending{rank}/", _batch_tensors(batch))
+        state = {
+            "step": step,
+            "learner": learner_state,
+            "prompts": self.prompts.state(),
+            "progress": dataclasses.asdict(self.progress),
+            "pending": [_batch_info(b) for b in batches],
+            "num_rollout_actors": len(gens),
+            "rollouts_per_step": self.ppo.rollouts_per_step,
         }
+        path = ckpt.write_checkpoint(
+            self.checkpoints, step, tensors, state, self.ppo.keep_checkpoints
+        )
+        size_mb = (path / ckpt.TENSORS_FILE).stat().st_size / 2**20
+        print(
+            f"[ppo] checkpoint {path.name}: {size_mb:.1f} MiB in "
+            f"{time.perf_counter() - started:.2f}s",
+            flush=True,
+        )
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Learner, generators, prompt order, metrics and the next batch from a checkpoint."""
+        tensors, state = ckpt.read_checkpoint(path)
+        for key in ("num_rollout_actors", "rollouts_per_step"):
+            if state[key] != getattr(self.ppo, key):
+                raise UserInputError(
+                    f"ppo.{key}={getattr(self.ppo, key)}, but the checkpoint in {path} was taken "
+                    f"with {state[key]}: resume with the same setting or use a new run.output_dir"
+                )
+        learner, gens = self.roles.learner, self.roles.generators
+        learner_tensors = ckpt.under_prefix("learner/", tensors)
+        _get(learner.restore.remote(learner_tensors, state["learner"]), self.timeout, "restoring")
+        weights = learner.weights.remote()
+        _get([g.load_weights.remote(weights) for g in gens], self.timeout, "loading weights")
+        _get(
+            [
+                g.set_rng_state.remote(ckpt.under_prefix(f"generator{rank}/rng/", tensors))
+                for rank, g in enumerate(gens)
+            ],
+            self.timeout,
+            "restoring generator RNG states",
+        )
+        self.prompts.restore(state["prompts"])
+        self.progress = Progress(**state["progress"])
+        if state["pending"]:
+            refs = [
+                ray.put(RolloutBatch(**_batch_fields(tensors, rank, info)))
+                for rank, info in enumerate(state["pending"])
+            ]
+            self.pending = Pending(refs, time.perf_counter())
+        print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
     def _dispatch(self) -> Pending:
         """Start generation of the next batch, split evenly over the generators."""
@@ -174,8 +327,9 @@ class PPOLoop:
         ]
         return Pending(refs, time.perf_counter())
 
-    def _step(self, pending: Pending, more: bool) -> tuple[Pending, dict, dict]:
-        """One PPO iteration on `pending`; returns the next batch in flight, stats, stage times."""
+    def _step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:
+        """One PPO iteration on `pending`; returns the next batch in flight (None after the
+        last step), stats, stage times."""
         batch_refs = pending.refs
         times = {"generate": self._wait(batch_refs, "generate", pending.dispatched_at)}
         if self.ppo.overlap and more:
@@ -204,9 +358,7 @@ class PPOLoop:
         times["sync"] = time.perf_counter() - t
         if not self.ppo.overlap and more:
             pending = self._dispatch()
-        for stage, seconds in times.items():
-            self.stage_totals[stage] += seconds
-        return pending, stats, times
+        return (pending if more else None), stats, times
 
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
@@ -217,6 +369,52 @@ class PPOLoop:
                 f"PPO stage '{stage}' did not finish within run.ray_timeout_s={self.timeout:g}s"
             )
         return time.perf_counter() - since
+
+
+@dataclass
+class Progress:
+    """What the metrics accumulate over steps; saved in checkpoints so a resumed run reports
+    the same totals (wall-clock figures count the time of every process that ran steps)."""
+
+    step: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0  # PPO wall time of earlier processes and finished segments
+    stage_seconds: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(metrics.STAGES, 0.0)
+    )
+    last: dict = dataclasses.field(default_factory=dict)  # the latest step's stats
+
+    def add(self, tokens: float, times: dict, stats: dict, step: int) -> None:
+        self.step, self.tokens, self.last = step, self.tokens + tokens, dict(stats)
+        for stage, seconds in times.items():
+            self.stage_seconds[stage] += seconds
+
+    def tokens_per_s(self, running_seconds: float) -> float:
+        return self.tokens / (self.seconds + running_seconds)
+
+    def totals(self, steps: int) -> dict:
+        return {
+            **self.last,
+            metrics.TOKENS_PER_S: self.tokens / max(self.seconds, 1e-9),
+            "stage_seconds": {s: round(t, 2) for s, t in self.stage_seconds.items()},
+            "steps": steps,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+BATCH_TENSORS = ("query", "query_mask", "response", "response_mask", "has_eos", "logprobs")
+
+
+def _batch_tensors(batch: RolloutBatch) -> dict:
+    return {name: getattr(batch, name) for name in BATCH_TENSORS}
+
+
+def _batch_info(batch: RolloutBatch) -> dict:
+    return {"policy_version": batch.policy_version, "generator_rank": batch.generator_rank}
+
+
+def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
+    return {**ckpt.under_prefix(f"pending{rank}/", tensors), **info}
 
 
 def _get(refs, timeout: float, what: str):

@@ -20,7 +20,7 @@ from jobs import cluster, phases  # noqa: E402
 from rlhf_ray.config import Config  # noqa: E402
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.prepare import prepare_run  # noqa: E402
-from rlhf_ray.errors import UserInputError  # noqa: E402
+from rlhf_ray.errors import RunStopped, UserInputError  # noqa: E402
 from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
 
@@ -67,7 +67,11 @@ def run(cfg: Config) -> int:
             print(f"[{name}] complete output in {phase_dir(out, name)}; skipped")
             continue
         start = time.time()
-        run_phase(cfg, prepared)
+        try:
+            run_phase(cfg, prepared)
+        except RunStopped as stopped:
+            print(f"rlhf-ray: {stopped}", file=sys.stderr, flush=True)
+            return stopped.exit_code
         seconds[name] = round(time.time() - start, 1)
         print(f"[{name}] done in {seconds[name]:.1f}s", flush=True)
 

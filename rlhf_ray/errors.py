@@ -19,3 +19,9 @@ class DataError(UserInputError):
 
 class ResourceError(UserInputError):
     """The cluster can never provide what a role asks for."""
+
+
+class RunStopped(Exception):
+    """The job was asked to stop (SIGTERM) and saved its state; the same command resumes it."""
+
+    exit_code = 143  # 128 + SIGTERM, as a process killed by it would report

@@ -10,10 +10,12 @@ import pytest
 import ray
 
 from rlhf_ray.config.command_line import parse_run_args
-from rlhf_ray.data.prepare import prepare_run
+from rlhf_ray.data.jsonl import write_jsonl
+from rlhf_ray.data.prepare import prepare_run, read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
 from rlhf_ray.run.checkpoints import write_metrics
+from rlhf_ray.train.reward import EVAL_SCORES_FILE
 
 
 def raises_with(*parts, exc: type[Exception]):
@@ -56,4 +58,8 @@ def tiny_run(tmp_path_factory):
     reward.save_pretrained(out / "reward")
     tok.save_pretrained(out / "reward")
     write_metrics(out / "reward", {"eval_accuracy": 0.5})
+    held_out = read_rows(prepared.data_dir, "preferences_eval")  # a report reads their scores
+    write_jsonl(
+        out / "reward" / EVAL_SCORES_FILE, [{"chosen": 0.0, "rejected": 0.0}] * len(held_out)
+    )
     return out, prepared

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -19,22 +20,9 @@ from tests.conftest import smoke_config
 TIMEOUT = 120
 
 
-class _NullWriter:
-    """TensorBoard stand-in that keeps what it is given (the loop under test is real)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-
-    def scalars(self, values: dict, step: int) -> None:
-        self.rows.append((step, values))
-
-    def close(self) -> None:
-        pass
-
-
 def _loop(cfg, roles, prepared) -> PPOLoop:
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
-    return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), _NullWriter())
+    return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
 
 
 def _kill_all(roles) -> None:

@@ -46,7 +46,11 @@ def check_run_outputs(out: Path) -> dict:
         assert (out / phase / "metrics.json").is_file(), phase
         assert list((out / phase).glob("*.safetensors")), phase
     assert (out / "config.yaml").is_file()
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert {p.parent.name for p in (out / "tb").rglob("events.out.tfevents.*")} == {
+        "sft",
+        "reward",
+        "ppo",
+    }
     summary = json.loads((out / "summary.json").read_text())
     for key in SUMMARY_KEYS:
         assert summary[key] is not None, key

@@ -142,11 +142,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors from `trainable_state` into a model of the same structure, in place."""
+    """Copy tensors from `trainable_state` into a model of the same structure, in place:
+    every trainable parameter, and nothing else."""
     params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
+    unknown = [name for name in state if name not in params]
+    if unknown:
+        raise KeyError(f"weights for parameters this model does not have: {unknown[:3]}")
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
-        raise KeyError(f"weights for parameters this model does not have: {missing[:3]}")
+        raise KeyError(f"no weights for trainable parameters: {missing[:3]}")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)

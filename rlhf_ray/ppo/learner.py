@@ -31,6 +31,7 @@ from rlhf_ray.models.loading import (
     add_lora,
     disable_dropout,
     load_scalar_model,
+    load_trainable_state,
     save_merged,
     to_device,
     trainable_state,
@@ -41,6 +42,14 @@ from rlhf_ray.ppo.rollout_generator import PolicySettings, build_policy
 from rlhf_ray.ppo.targets import Targets, ppo_targets
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
+from rlhf_ray.run.ppo_checkpoints import (
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_state,
+    set_rng_state,
+    under_prefix,
+    with_prefix,
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,34 @@ class PPOLearner:
 
     def weights(self) -> Weights:
         return Weights(trainable_state(self.policy), self.version)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON state) to continue exactly: trainable weights of policy and critic,
+        both optimizers, this process's RNG and the policy version."""
+        policy_opt, policy_groups = optimizer_to_tensors(self.policy_opt)
+        critic_opt, critic_groups = optimizer_to_tensors(self.critic_opt)
+        tensors = {
+            **with_prefix("policy/", trainable_state(self.policy)),
+            **with_prefix("critic/", trainable_state(self.critic)),
+            **with_prefix("policy_opt/", policy_opt),
+            **with_prefix("critic_opt/", critic_opt),
+            **with_prefix("rng/", rng_state()),
+        }
+        state = {"version": self.version, "policy_opt": policy_groups, "critic_opt": critic_groups}
+        return tensors, state
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """The inverse of `checkpoint_state`, on a learner built with the same settings."""
+        load_trainable_state(self.policy, under_prefix("policy/", tensors))
+        load_trainable_state(self.critic, under_prefix("critic/", tensors))
+        optimizer_from_tensors(
+            self.policy_opt, under_prefix("policy_opt/", tensors), state["policy_opt"]
+        )
+        optimizer_from_tensors(
+            self.critic_opt, under_prefix("critic_opt/", tensors), state["critic_opt"]
+        )
+        set_rng_state(under_prefix("rng/", tensors))
+        self.version = state["version"]
 
     def train(
         self, batches: list[RolloutBatch], scores: list[torch.Tensor], refs: list[torch.Tensor]

@@ -51,10 +51,12 @@ def stage_time(stage: str) -> str:
 class MetricWriter:
     """Scalars to TensorBoard under `log_dir` (SummaryWriter is created lazily, once)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        """`purge_step`: on resume, the first step written again; TensorBoard hides what an
+        earlier process wrote in this directory from that step on, so each step shows once."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

@@ -1,0 +1,123 @@
+"""Tier 1: PPO checkpoints on disk (no Ray): atomic writes, crash safety, exact state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobs.ppo import PromptStream
+from rlhf_ray.run import ppo_checkpoints as ckpt
+
+
+def _tensors(step: int) -> dict[str, torch.Tensor]:
+    return {
+        "learner/policy/w": torch.full((2, 3), float(step)),
+        "learner/rng/cpu": torch.get_rng_state(),
+    }
+
+
+def test_round_trip_and_only_the_newest_k_are_kept(tmp_path):
+    for step in range(1, 5):
+        ckpt.write_checkpoint(tmp_path, step, _tensors(step), {"step": step}, keep=2)
+    assert ckpt.complete_steps(tmp_path) == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
+    # safetensors and JSON only: nothing that runs code when loaded
+    assert {p.name for p in (tmp_path / "step-4").iterdir()} == {
+        ckpt.TENSORS_FILE,
+        ckpt.STATE_FILE,
+        ckpt.COMPLETE_FILE,
+    }
+    tensors, state = ckpt.read_checkpoint(ckpt.newest_complete(tmp_path))
+    assert state == {"step": 4}
+    assert tensors["learner/policy/w"].equal(torch.full((2, 3), 4.0))
+    assert tensors["learner/rng/cpu"].equal(torch.get_rng_state())
+
+
+CRASH_WHILE_WRITING = """
+import os, sys, torch
+from pathlib import Path
+from rlhf_ray.run import ppo_checkpoints as ckpt
+
+def die(path):  # the process is killed once the tensors are on disk, before the rename
+    os._exit(9)
+
+ckpt._fsync = die
+ckpt.write_checkpoint(Path(sys.argv[1]), 3, {"w": torch.ones(4)}, {"step": 3}, keep=1)
+"""
+
+
+def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    ckpt.write_checkpoint(tmp_path, 2, _tensors(2), {"step": 2}, keep=1)
+    done = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, str(tmp_path)])
+    assert done.returncode == 9
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".step-3.tmp-")]
+    assert leftovers  # the half-written checkpoint is there, under its temporary name
+    assert ckpt.newest_complete(tmp_path) == tmp_path / "step-2"
+    assert ckpt.remove_incomplete(tmp_path) == leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["step-2"]
+    assert ckpt.read_checkpoint(tmp_path / "step-2")[1] == {"step": 2}
+
+
+def test_a_renamed_checkpoint_without_its_marker_is_not_used(tmp_path):
+    """Killed between the rename and COMPLETE: ignored, removed, and the older one kept."""
+    ckpt.write_checkpoint(tmp_path, 1, _tensors(1), {"step": 1}, keep=1)
+    ckpt.write_checkpoint(tmp_path, 2, _tensors(2), {"step": 2}, keep=2)
+    (tmp_path / "step-2" / ckpt.COMPLETE_FILE).unlink()
+    assert ckpt.newest_complete(tmp_path) == tmp_path / "step-1"
+    assert ckpt.remove_incomplete(tmp_path) == ["step-2"]
+
+
+def test_an_old_checkpoint_is_deleted_only_after_the_new_one_is_complete(tmp_path, monkeypatch):
+    ckpt.write_checkpoint(tmp_path, 1, _tensors(1), {"step": 1}, keep=1)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_checkpoint(tmp_path, 2, _tensors(2), {"step": 2}, keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1"]  # kept, and no temporary left
+
+
+def test_optimizer_state_round_trip_continues_exactly():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+
+    def step(optimizer, weights):
+        loss = sum((w**2).sum() for w in weights)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(3):
+        step(opt, params)
+    tensors, groups = ckpt.optimizer_to_tensors(opt)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    restored = torch.optim.AdamW(copies, lr=0.5)  # settings come from the checkpoint too
+    ckpt.optimizer_from_tensors(restored, tensors, groups)
+    step(opt, params)
+    step(restored, copies)
+    for original, copy in zip(params, copies, strict=True):
+        assert original.equal(copy)
+
+
+def test_prompt_stream_continues_in_the_same_order():
+    prompts = [f"p{i}" for i in range(7)]
+    stream = PromptStream(prompts, seed=3)
+    stream.take(5)
+    saved = stream.state()
+    expected = stream.take(12)
+    resumed = PromptStream(prompts, seed=999)
+    resumed.restore(saved)
+    assert resumed.take(12) == expected
+
+
+def test_rng_state_round_trip():
+    saved = ckpt.rng_state()
+    first = torch.rand(5)
+    ckpt.set_rng_state(saved)
+    assert torch.rand(5).equal(first)

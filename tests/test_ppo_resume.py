@@ -1,0 +1,121 @@
+"""Tier 2: a PPO phase stopped mid-run (SIGKILL, SIGTERM) and rerun equals one never stopped.
+
+Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
+the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
+uninterrupted run: every per-step metric TensorBoard shows (wall-clock figures aside), each
+step exactly once, and the exported policy's weights, bit for bit (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlhf_ray.run import metrics
+from rlhf_ray.run.ppo_checkpoints import complete_steps
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 5  # stopped once step 2 is saved: steps 3..5 leave time for the signal to land
+TIMEOUT = 300
+WALL_CLOCK = ("time/", metrics.TOKENS_PER_S)  # differ between runs by nature
+
+
+def _run_dir(tmp_path: Path, tiny_run, name: str) -> Path:
+    """An output directory whose SFT and reward phases are complete (the tiny run's)."""
+    source, _ = tiny_run
+    out = tmp_path / name
+    for phase in ("sft", "reward"):
+        shutil.copytree(source / phase, out / phase)
+    return out
+
+
+def _driver(out: Path) -> subprocess.Popen:
+    command = [sys.executable, "jobs/rlhf.py", "--config", "smoke", "--output_dir", str(out)]
+    command += ["--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen) -> int:
+    try:
+        return process.wait(timeout=TIMEOUT)
+    finally:
+        process.kill()
+
+
+def _wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + TIMEOUT
+    while step not in complete_steps(out / "ppo_checkpoints"):
+        assert process.poll() is None, f"the driver exited with {process.returncode} before"
+        assert time.time() < deadline, f"no checkpoint of step {step} within {TIMEOUT}s"
+        time.sleep(0.05)
+
+
+def _per_step_metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Tag -> [(step, value)] as TensorBoard shows them (a resume's purge applied)."""
+    events = EventAccumulator(str(out / "tb" / "ppo"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if not tag.startswith(WALL_CLOCK)
+    }
+
+
+def _policy_weights(out: Path) -> dict:
+    return load_file(out / "policy" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tiny_run, tmp_path_factory):
+    out = _run_dir(tmp_path_factory.mktemp("ppo-resume"), tiny_run, "uninterrupted")
+    assert _finish(_driver(out)) == 0, (out.parent / "uninterrupted.log").read_text()[-3000:]
+    return _per_step_metrics(out), _policy_weights(out)
+
+
+def _assert_same_run(out: Path, uninterrupted) -> None:
+    expected_metrics, expected_weights = uninterrupted
+    got = _per_step_metrics(out)
+    assert got.keys() == expected_metrics.keys()
+    for tag, points in got.items():
+        assert [step for step, _ in points] == list(range(1, STEPS + 1)), tag  # each step once
+        assert points == expected_metrics[tag], tag
+    weights = _policy_weights(out)
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in weights.items():
+        assert tensor.equal(expected_weights[name]), name
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
+    local_ray, tiny_run, tmp_path, uninterrupted, stop_signal
+):
+    out = _run_dir(tmp_path, tiny_run, "stopped")
+    first = _driver(out)
+    _wait_for_checkpoint(out, 2, first)
+    first.send_signal(stop_signal)
+    code = _finish(first)
+    log = (tmp_path / "stopped.log").read_text()
+    if stop_signal == signal.SIGTERM:  # checkpoints after the step in progress, says so
+        assert code == 143, log[-3000:]
+        assert "Run the same command again to continue" in log
+    else:
+        assert code == -signal.SIGKILL
+    stopped_at = max(complete_steps(out / "ppo_checkpoints"))
+    assert 2 <= stopped_at < STEPS, log[-3000:]
+    assert not (out / "policy").exists()
+
+    assert _finish(_driver(out)) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
+    _assert_same_run(out, uninterrupted)
