@@ -6,6 +6,7 @@ import os
 
 import ray
 
+from rlhf_ray.errors import RoleFailed
 from rlhf_ray.ppo import learner
 from rlhf_ray.ppo.messages import Weights
 
@@ -26,9 +27,18 @@ class PPOLearner:
     def train(self, shards: list[tuple]) -> dict[str, float]:
         """`shards`: (RolloutBatch ref, scores ref, reference-logprobs ref) per generator."""
         batches, scores, refs = zip(*shards, strict=True)
-        fetched = ray.get([*batches, *scores, *refs], timeout=self.timeout_s)
-        n = len(shards)
-        return self.learner.train(fetched[:n], fetched[n : 2 * n], fetched[2 * n :])
+        return self.learner.train(
+            self._fetch(batches, "a rollout generator"),
+            self._fetch(scores, "the reward scorer"),
+            self._fetch(refs, "the reference model"),
+        )
+
+    def _fetch(self, refs: tuple, role: str) -> list:
+        """The results of one role's calls; an error says which role failed, and why."""
+        try:
+            return ray.get(list(refs), timeout=self.timeout_s)
+        except ray.exceptions.RayError as err:
+            raise RoleFailed(f"{role} failed (after its restarts, if any): {err}") from err
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         """(tensors, JSON state): weights, optimizers, RNG and version, for a PPO checkpoint."""

@@ -18,7 +18,6 @@ newest complete checkpoint and gives the same steps as a run that was never stop
 from __future__ import annotations
 
 import dataclasses
-import random
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from actors.ppo_learner import PPOLearner
@@ -37,10 +36,11 @@ from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
 from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.errors import RunStopped, UserInputError
+from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.messages import RolloutBatch
+from rlhf_ray.ppo.progress import Progress, PromptStream
 from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics
 from rlhf_ray.run import ppo_checkpoints as ckpt
@@ -141,18 +141,23 @@ def create_roles(cfg: Config, out: Path) -> Roles:
     def frozen(path: str, cpus: float, gpus: float) -> FrozenModelSettings:
         return FrozenModelSettings(path, cfg.model, cfg.quantization, cpus, gpus)
 
+    # The stateless roles come back on their own after a crash, and Ray retries the call that
+    # was running; the learner holds the training state and is not restarted this way.
+    restarts = {
+        "max_restarts": cfg.ppo.max_role_restarts,
+        "max_task_retries": cfg.ppo.max_role_restarts,
+    }
     scorer = RewardScorer.options(
-        name="reward", **actor_options(res.reward_cpus, res.reward_gpus)
+        name="reward", **restarts, **actor_options(res.reward_cpus, res.reward_gpus)
     ).remote(frozen(reward_dir, res.reward_cpus, res.reward_gpus))
     reference = ReferenceModel.options(
-        name="reference", **actor_options(res.reference_cpus, res.reference_gpus)
+        name="reference", **restarts, **actor_options(res.reference_cpus, res.reference_gpus)
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
     generator_settings = replace(policy, cpus=res.rollout_cpus, gpus=res.rollout_gpus)
     generators = [
         RolloutGenerator.options(
             name=f"rollout-{rank}",
-            max_restarts=cfg.ppo.max_generator_restarts,
-            max_task_retries=cfg.ppo.max_generator_restarts,
+            **restarts,
             **actor_options(res.rollout_cpus, res.rollout_gpus),
         ).remote(generator_settings, rank, learner, timeout)
         for rank in range(cfg.ppo.num_rollout_actors)
@@ -168,40 +173,7 @@ class Pending:
 
     refs: list
     dispatched_at: float
-
-
-class PromptStream:
-    """Prompts in a fresh seeded order each pass over the RL prompt set."""
-
-    def __init__(self, prompts: list[str], seed: int) -> None:
-        self.prompts, self.rng = prompts, random.Random(seed)
-        self.queue: list[int] = []  # indices into prompts, in the order they will be taken
-
-    def take(self, count: int) -> list[str]:
-        while len(self.queue) < count:
-            order = list(range(len(self.prompts)))
-            self.rng.shuffle(order)
-            self.queue += order
-        taken, self.queue = self.queue[:count], self.queue[count:]
-        return [self.prompts[i] for i in taken]
-
-    def state(self) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {
-            "num_prompts": len(self.prompts),
-            "queue": self.queue,
-            "rng": [version, internal, gauss],
-        }
-
-    def restore(self, state: dict) -> None:
-        if state["num_prompts"] != len(self.prompts):
-            raise UserInputError(
-                f"the PPO checkpoint was taken with {state['num_prompts']} RL prompts, this run "
-                f"has {len(self.prompts)}: use a new run.output_dir for other data"
-            )
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.queue = list(state["queue"])
+    ready_at: float | None = None  # set when a checkpoint waited for it (or it was restored)
 
 
 class PPOLoop:
@@ -255,6 +227,8 @@ class PPOLoop:
         # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
         # each generator's RNG is read after that batch (actor calls run in order).
         batches = _get(pending.refs, self.timeout, "generating") if pending else []
+        if pending:
+            pending.ready_at = time.perf_counter()
         learner_tensors, learner_state = _get(
             self.roles.learner.checkpoint_state.remote(), self.timeout, "the learner's state"
         )
@@ -313,7 +287,8 @@ class PPOLoop:
                 ray.put(RolloutBatch(**_batch_fields(tensors, rank, info)))
                 for rank, info in enumerate(state["pending"])
             ]
-            self.pending = Pending(refs, time.perf_counter())
+            now = time.perf_counter()  # generated before the stop; not timed again here
+            self.pending = Pending(refs, now, ready_at=now)
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
     def _dispatch(self) -> Pending:
@@ -331,7 +306,10 @@ class PPOLoop:
         """One PPO iteration on `pending`; returns the next batch in flight (None after the
         last step), stats, stage times."""
         batch_refs = pending.refs
-        times = {"generate": self._wait(batch_refs, "generate", pending.dispatched_at)}
+        if pending.ready_at is None:
+            times = {"generate": self._wait(batch_refs, "generate", pending.dispatched_at)}
+        else:  # not counting the checkpoint written while it was ready
+            times = {"generate": pending.ready_at - pending.dispatched_at}
         if self.ppo.overlap and more:
             pending = self._dispatch()
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here
@@ -371,37 +349,6 @@ class PPOLoop:
         return time.perf_counter() - since
 
 
-@dataclass
-class Progress:
-    """What the metrics accumulate over steps; saved in checkpoints so a resumed run reports
-    the same totals (wall-clock figures count the time of every process that ran steps)."""
-
-    step: int = 0
-    tokens: float = 0.0
-    seconds: float = 0.0  # PPO wall time of earlier processes and finished segments
-    stage_seconds: dict = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(metrics.STAGES, 0.0)
-    )
-    last: dict = dataclasses.field(default_factory=dict)  # the latest step's stats
-
-    def add(self, tokens: float, times: dict, stats: dict, step: int) -> None:
-        self.step, self.tokens, self.last = step, self.tokens + tokens, dict(stats)
-        for stage, seconds in times.items():
-            self.stage_seconds[stage] += seconds
-
-    def tokens_per_s(self, running_seconds: float) -> float:
-        return self.tokens / (self.seconds + running_seconds)
-
-    def totals(self, steps: int) -> dict:
-        return {
-            **self.last,
-            metrics.TOKENS_PER_S: self.tokens / max(self.seconds, 1e-9),
-            "stage_seconds": {s: round(t, 2) for s, t in self.stage_seconds.items()},
-            "steps": steps,
-            "seconds": round(self.seconds, 1),
-        }
-
-
 BATCH_TENSORS = ("query", "query_mask", "response", "response_mask", "has_eos", "logprobs")
 
 
@@ -418,7 +365,12 @@ def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
 
 
 def _get(refs, timeout: float, what: str):
+    """ray.get, with errors that say what the driver was waiting for and which role failed."""
     try:
         return ray.get(refs, timeout=timeout)
     except GetTimeoutError as err:
         raise TimeoutError(f"{what} took longer than run.ray_timeout_s={timeout:g}s") from err
+    except RoleFailed as err:  # raised in the learner about another role
+        raise RoleFailed(f"{what}: {getattr(err, 'cause', err)}") from None
+    except RayActorError as err:  # the actor called here is gone for good
+        raise RoleFailed(f"{what}: {err}") from None

@@ -20,7 +20,7 @@ from jobs import cluster, phases  # noqa: E402
 from rlhf_ray.config import Config  # noqa: E402
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.prepare import prepare_run  # noqa: E402
-from rlhf_ray.errors import RunStopped, UserInputError  # noqa: E402
+from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError  # noqa: E402
 from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
 
@@ -72,6 +72,14 @@ def run(cfg: Config) -> int:
         except RunStopped as stopped:
             print(f"rlhf-ray: {stopped}", file=sys.stderr, flush=True)
             return stopped.exit_code
+        except RoleFailed as failed:
+            print(
+                f"rlhf-ray: error in the {name} phase: {failed}\nCompleted phases and PPO "
+                "checkpoints are kept: run the same command again to continue from them.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         seconds[name] = round(time.time() - start, 1)
         print(f"[{name}] done in {seconds[name]:.1f}s", flush=True)
 

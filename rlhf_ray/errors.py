@@ -25,3 +25,7 @@ class RunStopped(Exception):
     """The job was asked to stop (SIGTERM) and saved its state; the same command resumes it."""
 
     exit_code = 143  # 128 + SIGTERM, as a process killed by it would report
+
+
+class RoleFailed(Exception):
+    """A PPO role died or raised, and could not be recovered; the message names the role."""

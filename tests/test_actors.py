@@ -10,9 +10,10 @@ import ray
 import torch
 
 from jobs import cluster, rlhf
-from jobs.ppo import PPOLoop, PromptStream, create_roles
+from jobs.ppo import PPOLoop, create_roles
 from rlhf_ray.data.prepare import read_rows
-from rlhf_ray.errors import ResourceError
+from rlhf_ray.errors import ResourceError, RoleFailed
+from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import metrics
 from rlhf_ray.run.resources import ppo_requests
 from tests.conftest import smoke_config
@@ -73,6 +74,45 @@ def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny
         assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
         version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
         assert version == cfg.ppo.steps  # the restarted generator follows the learner
+    finally:
+        _kill_all(roles)
+
+
+def test_killed_scorer_and_reference_restart_and_every_step_trains_once(local_ray, tiny_run):
+    out, prepared = tiny_run
+    # The scorer is killed 4 times below, so it may restart 4 times.
+    cfg = smoke_config(out, **{"ppo.steps": "3", "ppo.max_role_restarts": "4"})
+    roles = create_roles(cfg, out)
+    try:
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        # A call in flight when its actor dies is retried on the restarted actor.
+        in_flight = roles.scorer.score.remote(pending.refs[0])
+        ray.kill(roles.scorer, no_restart=False)
+        assert ray.get(in_flight, timeout=TIMEOUT).shape == (cfg.ppo.rollouts_per_step,)
+        ledger = []  # (step, learner version after it)
+        for step in range(1, cfg.ppo.steps + 1):
+            for role in (roles.scorer, roles.reference):
+                ray.kill(role, no_restart=False)  # killed before every step's calls reach it
+            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
+            ledger.append((step, ray.get(roles.learner.weights.remote(), timeout=TIMEOUT).version))
+        assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
+    finally:
+        _kill_all(roles)
+
+
+def test_a_role_that_stays_dead_is_named_in_the_error(local_ray, tiny_run):
+    out, prepared = tiny_run
+    cfg = smoke_config(out, **{"ppo.max_role_restarts": "0"})
+    roles = create_roles(cfg, out)
+    try:
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        ray.kill(roles.scorer, no_restart=True)
+        start = time.time()
+        with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
+            loop._step(pending, more=False)
+        assert time.time() - start < 60
     finally:
         _kill_all(roles)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from jobs.ppo import PromptStream
+from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
 
 
