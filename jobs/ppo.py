@@ -66,31 +66,44 @@ def stopped_after(step: int, checkpoint: Path) -> RunStopped:
     )
 
 
+class LearnerDied(RoleFailed):
+    """The learner's process is gone; `run_ppo` rebuilds the roles from the newest checkpoint."""
+
+
 def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     out = Path(cfg.run.output_dir).resolve()
     root = ckpt.checkpoints_root(out)
     removed = ckpt.remove_incomplete(root)
     if removed:
         print(f"[ppo] removed incomplete checkpoints a stopped run left: {', '.join(removed)}")
-    resume_from = ckpt.newest_complete(root)
-    roles = create_roles(cfg, out)
-    try:
-        prompts = PromptStream(
-            [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")], cfg.run.seed
-        )
-        loop = PPOLoop(cfg, roles, prompts, out)
-        if resume_from is not None:
-            loop.restore(resume_from)
-        with stop_on_sigterm() as stop:
-            totals = loop.run(stop)
-        _get(
-            roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
-            cfg.run.ray_timeout_s,
-            "exporting the policy",
-        )
-    finally:
-        for actor in roles.all():
-            ray.kill(actor, no_restart=True)
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
+    with stop_on_sigterm() as stop:
+        for rebuild in range(cfg.ppo.max_learner_restarts + 1):
+            resume_from = ckpt.newest_complete(root)
+            roles = create_roles(cfg, out)
+            try:
+                loop = PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), out)
+                if resume_from is not None:
+                    loop.restore(resume_from)
+                totals = loop.run(stop)
+                loop.learner_call(
+                    roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
+                    "exporting the policy",
+                )
+                return
+            except LearnerDied as died:
+                if rebuild == cfg.ppo.max_learner_restarts:
+                    raise
+                since = ckpt.newest_complete(root)
+                print(
+                    f"[ppo] {died}\n[ppo] rebuilding every role from "
+                    f"{since or 'the start of PPO'} ({rebuild + 1} of "
+                    f"ppo.max_learner_restarts={cfg.ppo.max_learner_restarts})",
+                    flush=True,
+                )
+            finally:
+                for actor in roles.all():
+                    ray.kill(actor, no_restart=True)
 
 
 @dataclass
@@ -190,7 +203,8 @@ class PPOLoop:
         if done >= self.ppo.steps:
             print(f"[ppo] all {self.ppo.steps} steps were done before this run; nothing to train")
             return self.progress.totals(self.ppo.steps)
-        writer = metrics.MetricWriter(self.tb_dir, purge_step=done + 1 if done else None)
+        # Steps after `done` that an earlier process logged are hidden: each step shows once.
+        writer = metrics.MetricWriter(self.tb_dir, purge_step=done + 1)
         bar = tqdm(
             initial=done, total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar
         )
@@ -229,8 +243,8 @@ class PPOLoop:
         batches = _get(pending.refs, self.timeout, "generating") if pending else []
         if pending:
             pending.ready_at = time.perf_counter()
-        learner_tensors, learner_state = _get(
-            self.roles.learner.checkpoint_state.remote(), self.timeout, "the learner's state"
+        learner_tensors, learner_state = self.learner_call(
+            self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
         rngs = _get([g.rng_state.remote() for g in gens], self.timeout, "generator RNG states")
         tensors = ckpt.with_prefix("learner/", learner_tensors)
@@ -269,7 +283,7 @@ class PPOLoop:
                 )
         learner, gens = self.roles.learner, self.roles.generators
         learner_tensors = ckpt.under_prefix("learner/", tensors)
-        _get(learner.restore.remote(learner_tensors, state["learner"]), self.timeout, "restoring")
+        self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
         weights = learner.weights.remote()
         _get([g.load_weights.remote(weights) for g in gens], self.timeout, "loading weights")
         _get(
@@ -318,11 +332,10 @@ class PPOLoop:
         times["score"] = self._wait(score_refs, "score", t)
         times["reference"] = self._wait(ref_refs, "reference", t)
         t = time.perf_counter()
-        stats = _get(
+        stats = self.learner_call(
             self.roles.learner.train.remote(
                 list(zip(batch_refs, score_refs, ref_refs, strict=True))
             ),
-            self.timeout,
             "the learner update",
         )
         times["learn"] = time.perf_counter() - t
@@ -337,6 +350,10 @@ class PPOLoop:
         if not self.ppo.overlap and more:
             pending = self._dispatch()
         return (pending if more else None), stats, times
+
+    def learner_call(self, ref, what: str):
+        """The result of a call on the learner; if its process died, LearnerDied."""
+        return _get(ref, self.timeout, what, died=LearnerDied)
 
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
@@ -364,8 +381,9 @@ def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
     return {**ckpt.under_prefix(f"pending{rank}/", tensors), **info}
 
 
-def _get(refs, timeout: float, what: str):
-    """ray.get, with errors that say what the driver was waiting for and which role failed."""
+def _get(refs, timeout: float, what: str, died: type[RoleFailed] = RoleFailed):
+    """ray.get, with errors that say what the driver was waiting for and which role failed;
+    `died` is raised when the actor called is gone for good."""
     try:
         return ray.get(refs, timeout=timeout)
     except GetTimeoutError as err:
@@ -373,4 +391,4 @@ def _get(refs, timeout: float, what: str):
     except RoleFailed as err:  # raised in the learner about another role
         raise RoleFailed(f"{what}: {getattr(err, 'cause', err)}") from None
     except RayActorError as err:  # the actor called here is gone for good
-        raise RoleFailed(f"{what}: {err}") from None
+        raise died(f"{what}: {err}") from None

@@ -1,4 +1,5 @@
-"""Tier 2: a PPO phase stopped mid-run (SIGKILL, SIGTERM) and rerun equals one never stopped.
+"""Tier 2: a PPO phase stopped mid-run (SIGKILL, SIGTERM) and rerun, or whose learner is
+killed and rebuilt, equals one never stopped.
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 from safetensors.torch import load_file
@@ -118,4 +120,29 @@ def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
 
     assert _finish(_driver(out)) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
     assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
+    _assert_same_run(out, uninterrupted)
+
+
+def _learner_processes() -> list:
+    """Processes of live PPOLearner actors (Ray titles an actor's worker `ray::<Class>...`)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "ray::PPOLearner" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_a_killed_learner_is_rebuilt_from_its_checkpoint_and_the_run_is_unchanged(
+    local_ray, tiny_run, tmp_path, uninterrupted
+):
+    out = _run_dir(tmp_path, tiny_run, "learner-killed")
+    driver = _driver(out)
+    _wait_for_checkpoint(out, 2, driver)
+    learners = _learner_processes()
+    assert len(learners) == 1
+    learners[0].kill()  # SIGKILL: the process and everything it held are gone
+    assert _finish(driver) == 0, (tmp_path / "learner-killed.log").read_text()[-3000:]
+    log = (tmp_path / "learner-killed.log").read_text()
+    assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
+    assert "1 of ppo.max_learner_restarts=2" in log
     _assert_same_run(out, uninterrupted)

@@ -299,6 +299,7 @@ class PPOConfig(Section):
     overlap: bool = False  # generate the next batch while the learner updates (lag <= 1)
     max_policy_lag: int = 1  # batches sampled more than this many versions ago are an error
     max_role_restarts: int = 3  # restarts of a dead rollout generator, reward scorer or reference
+    max_learner_restarts: int = 2  # times a dead learner is rebuilt from the newest checkpoint
     checkpoint_every: int = 10  # steps between PPO checkpoints (0: only when the job is stopped)
     keep_checkpoints: int = 2  # newest complete PPO checkpoints kept; older ones are deleted
 
@@ -307,7 +308,7 @@ class PPOConfig(Section):
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag")
-        self.non_negative("max_role_restarts", "checkpoint_every")
+        self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
         self.positive("keep_checkpoints")
         self.check(0 < self.gamma <= 1, "gamma", "a discount in (0, 1]")
         self.check(0 <= self.lam <= 1, "lam", "a value in [0, 1]")
