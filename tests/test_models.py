@@ -4,6 +4,7 @@ The 4-bit tests run bitsandbytes on CPU (supported since bitsandbytes 0.48).
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -223,3 +224,28 @@ def test_load_tokenizer_rejects_no_eos_and_no_usable_pad(tmp_path):
         load_tokenizer(word_tokenizer(tmp_path / "a", unk_token="<unk>"))
     with pytest.raises(ValueError, match="no pad token distinct from EOS"):
         load_tokenizer(word_tokenizer(tmp_path / "b", eos_token="</s>"))
+
+
+class _WritesAFileWhenUnpickled:
+    """A payload: unpickling it opens (creates) `path`, as a malicious checkpoint could."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("loader", ["causal", "scalar"])
+def test_a_pickled_checkpoint_is_refused_and_never_unpickled(base_dir, tmp_path, loader):
+    """A model directory with a pickle (`pytorch_model.bin`) and no safetensors weights."""
+    model_dir, marker = tmp_path / "model", tmp_path / "payload-ran"
+    model_dir.mkdir()
+    shutil.copy(base_dir / "config.json", model_dir)
+    torch.save({"weights": _WritesAFileWhenUnpickled(str(marker))}, model_dir / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        if loader == "causal":
+            load_causal_lm(model_dir, MODEL, QuantizationConfig())
+        else:
+            load_scalar_model(model_dir, MODEL, QuantizationConfig(), pad_token_id=0)
+    assert not marker.exists()
