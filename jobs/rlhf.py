@@ -72,6 +72,8 @@ def run(cfg: Config) -> int:
         except RunStopped as stopped:
             print(f"rlhf-ray: {stopped}", file=sys.stderr, flush=True)
             return stopped.exit_code
+        except UserInputError as err:  # found only once the phase started (a PPO checkpoint)
+            return report_input_error(err)
         except RoleFailed as failed:
             print(
                 f"rlhf-ray: error in the {name} phase: {failed}\nCompleted phases and PPO "

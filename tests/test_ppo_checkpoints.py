@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
 
@@ -39,6 +40,7 @@ def test_round_trip_and_only_the_newest_k_are_kept(tmp_path):
 CRASH_WHILE_WRITING = """
 import os, sys, torch
 from pathlib import Path
+from rlhf_ray.errors import UserInputError
 from rlhf_ray.run import ppo_checkpoints as ckpt
 
 def die(path):  # the process is killed once the tensors are on disk, before the rename
@@ -121,3 +123,13 @@ def test_rng_state_round_trip():
     first = torch.rand(5)
     ckpt.set_rng_state(saved)
     assert torch.rand(5).equal(first)
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    path = ckpt.write_checkpoint(tmp_path, 1, _tensors(1), {"step": 1}, keep=1)
+    (path / ckpt.TENSORS_FILE).write_bytes(b"\x00" * 16)  # corrupted after it was complete
+    with pytest.raises(UserInputError, match="step-1: this PPO checkpoint cannot be read"):
+        ckpt.read_checkpoint(path)
+    (path / ckpt.STATE_FILE).write_text("{not json")
+    with pytest.raises(UserInputError, match="delete the directory"):
+        ckpt.read_checkpoint(path)

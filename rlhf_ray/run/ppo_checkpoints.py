@@ -19,7 +19,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from rlhf_ray.errors import UserInputError
 
 CHECKPOINTS_DIR = "ppo_checkpoints"
 TENSORS_FILE, STATE_FILE, COMPLETE_FILE = "tensors.safetensors", "state.json", "COMPLETE"
@@ -105,8 +108,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a complete checkpoint directory."""
     if not (path / COMPLETE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete PPO checkpoint (no {COMPLETE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    return load_file(path / TENSORS_FILE), state
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        return load_file(path / TENSORS_FILE), state
+    except (OSError, ValueError, SafetensorError) as err:  # damaged on disk after it completed
+        raise UserInputError(
+            f"{path}: this PPO checkpoint cannot be read ({err}); delete the directory to "
+            "resume from the one before it, or use a new run.output_dir"
+        ) from err
 
 
 def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
