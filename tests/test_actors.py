@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,16 +27,21 @@ def _loop(cfg, roles, prepared) -> PPOLoop:
     return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
 
 
-def _kill_all(roles) -> None:
-    for actor in roles.all():
-        ray.kill(actor, no_restart=True)
+@contextmanager
+def _running_roles(cfg, out):
+    """The four PPO roles for one test, killed at its end whatever happened."""
+    roles = create_roles(cfg, out)
+    try:
+        yield roles
+    finally:
+        for actor in roles.all():
+            ray.kill(actor, no_restart=True)
 
 
 def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_ray, tiny_run):
     out, prepared = tiny_run
     cfg = smoke_config(out, **{"ppo.num_rollout_actors": "2"})
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         loop = _loop(cfg, roles, prepared)
         pending = loop._dispatch()
         batches = ray.get(pending.refs, timeout=TIMEOUT)
@@ -54,15 +60,12 @@ def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_r
         assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
         lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
         assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it moved
-    finally:
-        _kill_all(roles)
 
 
 def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny_run):
     out, prepared = tiny_run
     cfg = smoke_config(out, **{"ppo.steps": "3"})
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         generator = roles.generators[0]
         first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
         loop = _loop(cfg, roles, prepared)
@@ -74,16 +77,13 @@ def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny
         assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
         version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
         assert version == cfg.ppo.steps  # the restarted generator follows the learner
-    finally:
-        _kill_all(roles)
 
 
 def test_killed_scorer_and_reference_restart_and_every_step_trains_once(local_ray, tiny_run):
     out, prepared = tiny_run
     # The scorer is killed 4 times below, so it may restart 4 times.
     cfg = smoke_config(out, **{"ppo.steps": "3", "ppo.max_role_restarts": "4"})
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         loop = _loop(cfg, roles, prepared)
         pending = loop._dispatch()
         # A call in flight when its actor dies is retried on the restarted actor.
@@ -97,15 +97,12 @@ def test_killed_scorer_and_reference_restart_and_every_step_trains_once(local_ra
             pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
             ledger.append((step, ray.get(roles.learner.weights.remote(), timeout=TIMEOUT).version))
         assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
-    finally:
-        _kill_all(roles)
 
 
 def test_a_role_that_stays_dead_is_named_in_the_error(local_ray, tiny_run):
     out, prepared = tiny_run
     cfg = smoke_config(out, **{"ppo.max_role_restarts": "0"})
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         loop = _loop(cfg, roles, prepared)
         pending = loop._dispatch()
         ray.kill(roles.scorer, no_restart=True)
@@ -113,8 +110,6 @@ def test_a_role_that_stays_dead_is_named_in_the_error(local_ray, tiny_run):
         with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
             loop._step(pending, more=False)
         assert time.time() - start < 60
-    finally:
-        _kill_all(roles)
 
 
 def test_impossible_resource_fails_fast_naming_role_and_resource(local_ray, tmp_path, capsys):
@@ -144,23 +139,19 @@ def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny
     """Before any update the policy is the SFT model, so KL to the reference is ~0."""
     out, _ = tiny_run
     cfg = smoke_config(out)
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         batch_ref = roles.generators[0].generate.remote(["What is the capital of Peru?"] * 3)
         ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
         batch = ray.get(batch_ref, timeout=TIMEOUT)
         torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
         scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
         assert scores.shape == (3,) and torch.isfinite(scores).all()
-    finally:
-        _kill_all(roles)
 
 
 def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):
     out, prepared = tiny_run
     cfg = smoke_config(out, **{"ppo.overlap": "true", "ppo.steps": "3"})
-    roles = create_roles(cfg, out)
-    try:
+    with _running_roles(cfg, out) as roles:
         loop = _loop(cfg, roles, prepared)
         pending = loop._dispatch()
         lags = []
@@ -170,5 +161,3 @@ def test_overlap_generates_next_batch_during_the_update_one_version_behind(local
         # Step 1 trains on version-0 rollouts with the learner at 0; every later batch was
         # dispatched before the previous update finished, so it is one version behind.
         assert lags == [0, 1, 1]
-    finally:
-        _kill_all(roles)
