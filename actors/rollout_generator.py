@@ -8,7 +8,7 @@ import ray
 
 from rlhf_ray.ppo import rollout_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
-from rlhf_ray.run.ppo_checkpoints import rng_state, set_rng_state
+from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
 @ray.remote

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import ray
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import PHASES, Config
 from rlhf_ray.config.loading import config_to_yaml
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.run import evaluation
+from rlhf_ray.models.source import check_model_dir
+from rlhf_ray.run import evaluation, fingerprints
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
+from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
     RoleRequest,
     actor_options,
@@ -21,7 +24,7 @@ from rlhf_ray.run.resources import (
     training_requests,
 )
 from rlhf_ray.train import reward, sft
-from rlhf_ray.train.common import launch
+from rlhf_ray.train.common import launch, train_storage
 
 PHASE_INPUTS = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward")}
 
@@ -30,12 +33,63 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
     """Every selected phase's inputs exist already or are made earlier in this run."""
     for phase in cfg.run.phases:
         for needed in PHASE_INPUTS[phase]:
-            if needed not in cfg.run.phases and not is_complete(phase_dir(out, needed)):
+            if needed in cfg.run.phases:
+                continue
+            if not is_complete(phase_dir(out, needed)):
                 raise ConfigError(
                     f"run.phases={','.join(cfg.run.phases)}: the {phase} phase needs a complete "
                     f"{phase_dir(out, needed)}/ from an earlier run, and there is none; "
                     f"add {needed} to --phases"
                 )
+            where = f"{phase_dir(out, needed)} (the {needed} phase of an earlier run)"
+            check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
+
+
+def redo_phases(cfg: Config, out: Path) -> None:
+    """`run.redo`: delete that phase's outputs and every later phase's, once the data are
+    checked and before Ray starts. (Redoing SFT rebuilds the embedded base model in
+    `prepare_run`.)"""
+    if cfg.run.redo is None:
+        return
+    doomed = []
+    for phase in PHASES[PHASES.index(cfg.run.redo) :]:
+        doomed += [phase_dir(out, phase), out / "tb" / phase, fingerprints.record_path(out, phase)]
+        doomed += [train_storage(out, phase)] if phase != "ppo" else [checkpoints_root(out)]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        print(f"[redo] deleted {path}")
+
+
+def check_recorded_settings(cfg: Config, out: Path, prepared: PreparedRun) -> None:
+    """Every phase that left outputs in `out` was run with this run's settings (exit 2 if not)."""
+    current = fingerprints.phase_settings(cfg, prepared.data_dir)
+    for phase in PHASES:
+        if fingerprints.read_record(out, phase) is None and _has_outputs(out, phase):
+            raise ConfigError(
+                f"{out}: it holds {phase} outputs but no record of the settings they were made "
+                f"with ({fingerprints.record_path(out, phase)}; an older rlhf-ray made them). "
+                f"Use a new run.output_dir, or --run.redo {phase}"
+            )
+        fingerprints.check_against_record(out, phase, current[phase], redo=phase)
+
+
+def record_settings(cfg: Config, out: Path, prepared: PreparedRun, phase: str) -> None:
+    """Record what `phase` is about to be run with (checked by later runs)."""
+    settings = fingerprints.phase_settings(cfg, prepared.data_dir)[phase]
+    fingerprints.write_record(out, phase, settings)
+
+
+def _has_outputs(out: Path, phase: str) -> bool:
+    if is_complete(phase_dir(out, phase)):
+        return True
+    if phase == "ppo":
+        return bool(complete_steps(checkpoints_root(out)))
+    return train_storage(out, phase).exists()
 
 
 def print_data_report(report: dict) -> None:

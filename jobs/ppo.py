@@ -42,7 +42,7 @@ from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.ppo.progress import Progress, PromptStream
 from rlhf_ray.ppo.rollout_generator import PolicySettings
-from rlhf_ray.run import metrics
+from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
@@ -247,11 +247,11 @@ class PPOLoop:
             self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
         rngs = _get([g.rng_state.remote() for g in gens], self.timeout, "generator RNG states")
-        tensors = ckpt.with_prefix("learner/", learner_tensors)
+        tensors = saved_state.with_prefix("learner/", learner_tensors)
         for rank, rng in enumerate(rngs):
-            tensors |= ckpt.with_prefix(f"generator{rank}/rng/", rng)
+            tensors |= saved_state.with_prefix(f"generator{rank}/rng/", rng)
         for rank, batch in enumerate(batches):
-            tensors |= ckpt.with_prefix(f"pending{rank}/", _batch_tensors(batch))
+            tensors |= saved_state.with_prefix(f"pending{rank}/", _batch_tensors(batch))
         state = {
             "step": step,
             "learner": learner_state,
@@ -282,13 +282,13 @@ class PPOLoop:
                     f"with {state[key]}: resume with the same setting or use a new run.output_dir"
                 )
         learner, gens = self.roles.learner, self.roles.generators
-        learner_tensors = ckpt.under_prefix("learner/", tensors)
+        learner_tensors = saved_state.under_prefix("learner/", tensors)
         self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
         weights = learner.weights.remote()
         _get([g.load_weights.remote(weights) for g in gens], self.timeout, "loading weights")
         _get(
             [
-                g.set_rng_state.remote(ckpt.under_prefix(f"generator{rank}/rng/", tensors))
+                g.set_rng_state.remote(saved_state.under_prefix(f"generator{rank}/rng/", tensors))
                 for rank, g in enumerate(gens)
             ],
             self.timeout,
@@ -378,7 +378,7 @@ def _batch_info(batch: RolloutBatch) -> dict:
 
 
 def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
-    return {**ckpt.under_prefix(f"pending{rank}/", tensors), **info}
+    return {**saved_state.under_prefix(f"pending{rank}/", tensors), **info}
 
 
 def _get(refs, timeout: float, what: str, died: type[RoleFailed] = RoleFailed):

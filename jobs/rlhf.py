@@ -22,6 +22,7 @@ from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.prepare import prepare_run  # noqa: E402
 from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError  # noqa: E402
 from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
+from rlhf_ray.run.output_dir import check_output_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
 
 
@@ -44,9 +45,12 @@ def run(cfg: Config) -> int:
     out = Path(cfg.run.output_dir)
     try:
         # 1. Everything the user gave is checked before any model loads or Ray starts.
+        check_output_dir(cfg.run.output_dir)
         phases.check_phase_inputs(cfg, out)
         prepared = prepare_run(cfg)
         phases.print_data_report(prepared.report)
+        phases.redo_phases(cfg, out)
+        phases.check_recorded_settings(cfg, out, prepared)
         print(cluster.connect(cfg.run), flush=True)
         for what, requests in phases.resource_checks(cfg):
             cluster.check_resources(requests, what)
@@ -66,6 +70,7 @@ def run(cfg: Config) -> int:
         if is_complete(phase_dir(out, name)):
             print(f"[{name}] complete output in {phase_dir(out, name)}; skipped")
             continue
+        phases.record_settings(cfg, out, prepared, name)
         start = time.time()
         try:
             run_phase(cfg, prepared)
@@ -76,8 +81,8 @@ def run(cfg: Config) -> int:
             return report_input_error(err)
         except RoleFailed as failed:
             print(
-                f"rlhf-ray: error in the {name} phase: {failed}\nCompleted phases and PPO "
-                "checkpoints are kept: run the same command again to continue from them.",
+                f"rlhf-ray: error in the {name} phase: {failed}\nCompleted phases and this "
+                "phase's checkpoints are kept: run the same command again to continue from them.",
                 file=sys.stderr,
                 flush=True,
             )

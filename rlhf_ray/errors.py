@@ -28,4 +28,5 @@ class RunStopped(Exception):
 
 
 class RoleFailed(Exception):
-    """A PPO role died or raised, and could not be recovered; the message names the role."""
+    """A PPO role or a phase's Ray Train workers died or raised, and could not be recovered;
+    the message names which."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,12 @@ from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import prepare_run, read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
+from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import write_metrics
 from rlhf_ray.train.reward import EVAL_SCORES_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER_TIMEOUT_S = 300
 
 
 def raises_with(*parts, exc: type[Exception]):
@@ -62,4 +69,36 @@ def tiny_run(tmp_path_factory):
     write_jsonl(
         out / "reward" / EVAL_SCORES_FILE, [{"chosen": 0.0, "rejected": 0.0}] * len(held_out)
     )
+    settings = fingerprints.phase_settings(cfg, prepared.data_dir)
+    for phase in ("sft", "reward"):  # as a driver would have recorded them
+        fingerprints.write_record(out, phase, settings[phase])
     return out, prepared
+
+
+def start_driver(out: Path, *args: str) -> subprocess.Popen:
+    """The real driver (`python jobs/rlhf.py --config smoke`) on `out` in its own process,
+    joined to the session's local Ray; its output is appended to `<out>.log` next to `out`."""
+    command = [sys.executable, "jobs/rlhf.py", "--config", "smoke", "--output_dir", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(
+        [*command, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = DRIVER_TIMEOUT_S) -> int:
+    """The driver's exit code; killed if it runs past `timeout`."""
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        process.kill()
+
+
+def copy_outputs(source: Path, out: Path, folders: tuple[str, ...]) -> None:
+    """Copy output folders ("base", "sft", "reward") of a run, with their settings records."""
+    for folder in folders:
+        shutil.copytree(source / folder, out / folder)
+        record = fingerprints.record_path(source, folder)
+        fingerprints.record_path(out, folder).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(record, fingerprints.record_path(out, folder))

@@ -11,6 +11,7 @@ import torch
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
+from rlhf_ray.run import saved_state
 
 
 def _tensors(step: int) -> dict[str, torch.Tensor]:
@@ -97,10 +98,10 @@ def test_optimizer_state_round_trip_continues_exactly():
 
     for _ in range(3):
         step(opt, params)
-    tensors, groups = ckpt.optimizer_to_tensors(opt)
+    tensors, groups = saved_state.optimizer_to_tensors(opt)
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     restored = torch.optim.AdamW(copies, lr=0.5)  # settings come from the checkpoint too
-    ckpt.optimizer_from_tensors(restored, tensors, groups)
+    saved_state.optimizer_from_tensors(restored, tensors, groups)
     step(opt, params)
     step(restored, copies)
     for original, copy in zip(params, copies, strict=True):
@@ -119,9 +120,9 @@ def test_prompt_stream_continues_in_the_same_order():
 
 
 def test_rng_state_round_trip():
-    saved = ckpt.rng_state()
+    saved = saved_state.rng_state()
     first = torch.rand(5)
-    ckpt.set_rng_state(saved)
+    saved_state.set_rng_state(saved)
     assert torch.rand(5).equal(first)
 
 

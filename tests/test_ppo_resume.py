@@ -9,51 +9,31 @@ step exactly once, and the exported policy's weights, bit for bit (CPU, fp32).
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import ray
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import complete_steps
+from tests.conftest import copy_outputs, finish, start_driver
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 5  # stopped once step 2 is saved: steps 3..5 leave time for the signal to land
 TIMEOUT = 300
+DRIVER_ARGS = ("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1")
 WALL_CLOCK = ("time/", metrics.TOKENS_PER_S)  # differ between runs by nature
 
 
 def _run_dir(tmp_path: Path, tiny_run, name: str) -> Path:
     """An output directory whose SFT and reward phases are complete (the tiny run's)."""
-    source, _ = tiny_run
     out = tmp_path / name
-    for phase in ("sft", "reward"):
-        shutil.copytree(source / phase, out / phase)
+    copy_outputs(tiny_run[0], out, ("sft", "reward"))
     return out
-
-
-def _driver(out: Path) -> subprocess.Popen:
-    command = [sys.executable, "jobs/rlhf.py", "--config", "smoke", "--output_dir", str(out)]
-    command += ["--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _finish(process: subprocess.Popen) -> int:
-    try:
-        return process.wait(timeout=TIMEOUT)
-    finally:
-        process.kill()
 
 
 def _wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen) -> None:
@@ -82,7 +62,9 @@ def _policy_weights(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(local_ray, tiny_run, tmp_path_factory):
     out = _run_dir(tmp_path_factory.mktemp("ppo-resume"), tiny_run, "uninterrupted")
-    assert _finish(_driver(out)) == 0, (out.parent / "uninterrupted.log").read_text()[-3000:]
+    assert finish(start_driver(out, *DRIVER_ARGS)) == 0, (
+        out.parent / "uninterrupted.log"
+    ).read_text()[-3000:]
     return _per_step_metrics(out), _policy_weights(out)
 
 
@@ -104,10 +86,10 @@ def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
     local_ray, tiny_run, tmp_path, uninterrupted, stop_signal
 ):
     out = _run_dir(tmp_path, tiny_run, "stopped")
-    first = _driver(out)
+    first = start_driver(out, *DRIVER_ARGS)
     _wait_for_checkpoint(out, 2, first)
     first.send_signal(stop_signal)
-    code = _finish(first)
+    code = finish(first)
     log = (tmp_path / "stopped.log").read_text()
     if stop_signal == signal.SIGTERM:  # checkpoints after the step in progress, says so
         assert code == 143, log[-3000:]
@@ -118,7 +100,9 @@ def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
     assert 2 <= stopped_at < STEPS, log[-3000:]
     assert not (out / "policy").exists()
 
-    assert _finish(_driver(out)) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    assert finish(start_driver(out, *DRIVER_ARGS)) == 0, (tmp_path / "stopped.log").read_text()[
+        -3000:
+    ]
     assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
     _assert_same_run(out, uninterrupted)
 
@@ -136,12 +120,12 @@ def test_a_killed_learner_is_rebuilt_from_its_checkpoint_and_the_run_is_unchange
     local_ray, tiny_run, tmp_path, uninterrupted
 ):
     out = _run_dir(tmp_path, tiny_run, "learner-killed")
-    driver = _driver(out)
+    driver = start_driver(out, *DRIVER_ARGS)
     _wait_for_checkpoint(out, 2, driver)
     learners = _learner_processes()
     assert len(learners) == 1
     learners[0].kill()  # SIGKILL: the process and everything it held are gone
-    assert _finish(driver) == 0, (tmp_path / "learner-killed.log").read_text()[-3000:]
+    assert finish(driver) == 0, (tmp_path / "learner-killed.log").read_text()[-3000:]
     log = (tmp_path / "learner-killed.log").read_text()
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log

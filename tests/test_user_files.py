@@ -4,6 +4,8 @@ Every error test checks that the message names the option, the file, the line or
 field, since that is what lets a user fix the file.
 """
 
+import time
+
 import datasets
 import pytest
 
@@ -182,6 +184,37 @@ def test_field_that_is_not_a_string(tmp_path, value, kind):
 def test_empty_or_whitespace_field(tmp_path, value):
     path = write(tmp_path, GOOD.decode() + '{"prompt": ' + value + ', "completion": "b"}\n')
     with raises_with(OPT, f"{path}, line 2", "'prompt' is empty or only whitespace"):
+        load_rows(str(path), SFT_FIELDS, OPT)
+
+
+@pytest.mark.parametrize("value", ['"\\u200b\\u200b"', '"\\ufeff \\u2060"', '"\\u0000"'])
+def test_a_field_of_invisible_characters_only(tmp_path, value):
+    path = write(tmp_path, GOOD.decode() + '{"prompt": ' + value + ', "completion": "b"}\n')
+    with raises_with(OPT, f"{path}, line 2", "'prompt' is empty or only whitespace or invisible"):
+        load_rows(str(path), SFT_FIELDS, OPT)
+
+
+def test_a_lone_surrogate_is_named(tmp_path):
+    path = write(tmp_path, GOOD.decode() + '{"prompt": "ab\\ud800", "completion": "b"}\n')
+    with raises_with(OPT, f"{path}, line 2", "'prompt'", "at character 3", "expected text"):
+        load_rows(str(path), SFT_FIELDS, OPT)
+
+
+def test_a_ten_megabyte_line_is_refused_in_seconds(tmp_path):
+    huge = "x" * 10_000_000  # one word: tokenizer training on it would run for hours
+    path = write(tmp_path, GOOD.decode() + '{"prompt": "p", "completion": "' + huge + '"}\n')
+    start = time.time()
+    with raises_with(OPT, f"{path}, line 2", "'completion' has 10,000,000 characters"):
+        load_rows(str(path), SFT_FIELDS, OPT)
+    assert time.time() - start < 10
+
+
+def test_json_nested_too_deeply(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = write(
+        tmp_path, GOOD.decode() + '{"prompt": "p", "completion": "c", "x": ' + deep + "}\n"
+    )
+    with raises_with(OPT, f"{path}, line 2", "nested too deeply"):
         load_rows(str(path), SFT_FIELDS, OPT)
 
 

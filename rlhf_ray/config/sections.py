@@ -182,6 +182,13 @@ class DataConfig(Section):
         self.check(0 <= self.label_noise < 0.5, "label_noise", "a rate in [0, 0.5)")
         self.one_of("overlong", ("truncate", "reject"))
         self._check_template()
+        for key in ("sft_path", "preference_path", "prompt_path", "eval_prompt_path"):
+            path = getattr(self, key)
+            self.check(
+                path is None or bool(path.strip()),
+                key,
+                "a file or directory path, or unset (null) for synthetic data",
+            )
         if self.eval_prompt_path is None:
             most = max_eval_prompts()
             self.check(
@@ -248,6 +255,9 @@ class ResourcesConfig(Section):
     train_workers: int = 1  # Ray Train data-parallel workers for SFT and the reward model
     train_worker_cpus: float = 1.0  # CPUs per Ray Train worker
     train_worker_gpus: float = 0.0  # GPUs per Ray Train worker
+    # Times Ray Train restarts the SFT or reward workers after one dies, from the last epoch
+    # checkpoint; past that the phase fails (its checkpoints are kept for a rerun).
+    train_worker_restarts: int = 2
     rollout_cpus: float = 1.0  # CPUs per rollout generator
     rollout_gpus: float = 0.0  # GPUs per rollout generator
     reward_cpus: float = 0.5  # CPUs of the reward scorer
@@ -259,6 +269,7 @@ class ResourcesConfig(Section):
 
     def validate(self) -> None:
         self.positive("train_workers")
+        self.non_negative("train_worker_restarts")
         for role in ROLES:
             for kind in ("cpus", "gpus"):
                 key = f"{role}_{kind}"
@@ -353,12 +364,20 @@ class RunConfig(Section):
     num_cpus: int | None = None  # CPUs of a local Ray started by the run; None = all cores
     ray_timeout_s: float = 600.0  # the longest any single remote call may take
     progress_bar: bool = True  # a progress bar for PPO on the console
+    # Delete this phase's outputs and those of every phase after it, then train them again
+    # (after a settings change; see README, "Changed settings"). Give it once, not on reruns.
+    redo: str | None = None
 
     def validate(self) -> None:
         self.check(bool(self.output_dir.strip()), "output_dir", "a directory path")
         unknown = [p for p in self.phases if p not in PHASES]
         self.check(not unknown and len(self.phases) > 0, "phases", f"a subset of {PHASES}")
         self.check(len(set(self.phases)) == len(self.phases), "phases", "no phase twice")
+        self.check(
+            self.redo is None or self.redo in self.phases,
+            "redo",
+            f"one of the phases this run runs ({', '.join(self.phases)})",
+        )
         self.check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "> 0 or None")
         self.positive("ray_timeout_s")
 

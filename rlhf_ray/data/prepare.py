@@ -17,13 +17,16 @@ from rlhf_ray.data import user_files
 from rlhf_ray.data.encoding import Limits, is_overlong
 from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from rlhf_ray.errors import DataError
+from rlhf_ray.errors import ConfigError, DataError
 from rlhf_ray.models.loading import build_embedded_model
-from rlhf_ray.run.checkpoints import atomic_dir, replace_dir
+from rlhf_ray.models.source import check_model_dir, check_model_source
+from rlhf_ray.run import fingerprints
+from rlhf_ray.run.checkpoints import replace_dir
 from rlhf_ray.world import dataset_rows
 from rlhf_ray.world.gold_judge import GoldJudge
 
 DATASETS = ("sft", "preferences", "preferences_eval", "prompts", "eval_prompts")
+_CORPUS_CHARS = 4096
 _COMPLETION_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected")}
 
 
@@ -101,33 +104,61 @@ def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list, l
     order = list(range(len(pairs)))
     random.Random(seed + 1).shuffle(order)
     n_eval = max(1, round(len(pairs) * fraction))
+    if n_eval >= len(pairs):
+        raise DataError(
+            f"preferences: reward.eval_fraction={fraction} holds out {n_eval} of the "
+            f"{len(pairs)} pairs, leaving none to train the reward model on; lower "
+            "reward.eval_fraction or give more pairs"
+        )
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
 def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizerBase, str]:
     """The tokenizer and where SFT starts: a hub id/path, or the embedded model in out/base."""
     if not cfg.model.is_embedded:
-        tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        return tok, cfg.model.name_or_path
+        name = cfg.model.name_or_path
+        check_model_source(name, cfg.model.trust_remote_code, "model.name_or_path")
+        return _tokenizer_of(name, cfg.model.trust_remote_code, "model.name_or_path"), name
     base_dir = out / "base"
-    if base_dir.exists():  # resume: keep the tokenizer the later phases were trained with
-        return load_tokenizer(str(base_dir)), str(base_dir)
+    settings = fingerprints.base_settings(cfg)
+    if base_dir.exists() and cfg.run.redo != "sft":
+        # A rerun keeps the tokenizer the later phases were trained with, if it still fits.
+        if fingerprints.read_record(out, "base") is None:
+            raise ConfigError(
+                f"{base_dir}: a base model with no record of the settings it was built with "
+                "(an older rlhf-ray built it); use a new run.output_dir, or --run.redo sft"
+            )
+        fingerprints.check_against_record(out, "base", settings, redo="sft")
+        where = f"{base_dir} (built by an earlier run; --run.redo sft builds it again)"
+        check_model_dir(base_dir, False, where)
+        return _tokenizer_of(str(base_dir), False, where), str(base_dir)
     tok = train_bpe_tokenizer(_corpus(rows, cfg.data.prompt_template), cfg.model.vocab_size)
     max_positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     model = build_embedded_model(cfg.model, tok, max_positions, cfg.run.seed)
-    with atomic_dir(base_dir) as tmp:
+    fingerprints.write_record(out, "base", settings)  # first: a base/ never lacks its record
+    with replace_dir(base_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return tok, str(base_dir)
 
 
+def _tokenizer_of(path: str, trust_remote_code: bool, where: str) -> PreTrainedTokenizerBase:
+    try:
+        return load_tokenizer(path, trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; name the source
+        raise ConfigError(f"{where}: its tokenizer cannot be loaded ({err})") from err
+
+
 def _corpus(rows: dict, template: str):
-    """Texts the embedded tokenizer learns from: every prompt (templated) and completion."""
+    """Texts the embedded tokenizer learns from: every prompt (templated) and completion, each
+    cut to its first _CORPUS_CHARS characters. Rows are cut to a few tokens later anyway, and
+    BPE training slows down with the square of a long word's length (100,000 repeated
+    characters take seconds, 300,000 minutes)."""
     for name, dataset in rows.items():
         for row in dataset:
-            yield template.format(prompt=row["prompt"])
+            yield template.format(prompt=row["prompt"])[:_CORPUS_CHARS]
             for key in _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ()):
-                yield " " + row[key]
+                yield (" " + row[key])[:_CORPUS_CHARS]
 
 
 def _apply_limits(name, dataset, tokenizer, limits: Limits, action: str):

@@ -10,6 +10,7 @@ it runs before either, so bad input costs seconds, not a cluster start.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ PROMPT_FIELDS = ("prompt",)
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _EXPECTED_SOURCE = "a JSONL file or a directory written by datasets' save_to_disk"
 _EXPECTED_VALUE = "a non-empty string"
+MAX_FIELD_CHARS = 1_000_000  # longer texts are a data bug: every row is cut to a few tokens
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ def _parse_object(text: str, where: str) -> dict[str, Any]:
         raise DataError(f"{where}: {problem}; expected one JSON object per line") from e
     except ValueError as e:  # raised by _no_duplicate_keys
         raise DataError(f"{where}: {e}; expected each key once per object") from e
+    except RecursionError as e:  # thousands of nested [ or {
+        raise DataError(
+            f"{where}: JSON nested too deeply to read; expected one flat object per line"
+        ) from e
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: got a JSON {_json_type(record)}; expected one JSON object per line"
@@ -199,10 +205,7 @@ def _check_row(record: dict[str, Any], fields: tuple[str, ...], where: str) -> d
             raise DataError(
                 f"{where}: field {name!r} is a {_json_type(value)}; expected {_EXPECTED_VALUE}"
             )
-        if not value.strip():
-            raise DataError(
-                f"{where}: field {name!r} is empty or only whitespace; expected {_EXPECTED_VALUE}"
-            )
+        _check_text(value, f"{where}: field {name!r}")
         row[name] = value  # kept exactly: leading spaces matter to tokenizers
     if "chosen" in row and "rejected" in row and row["chosen"].strip() == row["rejected"].strip():
         # A pair with nothing to prefer teaches the reward model nothing and hides a data bug.
@@ -211,6 +214,33 @@ def _check_row(record: dict[str, Any], fields: tuple[str, ...], where: str) -> d
             "responses"
         )
     return row
+
+
+def _check_text(value: str, where: str) -> None:
+    """Text every phase can use: some visible character, encodable, of a sane length."""
+    if not any(_is_visible(ch) for ch in value):
+        raise DataError(
+            f"{where} is empty or only whitespace or invisible characters; "
+            f"expected {_EXPECTED_VALUE}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800", which JSON allows
+        raise DataError(
+            f"{where} holds {value[e.start]!r} at character {e.start + 1}, half of a UTF-16 "
+            "pair that no text encoding can write; expected text"
+        ) from e
+    if len(value) > MAX_FIELD_CHARS:
+        raise DataError(
+            f"{where} has {len(value):,} characters, more than {MAX_FIELD_CHARS:,}; rows are cut "
+            "to data.max_prompt_tokens and data.max_completion_tokens tokens anyway, so shorten "
+            "it (a whole file on one line?)"
+        )
+
+
+def _is_visible(ch: str) -> bool:
+    # Whitespace, controls, format characters (zero-width space, BOM, joiners) show nothing.
+    return not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Cn", "Co", "Zs")
 
 
 def _json_type(value: Any) -> str:

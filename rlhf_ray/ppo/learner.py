@@ -42,7 +42,7 @@ from rlhf_ray.ppo.rollout_generator import PolicySettings, build_policy
 from rlhf_ray.ppo.targets import Targets, ppo_targets
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
-from rlhf_ray.run.ppo_checkpoints import (
+from rlhf_ray.run.saved_state import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     rng_state,

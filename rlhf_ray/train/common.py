@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +21,16 @@ from peft import TaskType
 from transformers import PreTrainedModel
 
 from rlhf_ray.config import LoraConfig, ResourcesConfig
+from rlhf_ray.errors import RoleFailed
 from rlhf_ray.models.loading import add_lora, use_cpus
 from rlhf_ray.run.resources import bundle
+
+TRAIN_STORAGE = "ray_train"  # under output_dir: Ray Train's runs and epoch checkpoints
+
+
+def train_storage(output_dir: Path, name: str) -> Path:
+    """Where Ray Train keeps phase `name`'s run and epoch checkpoints until the phase is done."""
+    return output_dir.resolve() / TRAIN_STORAGE / name
 
 
 def launch(
@@ -30,10 +40,23 @@ def launch(
     res: ResourcesConfig,
     output_dir: Path,
 ) -> None:
-    """Run `loop` on `res.train_workers` data-parallel Ray Train workers; raise on failure."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """Run `loop` on `res.train_workers` data-parallel Ray Train workers.
+
+    A worker that dies restarts the group from the newest epoch checkpoint, up to
+    `res.train_worker_restarts` times; past that, RoleFailed names the phase and the error. A
+    rerun with the same output_dir continues from that checkpoint; once the phase is complete,
+    its checkpoints are deleted.
+    """
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
+    storage = train_storage(output_dir, name)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -44,11 +67,21 @@ def launch(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str((output_dir / "ray_train").resolve()),
-            failure_config=FailureConfig(max_failures=0),
+            storage_path=str(storage.parent),
+            failure_config=FailureConfig(max_failures=res.train_worker_restarts),
+            # Ray Train deletes an old checkpoint only after a newer one is recorded.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        raise RoleFailed(
+            f"the {name} phase's Ray Train workers failed "
+            f"{res.train_worker_restarts + 1} time(s) (resources.train_worker_restarts="
+            f"{res.train_worker_restarts}); last error: {err}"
+        ) from err
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -180,4 +213,7 @@ class Progress:
         if self.enabled and (step % self.every == 0 or step == self.total):
             shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
             elapsed = time.time() - self.start
-            print(f"[{self.name}] step {step}/{self.total} {shown} ({elapsed:.0f}s)", flush=True)
+            line = f"[{self.name}] step {step}/{self.total} {shown} ({elapsed:.0f}s)"
+            # Straight to the process's stdout: Ray Train's patched `print` would send the line
+            # both there and through its logger, and the console would show it twice.
+            print(line, file=sys.__stdout__, flush=True)

@@ -18,7 +18,7 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.loading import load_scalar_model, save_merged
 from rlhf_ray.run import metrics
-from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
+from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -31,6 +31,7 @@ from rlhf_ray.train.common import (
     warmup_cosine,
     worker_setup,
 )
+from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
 
 EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out pair: score of chosen and of rejected
 
@@ -99,8 +100,10 @@ def build_reward_model(settings: RewardWorkerSettings, worker: Worker, pad_id: i
 
 
 def reward_worker_loop(config: dict) -> None:
-    """Ray Train worker entry point."""
+    """Ray Train worker entry point; continues from the newest epoch checkpoint if any."""
     settings: RewardWorkerSettings = config["settings"]
+    if is_complete(settings.out_dir):  # a restart after the chief saved the finished phase
+        return
     worker = worker_setup(settings.worker_cpus, settings.seed)
     tok = load_tokenizer(settings.sft_path, settings.model.trust_remote_code)
     train = [
@@ -110,21 +113,30 @@ def reward_worker_loop(config: dict) -> None:
     model = build_reward_model(settings, worker, tok.pad_token_id)
     params = trainable_params(model)
     opt = torch.optim.AdamW(params, lr=settings.reward.lr)
-    rng = random.Random(settings.seed + worker.rank)
     total = step_count(len(train), settings.reward.batch_size, settings.reward.epochs)
-    schedule = warmup_cosine(opt, total)
+    loop = LoopState(
+        model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
+    )
+    start_at = restore_latest(loop, worker)
     bar = Progress("reward", total, worker)
-    writer = metrics.MetricWriter(settings.tb_dir) if worker.is_chief else None
-    step = 0
-    for _ in range(settings.reward.epochs):
-        for batch in batches(train, settings.reward.batch_size, rng):
+    writer = (
+        metrics.MetricWriter(settings.tb_dir, purge_step=start_at.step + 1)
+        if worker.is_chief
+        else None
+    )
+    step = start_at.step
+    for epoch in range(start_at.epochs_done, settings.reward.epochs):
+        losses, accuracies = [], []
+        for batch in batches(train, settings.reward.batch_size, loop.data_rng):
             chosen, rejected = pair_scores(model, batch, tok.pad_token_id, worker.device)
             loss = bradley_terry_loss(chosen, rejected)
             loss.backward()
             optimizer_step(opt, params, settings.reward.max_grad_norm, worker.world)
-            schedule.step()
+            loop.schedule.step()
             step += 1
             stats = pair_stats(chosen.detach(), rejected.detach())
+            losses.append(loss.item())
+            accuracies.append(stats["accuracy"])
             bar.update(step, loss=loss.item(), accuracy=stats["accuracy"])
             if writer:
                 writer.scalars(
@@ -135,11 +147,19 @@ def reward_worker_loop(config: dict) -> None:
                     },
                     step,
                 )
+        shown = {"loss": _mean(losses), "accuracy": _mean(accuracies)}
+        save_epoch(loop, worker, Position(epoch + 1, step, shown))
     if worker.is_chief:
-        _finish(settings, model, tok, writer, step, worker.device)
+        _finish(settings, model, tok, writer, step, worker.device, start_at.step)
 
 
-def _finish(settings: RewardWorkerSettings, model, tok, writer, step: int, device) -> None:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _finish(
+    settings: RewardWorkerSettings, model, tok, writer, step: int, device, resumed_at_step: int
+) -> None:
     """Held-out accuracy, then the merged model and its metrics, atomically."""
     rows = read_rows(settings.data_dir, "preferences_eval")
     pairs = [encode_pair(tok, r, settings.limits) for r in rows]
@@ -171,5 +191,6 @@ def _finish(settings: RewardWorkerSettings, model, tok, writer, step: int, devic
                 "eval_margin": stats["margin"],
                 "eval_pairs": len(pairs),
                 "steps": step,
+                "resumed_at_step": resumed_at_step,
             },
         )

@@ -18,7 +18,7 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import causal_logits
 from rlhf_ray.models.loading import load_causal_lm, save_merged
 from rlhf_ray.run import metrics
-from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
+from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -31,6 +31,7 @@ from rlhf_ray.train.common import (
     warmup_cosine,
     worker_setup,
 )
+from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ def build_sft_model(settings: SFTWorkerSettings, worker: Worker):
 
 
 def sft_worker_loop(config: dict) -> None:
-    """Ray Train worker entry point."""
+    """Ray Train worker entry point; continues from the newest epoch checkpoint if any."""
     settings: SFTWorkerSettings = config["settings"]
+    if is_complete(settings.out_dir):  # a restart after the chief saved the finished phase
+        return
     worker = worker_setup(settings.worker_cpus, settings.seed)
     tok = load_tokenizer(settings.base_path, settings.model.trust_remote_code)
     rows = shard(read_rows(settings.data_dir, "sft"), worker.rank, worker.world)
@@ -89,20 +92,27 @@ def sft_worker_loop(config: dict) -> None:
     model = build_sft_model(settings, worker)
     params = trainable_params(model)
     opt = torch.optim.AdamW(params, lr=settings.sft.lr, weight_decay=settings.sft.weight_decay)
-    rng = random.Random(settings.seed + worker.rank)
     total = step_count(len(examples), settings.sft.batch_size, settings.sft.epochs)
-    schedule = warmup_cosine(opt, total)
+    loop = LoopState(
+        model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
+    )
+    start_at = restore_latest(loop, worker)
     bar = Progress("sft", total, worker)
-    writer = metrics.MetricWriter(settings.tb_dir) if worker.is_chief else None
-    step, tokens, start, epoch_loss = 0, 0, time.time(), 0.0
-    for _ in range(settings.sft.epochs):
+    writer = (
+        metrics.MetricWriter(settings.tb_dir, purge_step=start_at.step + 1)
+        if worker.is_chief
+        else None
+    )
+    step, tokens, start = start_at.step, 0, time.time()
+    epoch_loss = start_at.shown.get("loss")
+    for epoch in range(start_at.epochs_done, settings.sft.epochs):
         losses = []
-        for batch in batches(examples, settings.sft.batch_size, rng):
+        for batch in batches(examples, settings.sft.batch_size, loop.data_rng):
             ids, mask, labels = (t.to(worker.device) for t in collate(batch, tok.pad_token_id))
             loss = completion_only_loss(causal_logits(model, ids, mask), labels)
             loss.backward()
             optimizer_step(opt, params, settings.sft.max_grad_norm, worker.world)
-            schedule.step()
+            loop.schedule.step()
             step, tokens = step + 1, tokens + int(mask.sum()) * worker.world
             losses.append(loss.item())
             bar.update(step, loss=loss.item())
@@ -111,11 +121,13 @@ def sft_worker_loop(config: dict) -> None:
         epoch_loss = sum(losses) / len(losses)
         if writer:
             writer.scalars({metrics.SFT_EPOCH_LOSS: epoch_loss}, step)
+        save_epoch(loop, worker, Position(epoch + 1, step, {"loss": epoch_loss}))
     if worker.is_chief:
         tokens_per_s = tokens / (time.time() - start)
         writer.scalars({metrics.SFT_TOKENS_PER_S: tokens_per_s}, step)
         writer.close()
         result = {"final_epoch_loss": epoch_loss, "steps": step, "tokens_per_s": tokens_per_s}
+        result["resumed_at_step"] = start_at.step
         with atomic_dir(settings.out_dir) as tmp:
             save_merged(model, tok, tmp, reload_base=settings.base_path, model_cfg=settings.model)
             write_metrics(tmp, result)

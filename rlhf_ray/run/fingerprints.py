@@ -1,0 +1,137 @@
+"""The settings each phase's result depends on, recorded so that a rerun with other settings is
+never silently mixed with what an earlier run left in the same output_dir.
+
+`<output_dir>/phase_settings/<phase>.json` is written when a phase starts (for the embedded base
+model, when it is built) and compared on every later run with the same output_dir. A phase's
+settings include those of the phases it builds on, so a change to SFT is a change to the reward
+model and PPO too. Settings that change how a run is carried out but not what it learns (paths,
+checkpoint cadence, restarts, generator count, memory savers) are left out; data enter as the
+SHA-256 of the rows the phase trains on, whatever file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from rlhf_ray.config import Config
+from rlhf_ray.errors import ConfigError
+
+SETTINGS_DIR = "phase_settings"
+ORDER = ("base", "sft", "reward", "ppo")  # each builds on the ones before it
+# How a run is carried out, not what it learns: a change to these never invalidates outputs.
+OPERATIONAL = {
+    "model.trust_remote_code",
+    "model.gradient_checkpointing",
+    "ppo.num_rollout_actors",
+    "ppo.max_policy_lag",
+    "ppo.max_role_restarts",
+    "ppo.max_learner_restarts",
+    "ppo.checkpoint_every",
+    "ppo.keep_checkpoints",
+}
+_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+_DATA_LIMITS = ("prompt_template", "max_prompt_tokens", "max_completion_tokens", "overlong")
+
+
+def _section(cfg: Config, name: str) -> dict:
+    values = dataclasses.asdict(getattr(cfg, name))
+    return {
+        f"{name}.{key}": list(v) if isinstance(v, tuple) else v
+        for key, v in values.items()
+        if f"{name}.{key}" not in OPERATIONAL
+    }
+
+
+def _rows_digest(data_dir: Path, name: str) -> str:
+    return hashlib.sha256((data_dir / f"{name}.jsonl").read_bytes()).hexdigest()
+
+
+def base_settings(cfg: Config) -> dict:
+    """What the embedded base model (tokenizer and random weights) is built from."""
+    model = {f"model.{k}": getattr(cfg.model, k) for k in (*_ARCHITECTURE, "num_kv_heads")}
+    positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
+    return {**model, "model.max_positions": positions, "run.seed": cfg.run.seed}
+
+
+def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
+    """Phase ("sft", "reward", "ppo") -> {"section.key": value} its result depends on."""
+    shared = {
+        **_section(cfg, "model"),
+        **_section(cfg, "quantization"),
+        **{f"data.{k}": getattr(cfg.data, k) for k in _DATA_LIMITS},
+        "run.seed": cfg.run.seed,
+    }
+    lora = _section(cfg, "lora")
+    workers = {"resources.train_workers": cfg.resources.train_workers}
+    sft = {
+        **shared,
+        **_section(cfg, "sft"),
+        **(lora if cfg.sft.method == "lora" else {}),
+        **workers,
+        "data.sft_rows_sha256": _rows_digest(data_dir, "sft"),
+    }
+    reward = {
+        **sft,
+        **_section(cfg, "reward"),
+        **(lora if cfg.reward.method == "lora" else {}),
+        "data.preference_rows_sha256": _rows_digest(data_dir, "preferences"),
+    }
+    ppo = {
+        **reward,
+        **_section(cfg, "ppo"),
+        **lora,  # the policy always trains a LoRA adapter
+        "data.prompt_rows_sha256": _rows_digest(data_dir, "prompts"),
+    }
+    return {"sft": sft, "reward": reward, "ppo": ppo}
+
+
+def record_path(output_dir: Path, phase: str) -> Path:
+    return output_dir / SETTINGS_DIR / f"{phase}.json"
+
+
+def read_record(output_dir: Path, phase: str) -> dict | None:
+    path = record_path(output_dir, phase)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{path}: the record of the settings this phase was run with cannot be read "
+            f"({err}); use a new run.output_dir, or --run.redo {phase}"
+        ) from err
+
+
+def write_record(output_dir: Path, phase: str, settings: dict) -> None:
+    path = record_path(output_dir, phase)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def check_against_record(output_dir: Path, phase: str, settings: dict, redo: str) -> None:
+    """Raise ConfigError naming every setting that differs from the phase's record, if any.
+
+    `redo`: the phase to name in the advice (the earliest one whose outputs must go).
+    """
+    recorded = read_record(output_dir, phase)
+    if recorded is None:
+        return
+    # JSON turned tuples into lists; compare what the record would hold now.
+    current = json.loads(json.dumps(settings))
+    keys = sorted(set(recorded) | set(current))
+    changed = [k for k in keys if recorded.get(k, "(unset)") != current.get(k, "(unset)")]
+    if changed:
+        lines = "\n".join(
+            f"  {k}: {recorded.get(k, '(unset)')!r} then, {current.get(k, '(unset)')!r} now"
+            for k in changed
+        )
+        raise ConfigError(
+            f"{output_dir}: its {phase} outputs were made with other settings than this run's:\n"
+            f"{lines}\nUse a new run.output_dir, or add --run.redo {redo} to delete the {redo} "
+            "phase's outputs and everything after it and train them again."
+        )

@@ -1,0 +1,129 @@
+"""Per-epoch checkpoints of the SFT and reward-model loops, through Ray Train.
+
+Each epoch ends with `ray.train.report(metrics, checkpoint)`, so the epoch's metrics show in the
+Ray dashboard's Train view and its state survives:
+  rank-<r>.safetensors  every rank: its torch RNG states (LoRA dropout draws from them)
+  rank-<r>.json         every rank: its data-order RNG (`random.Random.getstate()`)
+  trainable.safetensors the chief: the weights that train (equal on every rank)
+  optimizer.safetensors the chief: the optimizer's moments (equal on every rank)
+  state.json            the chief: epochs done, step, optimizer param groups, LR schedule
+Ray Train copies every rank's files into one `<storage>/<phase>/checkpoint_*/` and records it
+only once all are there. When a worker dies, Ray Train restarts the group (`FailureConfig`) and
+`ray.train.get_checkpoint()` returns the newest recorded one; a stopped job run again with the
+same output_dir finds the same run in storage and does the same. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_ray.models.loading import load_trainable_state, trainable_state
+from rlhf_ray.run.saved_state import (
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_state,
+    set_rng_state,
+)
+from rlhf_ray.train.common import Worker
+
+TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE = (
+    "trainable.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a loop stands: epochs finished, optimizer steps taken in them, and the metrics
+    the last epoch reported."""
+
+    epochs_done: int = 0
+    step: int = 0
+    shown: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """What a training loop checkpoints: it changes in place as the loop trains."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    data_rng: random.Random  # this rank's shuffling of its shard
+
+
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"rank-{rank}.safetensors", f"rank-{rank}.json"
+
+
+def save_epoch(loop: LoopState, worker: Worker, position: Position) -> None:
+    """Report the end of an epoch to Ray Train with this rank's part of the checkpoint.
+
+    Every rank must call it (Ray Train waits for all); `position.shown` (plain floats) is what
+    the Train view shows.
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-ray-epoch-") as tmp:
+        folder = Path(tmp)
+        tensors_file, json_file = _rank_files(worker.rank)
+        save_file(rng_state(), folder / tensors_file)
+        (folder / json_file).write_text(json.dumps(loop.data_rng.getstate()))
+        if worker.is_chief:
+            _save_chief_part(loop, position, folder)
+        metrics = {"epoch": position.epochs_done, "step": position.step, **position.shown}
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _save_chief_part(loop: LoopState, position: Position, folder: Path) -> None:
+    save_file(trainable_state(loop.model), folder / TRAINABLE_FILE)
+    moments, groups = optimizer_to_tensors(loop.optimizer)
+    save_file(moments, folder / OPTIMIZER_FILE)
+    state = {
+        "epochs_done": position.epochs_done,
+        "step": position.step,
+        "shown": position.shown,
+        "param_groups": groups,
+        "schedule": loop.schedule.state_dict(),
+    }
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def restore_latest(loop: LoopState, worker: Worker) -> Position:
+    """Load Ray Train's newest checkpoint of this run into `loop`, if there is one; returns
+    where to continue. Call after the model, optimizer and schedule are built as for a new run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Position()
+    with checkpoint.as_directory() as tmp:
+        return _load(loop, worker, Path(tmp))
+
+
+def _load(loop: LoopState, worker: Worker, folder: Path) -> Position:
+    tensors_file, json_file = _rank_files(worker.rank)
+    if not (folder / tensors_file).is_file():
+        raise FileNotFoundError(
+            f"{folder}: this epoch checkpoint has no state for worker rank {worker.rank}; it was "
+            "written by fewer Ray Train workers than this run has (resources.train_workers)"
+        )
+    state = json.loads((folder / STATE_FILE).read_text())
+    load_trainable_state(loop.model, load_file(folder / TRAINABLE_FILE, device=str(worker.device)))
+    optimizer_from_tensors(
+        loop.optimizer, load_file(folder / OPTIMIZER_FILE), state["param_groups"]
+    )
+    loop.schedule.load_state_dict(state["schedule"])
+    set_rng_state(load_file(folder / tensors_file))
+    version, internal, gauss = json.loads((folder / json_file).read_text())
+    loop.data_rng.setstate((version, tuple(internal), gauss))
+    return Position(state["epochs_done"], state["step"], state["shown"])

@@ -1,0 +1,121 @@
+"""Tier 1: a rerun whose settings differ from what made a phase's outputs stops with exit 2
+and the differing keys, before Ray starts; `--run.redo` deletes that phase and those after it.
+
+No phase trains here: the outputs are stand-ins (a metrics file marks a phase complete), with
+the settings records a driver writes when a phase starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs import phases, rlhf
+from rlhf_ray.config import PHASES
+from rlhf_ray.data.prepare import prepare_run
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.run import fingerprints
+from rlhf_ray.run.checkpoints import phase_dir, write_metrics
+from rlhf_ray.run.ppo_checkpoints import checkpoints_root
+from rlhf_ray.train.common import train_storage
+from tests.conftest import raises_with, smoke_config
+
+
+def _finished_run(out: Path, **overrides: str) -> None:
+    """An output dir as a run with these settings leaves it: every phase complete, recorded."""
+    cfg = smoke_config(out, **overrides)
+    prepared = prepare_run(cfg)
+    for phase in PHASES:
+        phase_dir(out, phase).mkdir(parents=True)
+        write_metrics(phase_dir(out, phase), {})
+        (out / "tb" / phase).mkdir(parents=True)
+        phases.record_settings(cfg, out, prepared, phase)
+    (checkpoints_root(out) / "step-2").mkdir(parents=True)
+
+
+def _rerun(out: Path, capsys, *args: str) -> tuple[int, str]:
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(out), *args])
+    return code, capsys.readouterr().err
+
+
+def test_a_changed_hyperparameter_stops_the_rerun_naming_it(tmp_path, capsys):
+    _finished_run(tmp_path)
+    code, err = _rerun(tmp_path, capsys, "--reward.lr", "0.01", "--ppo.kl_coef", "0.2")
+    assert code == 2
+    # The earliest phase whose settings differ is named, with old and new values.
+    assert "its reward outputs were made with other settings" in err
+    assert "reward.lr: 0.0005 then, 0.01 now" in err
+    assert "--run.redo reward" in err and "new run.output_dir" in err
+    assert "ppo.kl_coef" not in err  # reward's record does not hold PPO's settings
+
+
+def test_changed_data_are_a_changed_setting(tmp_path, capsys):
+    _finished_run(tmp_path)
+    code, err = _rerun(tmp_path, capsys, "--data.num_prompts", "40")
+    assert code == 2
+    assert "its ppo outputs" in err and "data.prompt_rows_sha256" in err
+
+
+def test_settings_that_do_not_change_what_is_learned_may_change(tmp_path):
+    _finished_run(tmp_path)
+    cfg = smoke_config(
+        tmp_path,
+        **{"ppo.checkpoint_every": "5", "ppo.num_rollout_actors": "2", "run.ray_timeout_s": "9"},
+    )
+    phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
+
+
+def test_redo_deletes_that_phase_and_every_later_one(tmp_path, capsys):
+    _finished_run(tmp_path)
+    storage = train_storage(tmp_path, "reward")
+    storage.mkdir(parents=True)
+    cfg = smoke_config(tmp_path, **{"reward.lr": "0.01", "run.redo": "reward"})
+    prepared = prepare_run(cfg)
+    phases.redo_phases(cfg, tmp_path)
+    phases.check_recorded_settings(cfg, tmp_path, prepared)  # nothing left to differ
+    for gone in (
+        phase_dir(tmp_path, "reward"),
+        phase_dir(tmp_path, "ppo"),
+        tmp_path / "tb" / "reward",
+        tmp_path / "tb" / "ppo",
+        storage,
+        checkpoints_root(tmp_path),
+        fingerprints.record_path(tmp_path, "reward"),
+        fingerprints.record_path(tmp_path, "ppo"),
+    ):
+        assert not gone.exists(), gone
+    assert (phase_dir(tmp_path, "sft") / "metrics.json").is_file()
+    assert fingerprints.record_path(tmp_path, "sft").is_file()
+    assert f"[redo] deleted {phase_dir(tmp_path, 'reward')}" in capsys.readouterr().out
+
+
+def test_a_base_model_built_with_other_settings_is_refused_unless_sft_is_redone(tmp_path):
+    prepare_run(smoke_config(tmp_path))
+    with raises_with("its base outputs", "model.hidden_size: 32 then, 64 now", exc=ConfigError):
+        prepare_run(smoke_config(tmp_path, **{"model.hidden_size": "64"}))
+    prepare_run(smoke_config(tmp_path, **{"model.hidden_size": "64", "run.redo": "sft"}))
+    assert fingerprints.read_record(tmp_path, "base")["model.hidden_size"] == 64
+    assert '"hidden_size": 64' in (tmp_path / "base" / "config.json").read_text()
+
+
+def test_outputs_without_a_record_are_refused(tmp_path):
+    _finished_run(tmp_path)
+    fingerprints.record_path(tmp_path, "sft").unlink()
+    cfg = smoke_config(tmp_path)
+    with raises_with("sft outputs but no record", "--run.redo sft", exc=ConfigError):
+        phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
+
+
+def test_redo_must_name_a_phase_the_run_runs(tmp_path, capsys):
+    code, err = _rerun(tmp_path, capsys, "--phases", "ppo", "--run.redo", "sft")
+    assert code == 2 and "run.redo" in err and "one of the phases this run runs (ppo)" in err
+
+
+@pytest.mark.parametrize("damage", ["{not json", ""])
+def test_a_damaged_record_is_named(tmp_path, damage):
+    _finished_run(tmp_path)
+    fingerprints.record_path(tmp_path, "reward").write_text(damage)
+    cfg = smoke_config(tmp_path)
+    with raises_with("reward.json", "cannot be read", exc=ConfigError):
+        phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
