@@ -111,8 +111,9 @@ def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:
         checks.append(("the SFT and reward phases", training_requests(res)))
     if "ppo" in cfg.run.phases:
         checks.append(("the PPO phase", ppo_requests(res, cfg.ppo.num_rollout_actors)))
-    evaluator = RoleRequest("evaluator", 1, bundle(res.rollout_cpus, res.rollout_gpus))
-    checks.append(("the evaluation", [evaluator]))
+    if cfg.run.evaluate:
+        evaluator = RoleRequest("evaluator", 1, bundle(res.rollout_cpus, res.rollout_gpus))
+        checks.append(("the evaluation", [evaluator]))
     return checks
 
 

@@ -21,22 +21,23 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from actors.ppo_learner import PPOLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
+from jobs.cluster import alive_nodes
 from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError
+from rlhf_ray.errors import ResourceError, RoleFailed, RunStopped, UserInputError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.messages import RolloutBatch
@@ -45,7 +46,7 @@ from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.checkpoints import phase_dir
-from rlhf_ray.run.resources import actor_options
+from rlhf_ray.run.resources import actor_options, check_fits, ppo_requests
 
 
 @dataclass
@@ -176,7 +177,8 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         for rank in range(cfg.ppo.num_rollout_actors)
     ]
     roles = Roles(learner, scorer, reference, generators)
-    _get([a.ready.remote() for a in roles.all()], timeout, "starting the PPO actors")
+    refs = [a.ready.remote() for a in roles.all()]
+    _get(refs, timeout, "starting the PPO actors", watch=capacity_watch(cfg))
     return roles
 
 
@@ -194,6 +196,7 @@ class PPOLoop:
         self.cfg, self.ppo = cfg, cfg.ppo
         self.roles, self.prompts = roles, prompts
         self.timeout = cfg.run.ray_timeout_s
+        self.watch = capacity_watch(cfg)
         self.tb_dir, self.checkpoints = out / "tb" / "ppo", ckpt.checkpoints_root(out)
         self.progress = Progress()
         self.pending: Pending | None = None  # a restored batch for the next step
@@ -240,13 +243,13 @@ class PPOLoop:
         gens = self.roles.generators
         # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
         # each generator's RNG is read after that batch (actor calls run in order).
-        batches = _get(pending.refs, self.timeout, "generating") if pending else []
+        batches = self._get(pending.refs, "generating") if pending else []
         if pending:
             pending.ready_at = time.perf_counter()
         learner_tensors, learner_state = self.learner_call(
             self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
-        rngs = _get([g.rng_state.remote() for g in gens], self.timeout, "generator RNG states")
+        rngs = self._get([g.rng_state.remote() for g in gens], "generator RNG states")
         tensors = saved_state.with_prefix("learner/", learner_tensors)
         for rank, rng in enumerate(rngs):
             tensors |= saved_state.with_prefix(f"generator{rank}/rng/", rng)
@@ -285,13 +288,12 @@ class PPOLoop:
         learner_tensors = saved_state.under_prefix("learner/", tensors)
         self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
         weights = learner.weights.remote()
-        _get([g.load_weights.remote(weights) for g in gens], self.timeout, "loading weights")
-        _get(
+        self._get([g.load_weights.remote(weights) for g in gens], "loading weights")
+        self._get(
             [
                 g.set_rng_state.remote(saved_state.under_prefix(f"generator{rank}/rng/", tensors))
                 for rank, g in enumerate(gens)
             ],
-            self.timeout,
             "restoring generator RNG states",
         )
         self.prompts.restore(state["prompts"])
@@ -341,9 +343,8 @@ class PPOLoop:
         times["learn"] = time.perf_counter() - t
         t = time.perf_counter()
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
-        _get(
+        self._get(
             [g.load_weights.remote(weights) for g in self.roles.generators],
-            self.timeout,
             "loading new weights into the rollout generators",
         )
         times["sync"] = time.perf_counter() - t
@@ -353,17 +354,16 @@ class PPOLoop:
 
     def learner_call(self, ref, what: str):
         """The result of a call on the learner; if its process died, LearnerDied."""
-        return _get(ref, self.timeout, what, died=LearnerDied)
+        return self._get(ref, what, died=LearnerDied)
 
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
         since = time.perf_counter() if since is None else since
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout, fetch_local=False)
-        if len(ready) < len(refs):
-            raise TimeoutError(
-                f"PPO stage '{stage}' did not finish within run.ray_timeout_s={self.timeout:g}s"
-            )
+        _wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self.watch)
         return time.perf_counter() - since
+
+    def _get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
+        return _get(refs, self.timeout, what, died, self.watch)
 
 
 BATCH_TENSORS = ("query", "query_mask", "response", "response_mask", "has_eos", "logprobs")
@@ -381,13 +381,53 @@ def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
     return {**saved_state.under_prefix(f"pending{rank}/", tensors), **info}
 
 
-def _get(refs, timeout: float, what: str, died: type[RoleFailed] = RoleFailed):
+WATCH_EVERY_S = 2.0  # how often a wait checks that the live nodes can still hold the roles
+
+
+def capacity_watch(cfg: Config) -> Callable[[], None]:
+    """A check, run while the driver waits, that the nodes alive now can still hold every PPO
+    role: after a node is lost with no spare capacity, Ray would keep the roles' restarts
+    pending until run.ray_timeout_s; this names the problem within seconds instead."""
+    requests = ppo_requests(cfg.resources, cfg.ppo.num_rollout_actors)
+
+    def check() -> None:
+        try:
+            check_fits(requests, alive_nodes(), "the PPO phase")
+        except ResourceError as err:
+            raise RoleFailed(
+                f"nodes left the cluster and the rest cannot hold the roles: {err}"
+            ) from None
+
+    return check
+
+
+def _wait_ready(refs: list, timeout: float, what: str, watch: Callable[[], None] | None) -> None:
+    """Block until every ref is ready (a value or an error), checking `watch` meanwhile."""
+    deadline = time.monotonic() + timeout
+    waiting = list(refs)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what} took longer than run.ray_timeout_s={timeout:g}s")
+        _, waiting = ray.wait(
+            waiting, num_returns=len(waiting), timeout=min(WATCH_EVERY_S, left), fetch_local=False
+        )
+        if waiting and watch is not None:
+            watch()
+
+
+def _get(
+    refs,
+    timeout: float,
+    what: str,
+    died: type[RoleFailed] = RoleFailed,
+    watch: Callable[[], None] | None = None,
+):
     """ray.get, with errors that say what the driver was waiting for and which role failed;
     `died` is raised when the actor called is gone for good."""
+    _wait_ready(refs if isinstance(refs, list) else [refs], timeout, what, watch)
     try:
-        return ray.get(refs, timeout=timeout)
-    except GetTimeoutError as err:
-        raise TimeoutError(f"{what} took longer than run.ray_timeout_s={timeout:g}s") from err
+        return ray.get(refs)
     except RoleFailed as err:  # raised in the learner about another role
         raise RoleFailed(f"{what}: {getattr(err, 'cause', err)}") from None
     except RayActorError as err:  # the actor called here is gone for good

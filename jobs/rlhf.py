@@ -91,6 +91,9 @@ def run(cfg: Config) -> int:
         print(f"[{name}] done in {seconds[name]:.1f}s", flush=True)
 
     # 3. Measure every model there is with the gold judge, on held-out prompts.
+    if not cfg.run.evaluate:
+        print("[eval] skipped (run.evaluate is false): no summary.json this time", flush=True)
+        return 0
     start = time.time()
     evaluation = phases.evaluate(cfg, prepared)
     seconds["eval"] = round(time.time() - start, 1)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -73,6 +74,21 @@ def tiny_run(tmp_path_factory):
     for phase in ("sft", "reward"):  # as a driver would have recorded them
         fingerprints.write_record(out, phase, settings[phase])
     return out, prepared
+
+
+def session_ray_processes(*titles: str) -> list[psutil.Process]:
+    """Live worker processes of this session's Ray whose title starts with one of `titles`
+    (Ray titles an actor's process `ray::<Class>...`). The raylet starts every worker, so only
+    its children are considered: no other Ray on the machine is ever touched."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for process in psutil.Process(raylet).children():
+        try:
+            if " ".join(process.cmdline()).startswith(titles):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def start_driver(out: Path, *args: str) -> subprocess.Popen:

@@ -1,7 +1,9 @@
-"""Tier 3: the smoke preset through every phase, in-process and through `ray job submit`."""
+"""Tier 3: the smoke preset through every phase via `ray job submit` to a real `ray start`
+head with token authentication, stopped mid-PPO with `ray job stop` and submitted again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs import rlhf
+from rlhf_ray.run.checkpoints import read_metrics
+from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 
 REPO = Path(__file__).resolve().parent.parent
+STOPPED_RUN_STEPS = 40
 SUMMARY_KEYS = (
     "rm_accuracy",
     "gold_reward_base",
@@ -40,8 +44,9 @@ print("generated", out.shape[1] - ids.shape[1], "tokens")
 """
 
 
-def check_run_outputs(out: Path) -> dict:
-    """Everything a finished run must leave behind; returns summary.json."""
+def check_run_outputs(out: Path, timed: tuple[str, ...] = ("sft", "reward", "ppo")) -> dict:
+    """Everything a finished run must leave behind; returns summary.json. `timed`: the phases
+    this run trained (not those an earlier run completed)."""
     for phase in ("sft", "reward", "policy"):
         assert (out / phase / "metrics.json").is_file(), phase
         assert list((out / phase).glob("*.safetensors")), phase
@@ -56,34 +61,9 @@ def check_run_outputs(out: Path) -> dict:
         assert summary[key] is not None, key
     assert summary["gold_reward_ideal"] == 1.0
     assert 0.0 <= summary["win_rate_vs_sft"] <= 1.0
-    assert set(summary["phase_seconds"]) >= {"sft", "reward", "ppo"}
+    assert set(summary["phase_seconds"]) == {*timed, "eval"}
     assert set(summary["ppo_stage_seconds"]) == {"generate", "score", "reference", "learn", "sync"}
     return summary
-
-
-@pytest.mark.e2e
-def test_smoke_run_all_phases_then_resume_skips_them(local_ray, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert rlhf.main(["--config", "smoke", "--output_dir", str(out)]) == 0
-    first = check_run_outputs(out)
-    assert first["eval_prompts"] == first["eval_prompts_judged"] == 8
-    policy_mtime = (out / "policy" / "metrics.json").stat().st_mtime
-
-    assert rlhf.main(["--config", "smoke", "--output_dir", str(out)]) == 0
-    console = capsys.readouterr().out
-    for phase, folder in (("sft", "sft"), ("reward", "reward"), ("ppo", "policy")):
-        assert f"[{phase}] complete output in {out / folder}; skipped" in console
-    assert (out / "policy" / "metrics.json").stat().st_mtime == policy_mtime
-
-    # The exported policy is a plain Hugging Face model directory: a fresh process loads it.
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, str(out / "policy")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert "generated 5 tokens" in done.stdout
 
 
 def _free_port() -> int:
@@ -138,7 +118,12 @@ def ray_head(tmp_path):
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # this head's processes only, not the session's Ray
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a graceful stop takes half a minute; no need here
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -160,41 +145,89 @@ def _wait_for_jobs_api(env: dict, seconds: float) -> None:
     raise TimeoutError(f"the Ray head's Jobs API did not answer within {seconds}s")
 
 
-@pytest.mark.e2e
-def test_ray_job_submit_smoke_round_trip(ray_head, tmp_path):
-    address, env = ray_head
-    env = {**env, "RAY_ADDRESS": address}
-    out = tmp_path / "job-run"
-    _wait_for_jobs_api(env, 90)
-    submit = [
-        "job",
-        "submit",
-        "--no-wait",
-        "--submission-id",
-        "smoke-job",
-        "--working-dir",
-        ".",
-        "--",
-        sys.executable,
-        "jobs/rlhf.py",
-        "--config",
-        "smoke",
-        "--output_dir",
-        str(out),
-    ]
+def _submit(env: dict, job_id: str, out: Path, *args: str) -> None:
+    """`ray job submit --no-wait` of the smoke run, retried while the head's job agent starts."""
+    # More than a PPO step, so that `ray job stop` lands as SIGTERM, not as Ray's SIGKILL at 3 s.
+    runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    submit = ["job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", "."]
+    submit += ["--runtime-env-json", runtime_env, "--", sys.executable, "jobs/rlhf.py"]
+    submit += ["--config", "smoke", "--output_dir", str(out), *args]
     deadline = time.time() + 90
     code, submitted = _ray_cli(submit, env, timeout=120)
     while code != 0 and "try again later" in submitted and time.time() < deadline:
         time.sleep(3)  # the head's job agent starts a little after the Jobs API answers
         code, submitted = _ray_cli(submit, env, timeout=120)
     assert code == 0, submitted
-    status, deadline = "", time.time() + 600
+
+
+def _wait_for_status(env: dict, job_id: str, seconds: float) -> tuple[str, str]:
+    """(final status, job logs) once the job succeeded, failed or stopped."""
+    status, deadline = "", time.time() + seconds
     while time.time() < deadline:
-        status = _ray_cli(["job", "status", "smoke-job"], env)[1].lower()
+        status = _ray_cli(["job", "status", job_id], env)[1].lower()
         if any(word in status for word in ("succeeded", "failed", "stopped")):
             break
-        time.sleep(5)
-    logs = _ray_cli(["job", "logs", "smoke-job"], env)[1]
+        time.sleep(2)
+    return status, _ray_cli(["job", "logs", job_id], env)[1]
+
+
+def _refused_without_the_token(env: dict) -> None:
+    """No token (401 Unauthorized) or a wrong one (403 Forbidden): nothing is submitted."""
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    refusals = (
+        (no_token, "Unauthorized: Missing authentication token"),
+        (wrong, "Forbidden: Invalid authentication token"),
+    )
+    for client, refusal in refusals:
+        code, said = _ray_cli(["job", "submit", "--no-wait", "--", "true"], client)
+        assert code != 0, said
+        assert refusal in said, said[-2000:]
+    assert _ray_cli(["job", "list"], env)[1].count("'entrypoint': 'true'") == 0
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tmp_path):
+    """Token auth refuses strangers; `ray job stop` mid-PPO saves a checkpoint; the same job
+    submitted again continues from it and finishes the run."""
+    address, env = ray_head
+    env = {**env, "RAY_ADDRESS": address}
+    out = tmp_path / "job-run"
+    _wait_for_jobs_api(env, 90)
+    _refused_without_the_token(env)
+
+    # Enough steps (a smoke step takes about half a second) for the stop to land mid-PPO.
+    steps = ("--ppo.steps", str(STOPPED_RUN_STEPS))
+    _submit(env, "smoke-job", out, *steps)
+    deadline = time.time() + 600
+    while not complete_steps(checkpoints_root(out)):  # checkpoint_every 1 in smoke
+        assert time.time() < deadline, _ray_cli(["job", "logs", "smoke-job"], env)[1][-3000:]
+        time.sleep(0.2)
+    code, said = _ray_cli(["job", "stop", "smoke-job"], env, timeout=120)
+    assert code == 0, said
+    status, logs = _wait_for_status(env, "smoke-job", 120)
+    assert "stopped" in status, status + logs[-3000:]
+    assert "Run the same command again to continue" in logs, logs[-3000:]  # SIGTERM handled
+    stopped_at = max(complete_steps(checkpoints_root(out)))
+    assert 1 <= stopped_at < STOPPED_RUN_STEPS and not (out / "policy").exists()
+
+    _submit(env, "smoke-job-again", out, *steps)
+    status, logs = _wait_for_status(env, "smoke-job-again", 600)
     assert "succeeded" in status, status + logs[-3000:]
     assert "joined the Ray cluster" in logs
-    check_run_outputs(out)
+    for phase in ("sft", "reward"):  # complete phases are kept, not trained again
+        assert f"[{phase}] complete output in {out / phase}; skipped" in logs
+    assert f"[ppo] resuming after step {stopped_at}" in logs
+    summary = check_run_outputs(out, timed=("ppo",))
+    assert summary["eval_prompts"] == summary["eval_prompts_judged"] == 8
+    assert read_metrics(out / "policy")["steps"] == STOPPED_RUN_STEPS
+
+    # The exported policy is a plain Hugging Face model directory: a fresh process loads it.
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(out / "policy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "generated 5 tokens" in done.stdout

@@ -108,3 +108,16 @@ def test_presets_are_package_data_found_from_any_directory(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cluster_yaml_starts_every_node_with_token_auth_and_a_local_dashboard():
+    import yaml
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    assert len(ray_starts) == 2
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in ray_starts)
+    assert "--dashboard-host=127.0.0.1" in cluster["head_start_ray_commands"][-1]
+    # The same token on every node: the one `ray get-auth-token --generate` wrote locally.
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"

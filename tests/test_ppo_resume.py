@@ -1,5 +1,5 @@
-"""Tier 2: a PPO phase stopped mid-run (SIGKILL, SIGTERM) and rerun, or whose learner is
-killed and rebuilt, equals one never stopped.
+"""Tier 2: a PPO phase stopped mid-run (SIGKILL; SIGTERM with `ppo.overlap`) and rerun, or
+whose learner is killed and rebuilt, equals one never stopped.
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -14,18 +14,20 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import complete_steps
-from tests.conftest import copy_outputs, finish, start_driver
+from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
 
 STEPS = 5  # stopped once step 2 is saved: steps 3..5 leave time for the signal to land
 TIMEOUT = 300
-DRIVER_ARGS = ("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1")
+DRIVER_ARGS = (
+    *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
+    *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
+)
 WALL_CLOCK = ("time/", metrics.TOKENS_PER_S)  # differ between runs by nature
 
 
@@ -59,13 +61,25 @@ def _policy_weights(out: Path) -> dict:
     return load_file(out / "policy" / "model.safetensors")
 
 
+def _args(overlap: bool) -> tuple[str, ...]:
+    return (*DRIVER_ARGS, "--ppo.overlap", str(overlap).lower())
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(local_ray, tiny_run, tmp_path_factory):
-    out = _run_dir(tmp_path_factory.mktemp("ppo-resume"), tiny_run, "uninterrupted")
-    assert finish(start_driver(out, *DRIVER_ARGS)) == 0, (
-        out.parent / "uninterrupted.log"
-    ).read_text()[-3000:]
-    return _per_step_metrics(out), _policy_weights(out)
+    """overlap -> (per-step metrics, policy weights) of a run never stopped, made when first
+    asked for."""
+    made = {}
+
+    def outcome(overlap: bool):
+        if overlap not in made:
+            out = _run_dir(tmp_path_factory.mktemp("ppo-resume"), tiny_run, "uninterrupted")
+            code = finish(start_driver(out, *_args(overlap)))
+            assert code == 0, (out.parent / "uninterrupted.log").read_text()[-3000:]
+            made[overlap] = _per_step_metrics(out), _policy_weights(out)
+        return made[overlap]
+
+    return outcome
 
 
 def _assert_same_run(out: Path, uninterrupted) -> None:
@@ -81,12 +95,16 @@ def _assert_same_run(out: Path, uninterrupted) -> None:
         assert tensor.equal(expected_weights[name]), name
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+@pytest.mark.parametrize(
+    ("stop_signal", "overlap"),
+    [(signal.SIGKILL, False), (signal.SIGTERM, True)],
+    ids=["kill", "term-overlap"],  # with overlap, the batch in flight is saved and used once
+)
 def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
-    local_ray, tiny_run, tmp_path, uninterrupted, stop_signal
+    local_ray, tiny_run, tmp_path, uninterrupted, stop_signal, overlap
 ):
     out = _run_dir(tmp_path, tiny_run, "stopped")
-    first = start_driver(out, *DRIVER_ARGS)
+    first = start_driver(out, *_args(overlap))
     _wait_for_checkpoint(out, 2, first)
     first.send_signal(stop_signal)
     code = finish(first)
@@ -100,33 +118,24 @@ def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
     assert 2 <= stopped_at < STEPS, log[-3000:]
     assert not (out / "policy").exists()
 
-    assert finish(start_driver(out, *DRIVER_ARGS)) == 0, (tmp_path / "stopped.log").read_text()[
+    assert finish(start_driver(out, *_args(overlap))) == 0, (tmp_path / "stopped.log").read_text()[
         -3000:
     ]
     assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
-    _assert_same_run(out, uninterrupted)
-
-
-def _learner_processes() -> list:
-    """Processes of live PPOLearner actors (Ray titles an actor's worker `ray::<Class>...`)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "ray::PPOLearner" in " ".join(process.info["cmdline"] or []):
-            found.append(process)
-    return found
+    _assert_same_run(out, uninterrupted(overlap))
 
 
 def test_a_killed_learner_is_rebuilt_from_its_checkpoint_and_the_run_is_unchanged(
     local_ray, tiny_run, tmp_path, uninterrupted
 ):
     out = _run_dir(tmp_path, tiny_run, "learner-killed")
-    driver = start_driver(out, *DRIVER_ARGS)
+    driver = start_driver(out, *_args(overlap=False))
     _wait_for_checkpoint(out, 2, driver)
-    learners = _learner_processes()
+    learners = session_ray_processes("ray::PPOLearner")
     assert len(learners) == 1
     learners[0].kill()  # SIGKILL: the process and everything it held are gone
     assert finish(driver) == 0, (tmp_path / "learner-killed.log").read_text()[-3000:]
     log = (tmp_path / "learner-killed.log").read_text()
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log
-    _assert_same_run(out, uninterrupted)
+    _assert_same_run(out, uninterrupted(False))

@@ -5,9 +5,9 @@ Each run is the real driver (`python jobs/rlhf.py --phases <phase>`) in its own 
 to the session's local Ray, starting from the tiny run's base model (and, for the reward phase,
 its SFT model). A fault is injected once Ray Train has recorded the first epoch checkpoint; the
 phase must then finish from that checkpoint, not from step 0, with TensorBoard showing every
-step once. A stopped SFT phase must also end bit for bit where a run never stopped ends: the
-same weights and per-step metrics. (Both loops resume through the same module; the reward
-phase is not run a third time to compare it too, to keep CI short.)
+step once. A stopped reward phase must also end bit for bit where a run never stopped ends: the
+same weights and per-step metrics. (Both loops resume through the same module; the SFT phase
+is not run a third time to compare it too, to keep CI short.)
 """
 
 from __future__ import annotations
@@ -17,23 +17,25 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import phase_dir, read_metrics
 from rlhf_ray.train.common import train_storage
-from tests.conftest import copy_outputs, finish, start_driver
+from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
 
 TIMEOUT = 300
 # 1024 rows (pairs) over 2 workers in batches of 16: 32 steps (a few seconds) an epoch, so a
 # fault injected right after the first epoch's checkpoint lands in the second epoch.
 EPOCHS, STEPS_PER_EPOCH = 3, 32
 SETTINGS = {
-    "sft": ["--sft.epochs", str(EPOCHS), "--data.num_sft", "1024"],
+    "sft": ["--sft.epochs", str(EPOCHS), "--data.num_sft", "1024", "--run.evaluate", "false"],
     # 1138 pairs, of which the smoke preset's eval_fraction 0.1 holds out 114: 1024 train.
-    "reward": ["--reward.epochs", str(EPOCHS), "--data.num_preferences", "1138"],
+    "reward": [
+        *("--reward.epochs", str(EPOCHS), "--data.num_preferences", "1138"),
+        *("--run.evaluate", "false"),
+    ],
 }
 WALL_CLOCK = (metrics.SFT_TOKENS_PER_S,)
 INPUTS = {"sft": ("base",), "reward": ("base", "sft")}  # from the tiny run
@@ -67,15 +69,6 @@ def _wait_for_first_epoch(out: Path, phase: str, process: subprocess.Popen) -> N
         time.sleep(0.02)
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Processes of live Ray Train workers (Ray titles them `ray::RayTrainWorker...`)."""
-    return [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-
-
 def _per_step_metrics(out: Path, phase: str) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(out / "tb" / phase))
     events.Reload()
@@ -104,37 +97,37 @@ def _assert_resumed_from_an_epoch_checkpoint(out: Path, phase: str) -> dict:
 
 
 def test_a_killed_training_worker_restarts_from_the_epoch_checkpoint(local_ray, tiny_run, tmp_path):
-    out = _run_dir(tmp_path, tiny_run, "reward", "worker-killed")
-    driver = _start(out, "reward")
-    _wait_for_first_epoch(out, "reward", driver)
-    workers = _train_workers()
+    out = _run_dir(tmp_path, tiny_run, "sft", "worker-killed")
+    driver = _start(out, "sft")
+    _wait_for_first_epoch(out, "sft", driver)
+    workers = session_ray_processes("ray::RayTrainWorker")
     assert len(workers) == 2
     workers[1].kill()  # SIGKILL one rank mid-epoch: Ray Train restarts the group
     assert finish(driver) == 0, (tmp_path / "worker-killed.log").read_text()[-3000:]
-    _assert_resumed_from_an_epoch_checkpoint(out, "reward")
+    _assert_resumed_from_an_epoch_checkpoint(out, "sft")
     log = (tmp_path / "worker-killed.log").read_text()
     assert "Error count: 1 (max allowed: 2)" in log  # resources.train_worker_restarts
 
 
 def test_a_stopped_phase_resumes_to_the_same_model_as_one_never_stopped(
-    local_ray, tiny_run, tmp_path, tmp_path_factory
+    local_ray, tiny_run, tmp_path
 ):
-    out = _run_dir(tmp_path, tiny_run, "sft", "stopped")
-    first = _start(out, "sft")
-    _wait_for_first_epoch(out, "sft", first)
+    out = _run_dir(tmp_path, tiny_run, "reward", "stopped")
+    first = _start(out, "reward")
+    _wait_for_first_epoch(out, "reward", first)
     first.kill()  # the job's Ray Train controller and workers die with their driver
     assert finish(first) == -9
-    assert not (out / "sft").exists()
-    assert finish(_start(out, "sft")) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
-    got = _assert_resumed_from_an_epoch_checkpoint(out, "sft")
+    assert not (out / "reward").exists()
+    assert finish(_start(out, "reward")) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    got = _assert_resumed_from_an_epoch_checkpoint(out, "reward")
 
-    never_stopped = _run_dir(tmp_path, tiny_run, "sft", "uninterrupted")
-    code = finish(_start(never_stopped, "sft"))
+    never_stopped = _run_dir(tmp_path, tiny_run, "reward", "uninterrupted")
+    code = finish(_start(never_stopped, "reward"))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
-    assert read_metrics(phase_dir(never_stopped, "sft"))["resumed_at_step"] == 0
-    expected, expected_weights = _outcome(never_stopped, "sft")
+    assert read_metrics(phase_dir(never_stopped, "reward"))["resumed_at_step"] == 0
+    expected, expected_weights = _outcome(never_stopped, "reward")
     assert got == expected  # every per-step metric, bit for bit
-    weights = load_file(phase_dir(out, "sft") / "model.safetensors")
+    weights = load_file(phase_dir(out, "reward") / "model.safetensors")
     assert weights.keys() == expected_weights.keys()
     for name, tensor in weights.items():
         assert tensor.equal(expected_weights[name]), name

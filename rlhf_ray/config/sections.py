@@ -364,6 +364,7 @@ class RunConfig(Section):
     num_cpus: int | None = None  # CPUs of a local Ray started by the run; None = all cores
     ray_timeout_s: float = 600.0  # the longest any single remote call may take
     progress_bar: bool = True  # a progress bar for PPO on the console
+    evaluate: bool = True  # after the phases, sample every model and report the gold judge
     # Delete this phase's outputs and those of every phase after it, then train them again
     # (after a settings change; see README, "Changed settings"). Give it once, not on reruns.
     redo: str | None = None

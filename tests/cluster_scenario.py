@@ -1,0 +1,104 @@
+"""The smoke PPO phase on a multi-node Ray on this machine (`ray.cluster_utils.Cluster`), losing
+the node that holds its rollout generator. Run by tests/test_multinode.py in its own process
+(the test session already holds a Ray of its own):
+
+    python -m tests.cluster_scenario SOURCE_RUN WORK_DIR
+
+The head node has no CPU, so only the driver and the roles asking for 0 CPUs live there; each
+worker node has 1 CPU, exactly what the rollout generator asks for. Three runs, one cluster:
+  spare     two worker nodes; the generator's node is removed at step 2 and the run goes on;
+  no_spare  one worker node left; it is removed at step 2 and nothing can hold the generator;
+  rerun     a node joins and the no_spare run's command is run again.
+Prints one JSON line: per run, the driver's exit code, the node removed, where the generator
+lived afterwards, and the seconds from the removal to the driver's exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+import ray._private.state
+from ray.cluster_utils import Cluster
+
+from jobs import rlhf
+from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
+from tests.conftest import copy_outputs
+
+STEPS, REMOVE_AT_STEP = 8, 2
+DRIVER_ARGS = (
+    *("--config", "smoke", "--phases", "ppo", "--ppo.steps", str(STEPS)),
+    *("--ppo.checkpoint_every", "1", "--run.evaluate", "false"),
+    *("--resources.rollout_cpus", "1", "--resources.learner_cpus", "0"),
+    *("--resources.reward_cpus", "0", "--resources.reference_cpus", "0"),
+)
+
+
+def generator_node() -> str | None:
+    """The node id of the live rollout generator, if it is alive."""
+    for actor in ray._private.state.actors().values():
+        if actor["Name"] == "rollout-0" and actor["State"] == "ALIVE":
+            return actor["Address"]["NodeID"]
+    return None
+
+
+def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
+    """Run the driver in a thread; at step REMOVE_AT_STEP remove the node of the generator."""
+    result: dict = {}
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def run() -> None:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            result["exit"] = rlhf.main(["--output_dir", str(out), *DRIVER_ARGS])
+        result["ended_at"] = time.time()
+
+    driver = threading.Thread(target=run, daemon=True)
+    driver.start()
+    if remove_generator_node:
+        deadline = time.time() + 300
+        while REMOVE_AT_STEP not in complete_steps(checkpoints_root(out)):
+            assert driver.is_alive() and time.time() < deadline, "PPO never reached the step"
+            time.sleep(0.1)
+        removed = generator_node()
+        node = next(n for n in cluster.worker_nodes if n.node_id == removed)
+        cluster.remove_node(node)
+        result |= {"removed": removed, "removed_at": time.time(), "generator_node_after": None}
+        while driver.is_alive():
+            now = generator_node()
+            if now not in (None, removed):  # where the restart landed
+                result["generator_node_after"] = now
+            time.sleep(0.1)
+    driver.join(timeout=400)
+    assert not driver.is_alive(), "the driver neither finished nor failed in 400 s"
+    if "removed_at" in result:
+        result["seconds_to_exit"] = round(result.pop("ended_at") - result.pop("removed_at"), 1)
+    return {**result, "stdout": stdout.getvalue()[-3000:], "stderr": stderr.getvalue()[-3000:]}
+
+
+def main(source: Path, work: Path) -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    outs = {name: work / name for name in ("spare", "no_spare")}
+    for out in outs.values():
+        copy_outputs(source, out, ("base", "sft", "reward"))
+    runs = {
+        "spare": drive(cluster, outs["spare"], remove_generator_node=True),
+        "no_spare": drive(cluster, outs["no_spare"], remove_generator_node=True),
+    }
+    cluster.add_node(num_cpus=1)
+    runs["rerun"] = drive(cluster, outs["no_spare"], remove_generator_node=False)
+    ray.shutdown()
+    cluster.shutdown()
+    return runs
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]))), flush=True)

@@ -1,0 +1,90 @@
+"""Tier 2: a PPO run whose stateless roles are killed at random every few seconds finishes every
+step, trains each step once, and leaves no Ray resource held behind.
+
+The driver runs in its own process, joined to the session's local Ray; a thread here SIGKILLs a
+random rollout generator, reward scorer or reference model process of this session's Ray a
+second after the last victim's replacement is up, until the driver exits. On the 2-core
+machine a restart (a new process importing torch, loading the model) takes about 8 seconds, so
+a kill lands about every 10 seconds and a 30-step run sees three or four.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import psutil
+import ray
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlhf_ray.run import metrics
+from rlhf_ray.run.checkpoints import read_metrics
+from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
+
+STEPS, KILL_EVERY_S = 30, 1.0
+STATELESS = ("ray::RolloutGenerator", "ray::RewardScorer", "ray::ReferenceModel")
+
+
+def _kill_at_random(driver, killed: list[str], rng: random.Random) -> None:
+    """Every KILL_EVERY_S seconds with all three stateless roles up, SIGKILL one of them.
+
+    Waiting for the last victim's replacement keeps the run moving on a 2-core machine, where a
+    restart (a new process importing torch and loading the model) takes several seconds.
+    """
+    while driver.poll() is None:
+        time.sleep(KILL_EVERY_S)
+        victims = session_ray_processes(*STATELESS)
+        if len(victims) < len(STATELESS) or driver.poll() is not None:
+            continue  # a restart is still under way
+        victim = rng.choice(victims)
+        try:
+            role = victim.cmdline()[0].split(".")[0].strip()
+            victim.kill()
+        except psutil.NoSuchProcess:
+            continue
+        killed.append(role)
+
+
+def _resources_released(seconds: float) -> tuple[bool, dict, dict]:
+    """(whether available equals total, available, total), waiting up to `seconds` for Ray to
+    take back what the driver's actors held."""
+    deadline = time.time() + seconds
+    while True:
+        available, total = ray.available_resources(), ray.cluster_resources()
+        equal = available.keys() == total.keys() and all(
+            abs(available[k] - total[k]) < 1e-6 for k in total
+        )
+        if equal or time.time() > deadline:
+            return equal, available, total
+        time.sleep(1)
+
+
+def test_random_kills_of_stateless_roles_lose_no_step_and_leak_nothing(
+    local_ray, tiny_run, tmp_path
+):
+    out = tmp_path / "chaos"
+    copy_outputs(tiny_run[0], out, ("base", "sft", "reward"))
+    driver = start_driver(
+        out,
+        *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "10"),
+        *("--ppo.max_role_restarts", "1000", "--run.evaluate", "false"),
+    )
+    killed: list[str] = []
+    chaos = threading.Thread(target=_kill_at_random, args=(driver, killed, random.Random(0)))
+    chaos.start()
+    code = finish(driver, timeout=600)
+    chaos.join()
+    log = (tmp_path / "chaos.log").read_text()
+    assert code == 0, log[-3000:]
+    assert len(killed) >= 3, killed  # the faults really happened, of more than one role
+    assert len(set(killed)) >= 2, killed
+
+    assert read_metrics(out / "policy")["steps"] == STEPS
+    events = EventAccumulator(str(out / "tb" / "ppo"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars(metrics.KL)]
+    assert steps == list(range(1, STEPS + 1))  # every step trained, each once
+
+    released, available, total = _resources_released(60)
+    assert released, (available, total)

@@ -1,0 +1,63 @@
+"""Tier 2: the PPO phase on several Ray nodes (one machine, `ray.cluster_utils.Cluster`) loses
+the node that holds its rollout generator.
+
+With a spare node the generator restarts there and the run finishes every step; with none, the
+driver names the problem and exits 1 within seconds instead of waiting on a restart that Ray
+can never place, and the same command run again once a node has joined finishes the run. The
+scenario runs once, in its own process (tests/cluster_scenario.py), since this session
+already holds a Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_ray.run.checkpoints import read_metrics
+from tests.cluster_scenario import REMOVE_AT_STEP, STEPS
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_run, tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.cluster_scenario", str(tiny_run[0]), str(work)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), work
+
+
+def test_a_lost_generator_node_is_replaced_by_a_spare_one(scenario):
+    runs, work = scenario
+    spare = runs["spare"]
+    assert spare["exit"] == 0, spare["stderr"]
+    assert spare["generator_node_after"] not in (None, spare["removed"])
+    assert read_metrics(work / "spare" / "policy")["steps"] == STEPS
+
+
+def test_a_lost_node_with_no_spare_capacity_is_a_clear_error_in_seconds(scenario):
+    runs, work = scenario
+    lost = runs["no_spare"]
+    assert lost["exit"] == 1, lost["stdout"] + lost["stderr"]
+    assert "nodes left the cluster and the rest cannot hold the roles" in lost["stderr"]
+    assert "the rollout generator asks for CPU=1" in lost["stderr"]
+    assert lost["seconds_to_exit"] < 60, lost
+    assert lost["generator_node_after"] is None  # nowhere to go
+
+
+def test_the_same_command_finishes_the_run_once_a_node_has_joined(scenario):
+    runs, work = scenario
+    rerun = runs["rerun"]
+    assert rerun["exit"] == 0, rerun["stderr"]
+    resumed = re.search(r"\[ppo\] resuming after step (\d+)", rerun["stdout"])
+    assert resumed and REMOVE_AT_STEP <= int(resumed.group(1)) < STEPS, rerun["stdout"]
+    assert read_metrics(work / "no_spare" / "policy")["steps"] == STEPS
