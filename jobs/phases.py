@@ -65,9 +65,9 @@ def redo_phases(cfg: Config, out: Path) -> None:
         print(f"[redo] deleted {path}")
 
 
-def check_recorded_settings(cfg: Config, out: Path, prepared: PreparedRun) -> None:
-    """Every phase that left outputs in `out` was run with this run's settings (exit 2 if not)."""
-    current = fingerprints.phase_settings(cfg, prepared.data_dir)
+def check_recorded_settings(out: Path, current: dict[str, dict]) -> None:
+    """Every phase that left outputs in `out` was run with `current` settings (exit 2 if not);
+    `current` is `fingerprints.phase_settings` of this run."""
     for phase in PHASES:
         if fingerprints.read_record(out, phase) is None and _has_outputs(out, phase):
             raise ConfigError(
@@ -76,12 +76,6 @@ def check_recorded_settings(cfg: Config, out: Path, prepared: PreparedRun) -> No
                 f"Use a new run.output_dir, or --run.redo {phase}"
             )
         fingerprints.check_against_record(out, phase, current[phase], redo=phase)
-
-
-def record_settings(cfg: Config, out: Path, prepared: PreparedRun, phase: str) -> None:
-    """Record what `phase` is about to be run with (checked by later runs)."""
-    settings = fingerprints.phase_settings(cfg, prepared.data_dir)[phase]
-    fingerprints.write_record(out, phase, settings)
 
 
 def _has_outputs(out: Path, phase: str) -> bool:

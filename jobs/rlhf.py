@@ -21,6 +21,7 @@ from rlhf_ray.config import Config  # noqa: E402
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.prepare import prepare_run  # noqa: E402
 from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError  # noqa: E402
+from rlhf_ray.run import fingerprints  # noqa: E402
 from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
 from rlhf_ray.run.output_dir import check_output_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
@@ -50,7 +51,8 @@ def run(cfg: Config) -> int:
         prepared = prepare_run(cfg)
         phases.print_data_report(prepared.report)
         phases.redo_phases(cfg, out)
-        phases.check_recorded_settings(cfg, out, prepared)
+        settings = fingerprints.phase_settings(cfg, prepared.data_dir)
+        phases.check_recorded_settings(out, settings)
         print(cluster.connect(cfg.run), flush=True)
         for what, requests in phases.resource_checks(cfg):
             cluster.check_resources(requests, what)
@@ -70,7 +72,7 @@ def run(cfg: Config) -> int:
         if is_complete(phase_dir(out, name)):
             print(f"[{name}] complete output in {phase_dir(out, name)}; skipped")
             continue
-        phases.record_settings(cfg, out, prepared, name)
+        fingerprints.write_record(out, name, settings[name])  # what later runs compare with
         start = time.time()
         try:
             run_phase(cfg, prepared)

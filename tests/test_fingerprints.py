@@ -25,13 +25,17 @@ from tests.conftest import raises_with, smoke_config
 def _finished_run(out: Path, **overrides: str) -> None:
     """An output dir as a run with these settings leaves it: every phase complete, recorded."""
     cfg = smoke_config(out, **overrides)
-    prepared = prepare_run(cfg)
+    settings = _settings(cfg)
     for phase in PHASES:
         phase_dir(out, phase).mkdir(parents=True)
         write_metrics(phase_dir(out, phase), {})
         (out / "tb" / phase).mkdir(parents=True)
-        phases.record_settings(cfg, out, prepared, phase)
+        fingerprints.write_record(out, phase, settings[phase])
     (checkpoints_root(out) / "step-2").mkdir(parents=True)
+
+
+def _settings(cfg) -> dict[str, dict]:
+    return fingerprints.phase_settings(cfg, prepare_run(cfg).data_dir)
 
 
 def _rerun(out: Path, capsys, *args: str) -> tuple[int, str]:
@@ -63,7 +67,7 @@ def test_settings_that_do_not_change_what_is_learned_may_change(tmp_path):
         tmp_path,
         **{"ppo.checkpoint_every": "5", "ppo.num_rollout_actors": "2", "run.ray_timeout_s": "9"},
     )
-    phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
+    phases.check_recorded_settings(tmp_path, _settings(cfg))
 
 
 def test_redo_deletes_that_phase_and_every_later_one(tmp_path, capsys):
@@ -71,9 +75,9 @@ def test_redo_deletes_that_phase_and_every_later_one(tmp_path, capsys):
     storage = train_storage(tmp_path, "reward")
     storage.mkdir(parents=True)
     cfg = smoke_config(tmp_path, **{"reward.lr": "0.01", "run.redo": "reward"})
-    prepared = prepare_run(cfg)
+    current = _settings(cfg)
     phases.redo_phases(cfg, tmp_path)
-    phases.check_recorded_settings(cfg, tmp_path, prepared)  # nothing left to differ
+    phases.check_recorded_settings(tmp_path, current)  # nothing left to differ
     for gone in (
         phase_dir(tmp_path, "reward"),
         phase_dir(tmp_path, "ppo"),
@@ -104,7 +108,7 @@ def test_outputs_without_a_record_are_refused(tmp_path):
     fingerprints.record_path(tmp_path, "sft").unlink()
     cfg = smoke_config(tmp_path)
     with raises_with("sft outputs but no record", "--run.redo sft", exc=ConfigError):
-        phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
+        phases.check_recorded_settings(tmp_path, _settings(cfg))
 
 
 def test_redo_must_name_a_phase_the_run_runs(tmp_path, capsys):
@@ -118,4 +122,4 @@ def test_a_damaged_record_is_named(tmp_path, damage):
     fingerprints.record_path(tmp_path, "reward").write_text(damage)
     cfg = smoke_config(tmp_path)
     with raises_with("reward.json", "cannot be read", exc=ConfigError):
-        phases.check_recorded_settings(cfg, tmp_path, prepare_run(cfg))
+        phases.check_recorded_settings(tmp_path, _settings(cfg))

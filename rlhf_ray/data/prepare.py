@@ -126,7 +126,8 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
         if fingerprints.read_record(out, "base") is None:
             raise ConfigError(
                 f"{base_dir}: a base model with no record of the settings it was built with "
-                "(an older rlhf-ray built it); use a new run.output_dir, or --run.redo sft"
+                "(an older rlhf-ray, or a run that died while building it); use a new "
+                "run.output_dir, or --run.redo sft"
             )
         fingerprints.check_against_record(out, "base", settings, redo="sft")
         where = f"{base_dir} (built by an earlier run; --run.redo sft builds it again)"
@@ -135,10 +136,13 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
     tok = train_bpe_tokenizer(_corpus(rows, cfg.data.prompt_template), cfg.model.vocab_size)
     max_positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     model = build_embedded_model(cfg.model, tok, max_positions, cfg.run.seed)
-    fingerprints.write_record(out, "base", settings)  # first: a base/ never lacks its record
+    # The old record goes first and the new one comes last: a base/ is never paired with the
+    # record of another one, whenever this process dies.
+    fingerprints.record_path(out, "base").unlink(missing_ok=True)
     with replace_dir(base_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+    fingerprints.write_record(out, "base", settings)
     return tok, str(base_dir)
 
 

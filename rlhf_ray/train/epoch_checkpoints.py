@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def _rank_files(rank: int) -> tuple[str, str]:
     return f"rank-{rank}.safetensors", f"rank-{rank}.json"
 
 
-def save_epoch(loop: LoopState, worker: Worker, position: Position) -> None:
+def save_epoch(phase: str, loop: LoopState, worker: Worker, position: Position) -> None:
     """Report the end of an epoch to Ray Train with this rank's part of the checkpoint.
 
     Every rank must call it (Ray Train waits for all); `position.shown` (plain floats) is what
@@ -72,6 +74,7 @@ def save_epoch(loop: LoopState, worker: Worker, position: Position) -> None:
     """
     import ray.train
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rlhf-ray-epoch-") as tmp:
         folder = Path(tmp)
         tensors_file, json_file = _rank_files(worker.rank)
@@ -79,9 +82,15 @@ def save_epoch(loop: LoopState, worker: Worker, position: Position) -> None:
         (folder / json_file).write_text(json.dumps(loop.data_rng.getstate()))
         if worker.is_chief:
             _save_chief_part(loop, position, folder)
+        size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         metrics = {"epoch": position.epochs_done, "step": position.step, **position.shown}
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)  # returns once it is in storage
+    if worker.is_chief:
+        seconds = time.perf_counter() - started
+        epoch = position.epochs_done
+        line = f"[{phase}] epoch {epoch} checkpoint: {size_mb:.1f} MiB in {seconds:.2f}s"
+        print(line, file=sys.__stdout__, flush=True)  # once on the console, as in Progress
 
 
 def _save_chief_part(loop: LoopState, position: Position, folder: Path) -> None:

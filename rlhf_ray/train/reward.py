@@ -148,7 +148,7 @@ def reward_worker_loop(config: dict) -> None:
                     step,
                 )
         shown = {"loss": _mean(losses), "accuracy": _mean(accuracies)}
-        save_epoch(loop, worker, Position(epoch + 1, step, shown))
+        save_epoch("reward", loop, worker, Position(epoch + 1, step, shown))
     if worker.is_chief:
         _finish(settings, model, tok, writer, step, worker.device, start_at.step)
 

@@ -121,10 +121,12 @@ def sft_worker_loop(config: dict) -> None:
         epoch_loss = sum(losses) / len(losses)
         if writer:
             writer.scalars({metrics.SFT_EPOCH_LOSS: epoch_loss}, step)
-        save_epoch(loop, worker, Position(epoch + 1, step, {"loss": epoch_loss}))
+        save_epoch("sft", loop, worker, Position(epoch + 1, step, {"loss": epoch_loss}))
     if worker.is_chief:
-        tokens_per_s = tokens / (time.time() - start)
-        writer.scalars({metrics.SFT_TOKENS_PER_S: tokens_per_s}, step)
+        # Throughput of this process's own steps (none if it only saved a finished phase).
+        tokens_per_s = tokens / (time.time() - start) if tokens else None
+        if tokens_per_s is not None:
+            writer.scalars({metrics.SFT_TOKENS_PER_S: tokens_per_s}, step)
         writer.close()
         result = {"final_epoch_loss": epoch_loss, "steps": step, "tokens_per_s": tokens_per_s}
         result["resumed_at_step"] = start_at.step
