@@ -45,14 +45,17 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
 
 
+def phases_to_redo(cfg: Config) -> tuple[str, ...]:
+    """`run.redo` and every phase after it; () without it."""
+    return PHASES[PHASES.index(cfg.run.redo) :] if cfg.run.redo else ()
+
+
 def redo_phases(cfg: Config, out: Path) -> None:
-    """`run.redo`: delete that phase's outputs and every later phase's, once the data are
-    checked and before Ray starts. (Redoing SFT rebuilds the embedded base model in
+    """`run.redo`: delete that phase's outputs and every later phase's, once every input is
+    checked, right before the phases run. (Redoing SFT rebuilds the embedded base model in
     `prepare_run`.)"""
-    if cfg.run.redo is None:
-        return
     doomed = []
-    for phase in PHASES[PHASES.index(cfg.run.redo) :]:
+    for phase in phases_to_redo(cfg):
         doomed += [phase_dir(out, phase), out / "tb" / phase, fingerprints.record_path(out, phase)]
         doomed += [train_storage(out, phase)] if phase != "ppo" else [checkpoints_root(out)]
     for path in doomed:
@@ -65,10 +68,13 @@ def redo_phases(cfg: Config, out: Path) -> None:
         print(f"[redo] deleted {path}")
 
 
-def check_recorded_settings(out: Path, current: dict[str, dict]) -> None:
+def check_recorded_settings(
+    out: Path, current: dict[str, dict], redone: tuple[str, ...] = ()
+) -> None:
     """Every phase that left outputs in `out` was run with `current` settings (exit 2 if not);
-    `current` is `fingerprints.phase_settings` of this run."""
-    for phase in PHASES:
+    `current` is `fingerprints.phase_settings` of this run; `redone` phases' outputs are about
+    to be deleted and are not compared."""
+    for phase in (p for p in PHASES if p not in redone):
         if fingerprints.read_record(out, phase) is None and _has_outputs(out, phase):
             raise ConfigError(
                 f"{out}: it holds {phase} outputs but no record of the settings they were made "

@@ -50,14 +50,14 @@ def run(cfg: Config) -> int:
         phases.check_phase_inputs(cfg, out)
         prepared = prepare_run(cfg)
         phases.print_data_report(prepared.report)
-        phases.redo_phases(cfg, out)
         settings = fingerprints.phase_settings(cfg, prepared.data_dir)
-        phases.check_recorded_settings(out, settings)
+        phases.check_recorded_settings(out, settings, redone=phases.phases_to_redo(cfg))
         print(cluster.connect(cfg.run), flush=True)
         for what, requests in phases.resource_checks(cfg):
             cluster.check_resources(requests, what)
     except UserInputError as err:
         return report_input_error(err)
+    phases.redo_phases(cfg, out)  # only now: a run that could not start deletes nothing
     phases.save_resolved_config(cfg, out)
     seconds: dict[str, float] = {}
 

@@ -76,6 +76,9 @@ def test_redo_deletes_that_phase_and_every_later_one(tmp_path, capsys):
     storage.mkdir(parents=True)
     cfg = smoke_config(tmp_path, **{"reward.lr": "0.01", "run.redo": "reward"})
     current = _settings(cfg)
+    redone = phases.phases_to_redo(cfg)
+    assert redone == ("reward", "ppo")
+    phases.check_recorded_settings(tmp_path, current, redone)  # the changed phase is redone
     phases.redo_phases(cfg, tmp_path)
     phases.check_recorded_settings(tmp_path, current)  # nothing left to differ
     for gone in (
@@ -123,3 +126,12 @@ def test_a_damaged_record_is_named(tmp_path, damage):
     cfg = smoke_config(tmp_path)
     with raises_with("reward.json", "cannot be read", exc=ConfigError):
         phases.check_recorded_settings(tmp_path, _settings(cfg))
+
+
+def test_a_redo_that_cannot_start_deletes_nothing(local_ray, tmp_path, capsys):
+    """Outputs are deleted only once every check has passed, Ray's resources included."""
+    _finished_run(tmp_path)
+    code, err = _rerun(tmp_path, capsys, "--run.redo", "reward", "--resources.learner_cpus", "64")
+    assert code == 2 and "the PPO learner asks for CPU=64" in err
+    assert (phase_dir(tmp_path, "reward") / "metrics.json").is_file()
+    assert fingerprints.record_path(tmp_path, "reward").is_file()
