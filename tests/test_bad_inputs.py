@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from jobs import rlhf
 from rlhf_ray.data.prepare import prepare_run
+from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.source import check_model_source
 from tests.conftest import smoke_config
 
@@ -141,8 +143,10 @@ def test_a_path_is_a_path_whatever_its_name(tmp_path, monkeypatch, model_dir):
     """A relative directory shaped like a hub id ("org/model") is read from disk, never the hub."""
     shutil.copytree(model_dir, tmp_path / "org" / "model")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub lookup would fail
-    check_model_source("org/model", False, "model.name_or_path")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub lookup fails, as the next name shows
+    assert check_model_source("org/model", False, "model.name_or_path") is None
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        check_model_source("org/other-model", False, "model.name_or_path")
 
 
 def test_an_old_base_model_without_its_tokenizer(tmp_path, capsys):
@@ -195,10 +199,22 @@ def test_a_long_word_trains_the_embedded_tokenizer_quickly(tmp_path):
     assert time.time() - start < 60
 
 
+class _WritesAFile:
+    """A pickle payload: unpickling it calls `Path.touch` on the path it carries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 def test_weights_on_disk_are_never_unpickled_by_the_check(tmp_path, model_dir):
-    """The header check reads safetensors only; a .bin next to them is ignored, not loaded."""
+    """The check reads safetensors headers only; a pickle beside them is never loaded."""
     mixed = tmp_path / "mixed"
     shutil.copytree(model_dir, mixed)
-    torch.save({"w": torch.ones(1)}, mixed / "pytorch_model.bin")
+    marker = tmp_path / "unpickled"
+    (mixed / "pytorch_model.bin").write_bytes(pickle.dumps(_WritesAFile(marker)))
     save_file({"w": torch.ones(1)}, mixed / "extra.safetensors")
-    check_model_source(str(mixed), False, "model.name_or_path")
+    assert check_model_source(str(mixed), False, "model.name_or_path") is None
+    assert not marker.exists()

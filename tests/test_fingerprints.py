@@ -67,7 +67,10 @@ def test_settings_that_do_not_change_what_is_learned_may_change(tmp_path):
         tmp_path,
         **{"ppo.checkpoint_every": "5", "ppo.num_rollout_actors": "2", "run.ray_timeout_s": "9"},
     )
-    phases.check_recorded_settings(tmp_path, _settings(cfg))
+    current = _settings(cfg)
+    phases.check_recorded_settings(tmp_path, current)  # does not raise: nothing differs
+    for phase in PHASES:
+        assert current[phase] == fingerprints.read_record(tmp_path, phase), phase
 
 
 def test_redo_deletes_that_phase_and_every_later_one(tmp_path, capsys):
