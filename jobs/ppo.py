@@ -363,7 +363,22 @@ class PPOLoop:
         return time.perf_counter() - since
 
     def _get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
-        return _get(refs, self.timeout, what, died, self.watch)
+        """`_get` for this loop; a call that failed because the learner died (as loading its
+        weights into the generators does when it dies first) is a LearnerDied, which
+        `run_ppo` recovers from."""
+        try:
+            return _get(refs, self.timeout, what, died, self.watch)
+        except RoleFailed as err:
+            if isinstance(err, LearnerDied) or not self._learner_is_dead():
+                raise
+            raise LearnerDied(f"{what}: the learner died: {err}") from None
+
+    def _learner_is_dead(self) -> bool:
+        try:
+            ray.get(self.roles.learner.ready.remote(), timeout=self.timeout)
+        except RayActorError:
+            return True
+        return False
 
 
 BATCH_TENSORS = ("query", "query_mask", "response", "response_mask", "has_eos", "logprobs")
