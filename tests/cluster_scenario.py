@@ -21,6 +21,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import ray
@@ -55,7 +56,11 @@ def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
 
     def run() -> None:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            result["exit"] = rlhf.main(["--output_dir", str(out), *DRIVER_ARGS])
+            try:
+                result["exit"] = rlhf.main(["--output_dir", str(out), *DRIVER_ARGS])
+            except Exception:  # noqa: BLE001 - reported to the test, which shows the traceback
+                result["exit"] = "raised"
+                traceback.print_exc()
         result["ended_at"] = time.time()
 
     driver = threading.Thread(target=run, daemon=True)
@@ -94,6 +99,9 @@ def main(source: Path, work: Path) -> dict:
         "no_spare": drive(cluster, outs["no_spare"], remove_generator_node=True),
     }
     cluster.add_node(num_cpus=1)
+    # A rerun is a new driver: a new Ray job, whose actor names cannot clash with the old ones.
+    ray.shutdown()
+    ray.init(address=cluster.address, log_to_driver=False)
     runs["rerun"] = drive(cluster, outs["no_spare"], remove_generator_node=False)
     ray.shutdown()
     cluster.shutdown()
