@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from actors.ppo_learner import PPOLearner
@@ -374,10 +374,13 @@ class PPOLoop:
             raise LearnerDied(f"{what}: the learner died: {err}") from None
 
     def _learner_is_dead(self) -> bool:
+        """Only on a failure path; a learner that does not answer in time is busy, not dead."""
         try:
             ray.get(self.roles.learner.ready.remote(), timeout=self.timeout)
         except RayActorError:
             return True
+        except GetTimeoutError:
+            return False
         return False
 
 
