@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from rlhf_ray.errors import RoleFailed
+from rlhf_ray.errors import RoleFailed, UserInputError
 from rlhf_ray.ppo import learner
 from rlhf_ray.ppo.messages import Weights
 
@@ -24,19 +24,26 @@ class PPOLearner:
         """Trainable tensors only; stored once in the object store, read by every generator."""
         return self.learner.weights()
 
-    def train(self, shards: list[tuple]) -> dict[str, float]:
-        """`shards`: (RolloutBatch ref, scores ref, reference-logprobs ref) per generator."""
-        batches, scores, refs = zip(*shards, strict=True)
+    def train(self, shards: list[tuple], scores: list) -> dict[str, float]:
+        """`shards`: (RolloutBatch ref, reference-logprobs ref) per generator; `scores`: [the
+        ref of the scorer's Scores for all of them]. Refs inside lists are not resolved by Ray
+        before the call, so they are fetched here, where a failure names the role that failed."""
+        batches, refs = zip(*shards, strict=True)
         return self.learner.train(
             self._fetch(batches, "a rollout generator"),
-            self._fetch(scores, "the reward scorer"),
+            self._fetch(scores, "the reward scorer")[0],
             self._fetch(refs, "the reference model"),
         )
 
-    def _fetch(self, refs: tuple, role: str) -> list:
-        """The results of one role's calls; an error says which role failed, and why."""
+    def _fetch(self, refs, role: str) -> list:
+        """The results of one role's calls; an error says which role failed, and why. A
+        mistake of the user's (a reward function that raised) is passed on as it is."""
         try:
             return ray.get(list(refs), timeout=self.timeout_s)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, UserInputError):
+                raise err.cause from None
+            raise RoleFailed(f"{role} failed: {err}") from err
         except ray.exceptions.RayError as err:
             raise RoleFailed(f"{role} failed (after its restarts, if any): {err}") from err
 

@@ -24,8 +24,8 @@ class RolloutGenerator:
     def ready(self) -> int:
         return os.getpid()
 
-    def generate(self, prompts: list[str]) -> RolloutBatch:
-        return self.generator.generate(prompts)
+    def generate(self, prompts: list[str], group: list[int]) -> RolloutBatch:
+        return self.generator.generate(prompts, group)
 
     def load_weights(self, weights: Weights) -> int:
         self.generator.load_weights(weights)

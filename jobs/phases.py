@@ -13,6 +13,7 @@ from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
+from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.run import evaluation, fingerprints
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
@@ -26,13 +27,32 @@ from rlhf_ray.run.resources import (
 from rlhf_ray.train import reward, sft
 from rlhf_ray.train.common import launch, train_storage
 
-PHASE_INPUTS = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward")}
+
+def phase_inputs(cfg: Config, phase: str) -> tuple[str, ...]:
+    """The phases whose outputs `phase` reads: PPO needs the reward model only if it uses one."""
+    if phase == "ppo":
+        return ("sft", "reward") if cfg.scoring.uses_reward_model else ("sft",)
+    return {"sft": (), "reward": ("sft",)}[phase]
+
+
+def unused_phases(cfg: Config) -> dict[str, str]:
+    """Phases in run.phases that nothing in this run would use -> why they are skipped."""
+    if "reward" not in cfg.run.phases or cfg.scoring.uses_reward_model:
+        return {}
+    why = "scoring.reward_model_weight is 0, so PPO scores with reward functions only"
+    if cfg.data.preference_path:
+        why += f"; data.preference_path ({cfg.data.preference_path}) is not used"
+    return {"reward": why}
 
 
 def check_phase_inputs(cfg: Config, out: Path) -> None:
-    """Every selected phase's inputs exist already or are made earlier in this run."""
+    """Every selected phase's inputs exist already or are made earlier in this run, and the
+    reward functions PPO will call can be imported."""
+    if "ppo" in cfg.run.phases:
+        for spec in cfg.scoring.functions:
+            import_reward_function(spec)
     for phase in cfg.run.phases:
-        for needed in PHASE_INPUTS[phase]:
+        for needed in phase_inputs(cfg, phase):
             if needed in cfg.run.phases:
                 continue
             if not is_complete(phase_dir(out, needed)):

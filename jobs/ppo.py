@@ -2,10 +2,13 @@
 
 One iteration is five named, timed stages:
   generate   every RolloutGenerator samples its shard of prompts  -> RolloutBatch refs
-  score      RewardScorer.score(batch ref)                        -> scores refs      } in
+  score      RewardScorer.score(every batch ref)                  -> one Scores ref   } in
   reference  ReferenceModel.logprobs(batch ref)                   -> logprobs refs    } parallel
   learn      PPOLearner.train(all refs)                           -> scalar stats
   sync       PPOLearner.weights() put once, loaded by every generator
+A step samples `ppo.samples_per_prompt` responses of each of its prompts; every sample carries
+its prompt's group id, so the group estimators (RLOO, GRPO) find a prompt's samples whole even
+when the shards split them over generators.
 With `ppo.overlap` the next batch is generated while the learner updates (one version behind).
 
 Every `ppo.checkpoint_every` steps, and when the job is stopped (SIGTERM, as `ray job stop`
@@ -42,6 +45,7 @@ from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.ppo.progress import Progress, PromptStream
+from rlhf_ray.ppo.reward_scorer import ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
@@ -147,7 +151,8 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         res.learner_gpus,
         cfg.run.seed,
     )
-    learner_settings = LearnerSettings(policy, reward_dir, cfg.reward.method, cfg.ppo)
+    critic_path = reward_dir if cfg.scoring.uses_reward_model else sft_dir
+    learner_settings = LearnerSettings(policy, critic_path, cfg.reward.method, cfg.ppo)
     learner = PPOLearner.options(
         name="learner", **actor_options(res.learner_cpus, res.learner_gpus)
     ).remote(learner_settings, timeout)
@@ -161,9 +166,18 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         "max_restarts": cfg.ppo.max_role_restarts,
         "max_task_retries": cfg.ppo.max_role_restarts,
     }
+    scoring = cfg.scoring
+    scorer_settings = ScorerSettings(
+        frozen(reward_dir, res.reward_cpus, res.reward_gpus) if scoring.uses_reward_model else None,
+        scoring.reward_model_weight,
+        scoring.functions,
+        scoring.weights,
+        sft_dir,
+        cfg.model.trust_remote_code,
+    )
     scorer = RewardScorer.options(
         name="reward", **restarts, **actor_options(res.reward_cpus, res.reward_gpus)
-    ).remote(frozen(reward_dir, res.reward_cpus, res.reward_gpus))
+    ).remote(scorer_settings)
     reference = ReferenceModel.options(
         name="reference", **restarts, **actor_options(res.reference_cpus, res.reference_gpus)
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
@@ -308,13 +322,16 @@ class PPOLoop:
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
     def _dispatch(self) -> Pending:
-        """Start generation of the next batch, split evenly over the generators."""
-        n = len(self.roles.generators)
-        prompts = self.prompts.take(self.ppo.rollouts_per_step)
-        shard = len(prompts) // n
+        """Start generation of the next batch: samples_per_prompt rows per prompt, tagged with
+        the prompt's group id, split evenly over the generators (a group may be split)."""
+        k, gens = self.ppo.samples_per_prompt, self.roles.generators
+        prompts = self.prompts.take(self.ppo.prompts_per_step)
+        rows = [p for p in prompts for _ in range(k)]
+        group = [i for i in range(len(prompts)) for _ in range(k)]
+        shard = len(rows) // len(gens)
         refs = [
-            g.generate.remote(prompts[i * shard : (i + 1) * shard])
-            for i, g in enumerate(self.roles.generators)
+            g.generate.remote(rows[i * shard : (i + 1) * shard], group[i * shard : (i + 1) * shard])
+            for i, g in enumerate(gens)
         ]
         return Pending(refs, time.perf_counter())
 
@@ -329,14 +346,14 @@ class PPOLoop:
         if self.ppo.overlap and more:
             pending = self._dispatch()
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here
-        score_refs = [self.roles.scorer.score.remote(b) for b in batch_refs]
+        scores_ref = self.roles.scorer.score.remote(*batch_refs)  # the whole step at once
         ref_refs = [self.roles.reference.logprobs.remote(b) for b in batch_refs]
-        times["score"] = self._wait(score_refs, "score", t)
+        times["score"] = self._wait([scores_ref], "score", t)
         times["reference"] = self._wait(ref_refs, "reference", t)
         t = time.perf_counter()
         stats = self.learner_call(
             self.roles.learner.train.remote(
-                list(zip(batch_refs, score_refs, ref_refs, strict=True))
+                list(zip(batch_refs, ref_refs, strict=True)), [scores_ref]
             ),
             "the learner update",
         )
@@ -384,7 +401,15 @@ class PPOLoop:
         return False
 
 
-BATCH_TENSORS = ("query", "query_mask", "response", "response_mask", "has_eos", "logprobs")
+BATCH_TENSORS = (
+    "query",
+    "query_mask",
+    "response",
+    "response_mask",
+    "has_eos",
+    "logprobs",
+    "group",
+)
 
 
 def _batch_tensors(batch: RolloutBatch) -> dict:
@@ -392,7 +417,11 @@ def _batch_tensors(batch: RolloutBatch) -> dict:
 
 
 def _batch_info(batch: RolloutBatch) -> dict:
-    return {"policy_version": batch.policy_version, "generator_rank": batch.generator_rank}
+    return {
+        "policy_version": batch.policy_version,
+        "generator_rank": batch.generator_rank,
+        "prompts": batch.prompts,
+    }
 
 
 def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
@@ -448,5 +477,7 @@ def _get(
         return ray.get(refs)
     except RoleFailed as err:  # raised in the learner about another role
         raise RoleFailed(f"{what}: {getattr(err, 'cause', err)}") from None
+    except UserInputError as err:  # e.g. a reward function that raised: the user's own message
+        raise getattr(err, "cause", err) from None
     except RayActorError as err:  # the actor called here is gone for good
         raise died(f"{what}: {err}") from None

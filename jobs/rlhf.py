@@ -69,6 +69,9 @@ def run(cfg: Config) -> int:
     ):
         if name not in cfg.run.phases:
             continue
+        if name in phases.unused_phases(cfg):
+            print(f"[{name}] skipped: {phases.unused_phases(cfg)[name]}", flush=True)
+            continue
         if is_complete(phase_dir(out, name)):
             print(f"[{name}] complete output in {phase_dir(out, name)}; skipped")
             continue

@@ -89,7 +89,7 @@ def test_killed_scorer_and_reference_restart_and_every_step_trains_once(local_ra
         # A call in flight when its actor dies is retried on the restarted actor.
         in_flight = roles.scorer.score.remote(pending.refs[0])
         ray.kill(roles.scorer, no_restart=False)
-        assert ray.get(in_flight, timeout=TIMEOUT).shape == (cfg.ppo.rollouts_per_step,)
+        assert ray.get(in_flight, timeout=TIMEOUT).total.shape == (cfg.ppo.rollouts_per_step,)
         ledger = []  # (step, learner version after it)
         for step in range(1, cfg.ppo.steps + 1):
             for role in (roles.scorer, roles.reference):
@@ -140,12 +140,15 @@ def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny
     out, _ = tiny_run
     cfg = smoke_config(out)
     with _running_roles(cfg, out) as roles:
-        batch_ref = roles.generators[0].generate.remote(["What is the capital of Peru?"] * 3)
+        prompts = ["What is the capital of Peru?"] * 3
+        batch_ref = roles.generators[0].generate.remote(prompts, [0, 0, 0])
         ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
         batch = ray.get(batch_ref, timeout=TIMEOUT)
         torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
         scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
-        assert scores.shape == (3,) and torch.isfinite(scores).all()
+        assert scores.total.shape == (3,) and torch.isfinite(scores.total).all()
+        assert list(scores.components) == ["reward_model"]  # weight 1: total is its score
+        assert torch.equal(scores.total, scores.components["reward_model"])
 
 
 def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):

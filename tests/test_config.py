@@ -15,7 +15,15 @@ import ray
 import yaml
 
 from jobs import cli
-from rlhf_ray.config import Config, DataConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig
+from rlhf_ray.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    PPOConfig,
+    RunConfig,
+    ScoringConfig,
+    SFTConfig,
+)
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.config.loading import config_to_dict, load_config, preset_names
 from rlhf_ray.data.prepare import gather_rows
@@ -296,7 +304,7 @@ def test_wrong_type_in_yaml(tmp_path):
     # A float is not an int.
     with raises_with("sft.epochs=2.5", "expected int"):
         load_config(write_yaml(tmp_path, "sft:\n  epochs: 2.5\n"))
-    with raises_with("lora.target_modules=", "expected a YAML list of strings"):
+    with raises_with("lora.target_modules[0]=1", "expected str"):
         load_config(write_yaml(tmp_path, "lora:\n  target_modules: [1, 2]\n"))
     with raises_with("sft.epochs=None", "expected a value of type int"):
         load_config(write_yaml(tmp_path, "sft:\n  epochs: null\n"))
@@ -382,6 +390,25 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         ),
         # Command-line bytes that are not UTF-8 reach Python as surrogates.
         (["--run.output_dir", "out-\udcff"], ("run.output_dir=", "valid UTF-8")),
+        # Estimators and reward sources.
+        (["--ppo.estimator", "ppo"], ("ppo.estimator='ppo'", "gae, rloo, grpo, reinforce++")),
+        (["--ppo.estimator", "grpo"], ("ppo.samples_per_prompt=1", "at least 2 with estimator")),
+        (
+            ["--ppo.estimator", "rloo", "--ppo.samples_per_prompt", "3"],
+            ("ppo.rollouts_per_step=128", "multiple of samples_per_prompt=3"),
+        ),
+        (["--ppo.kl_placement", "both"], ("ppo.kl_placement='both'", "auto, reward, loss")),
+        (["--scoring.functions", "mymodule"], ("scoring.functions=", "module:function")),
+        (["--scoring.functions", "a:f", "a:f"], ("scoring.functions=", "no function twice")),
+        (
+            ["--scoring.functions", "a:f", "--scoring.function_weights", "1", "2"],
+            ("scoring.function_weights=(1.0, 2.0)", "one weight per function (1)"),
+        ),
+        (
+            ["--scoring.reward_model_weight", "0"],
+            ("scoring.reward_model_weight=0.0", "or reward functions"),
+        ),
+        (["--scoring.reward_model_weight", "-1"], ("scoring.reward_model_weight=-1.0", ">= 0")),
     ],
 )
 def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, args, parts):
@@ -516,3 +543,33 @@ def test_console_script_run_forwards_to_the_driver(capsys):
     ray_before = ray.is_initialized()
     assert "sft.epochs=0" in exit_2_message(capsys, ["run", "--sft.epochs", "0"])
     assert ray.is_initialized() == ray_before
+
+
+def test_estimator_settings_and_where_each_puts_the_kl():
+    """`auto` follows each paper: GRPO puts the KL in the loss, the others in the reward."""
+    placement = {}
+    for estimator in ("gae", "rloo", "grpo", "reinforce++"):
+        ppo = PPOConfig(estimator=estimator, samples_per_prompt=4)
+        placement[estimator] = "loss" if ppo.kl_in_loss else "reward"
+        assert ppo.uses_critic == (estimator == "gae")
+        assert ppo.prompts_per_step == 16  # 64 rollouts / 4 samples
+    assert placement == {"gae": "reward", "rloo": "reward", "grpo": "loss", "reinforce++": "reward"}
+    assert not PPOConfig(estimator="grpo", samples_per_prompt=2, kl_placement="reward").kl_in_loss
+    assert PPOConfig(kl_placement="loss").kl_in_loss
+
+
+def test_reward_sources_from_yaml(tmp_path):
+    cfg = load_config(
+        write_yaml(
+            tmp_path,
+            "scoring:\n  reward_model_weight: 0\n  functions: [a.b:f, c:g]\n"
+            "  function_weights: [1, -0.5]\n",
+        )
+    )
+    assert cfg.scoring.functions == ("a.b:f", "c:g") and cfg.scoring.weights == (1.0, -0.5)
+    assert not cfg.scoring.uses_reward_model
+    assert ScoringConfig(functions=("a:f", "b:g")).weights == (1.0, 1.0)  # none given: 1 each
+    with raises_with("scoring.function_weights[1]='x'", "expected float"):
+        load_config(
+            write_yaml(tmp_path, "scoring:\n  functions: [a:f, b:g]\n  function_weights: [1, x]\n")
+        )

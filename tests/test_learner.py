@@ -16,8 +16,9 @@ from rlhf_ray.data.prepare import limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.reference_model import ReferenceModel
-from rlhf_ray.ppo.reward_scorer import RewardScorer
+from rlhf_ray.ppo.reward_scorer import RewardScorer, ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings, RolloutGenerator
 from rlhf_ray.run import metrics
 from tests.conftest import raises_with, smoke_config
@@ -43,7 +44,7 @@ def _sharp_policy(sft_dir: Path, out_dir: Path) -> Path:
 def rollouts(tiny_run, tmp_path_factory):
     """Two zero-lag shards whose prompts have different widths, scored and referenced.
 
-    Returns (LearnerSettings, [shard, shard], [scores, scores], [ref_logprobs, ref_logprobs]).
+    Returns (LearnerSettings, [shard, shard], Scores of both, [ref_logprobs, ref_logprobs]).
     """
     out, prepared = tiny_run
     cfg = smoke_config(out)
@@ -69,13 +70,17 @@ def rollouts(tiny_run, tmp_path_factory):
     prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")]
     width = {p: len(prompt_ids(generator.tok, p, policy.limits)) for p in prompts}
     prompts.sort(key=width.get)
-    shards = [generator.generate(prompts[:4]), generator.generate(prompts[-4:])]
+    shards = [
+        generator.generate(prompts[:4], [0, 1, 2, 3]),
+        generator.generate(prompts[-4:], [4, 5, 6, 7]),
+    ]
     assert shards[0].query.shape[1] < shards[1].query.shape[1]  # re-padded when concatenated
 
     frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=0)
-    scorer = RewardScorer(FrozenModelSettings(str(out / "reward"), **frozen))
+    reward_model = FrozenModelSettings(str(out / "reward"), **frozen)
+    scorer = RewardScorer(ScorerSettings(reward_model, 1.0, (), (), str(sft_dir), False))
     reference = ReferenceModel(FrozenModelSettings(str(sft_dir), **frozen), policy.temperature)
-    scores = [scorer.score(shard) for shard in shards]
+    scores = scorer.score(shards)
     refs = [reference.logprobs(shard) for shard in shards]
     return settings, shards, scores, refs
 
@@ -100,13 +105,13 @@ def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(roll
     settings, shards, _, _ = rollouts
     learner = PPOLearner(settings)
     before = {
-        "policy": [p.detach().clone() for p in learner.policy_params],
-        "critic": [p.detach().clone() for p in learner.critic_params],
+        name: [p.detach().clone() for p in params] for name, (params, _) in learner.trained.items()
     }
+    assert set(before) == {"policy", "critic"}
     # Reference logprobs 0.25 below the rollout's on every real token: kl = +0.25 per token,
     # so objective/kl (summed per response, mean over responses) = 0.25 * mean length.
     refs = [(s.logprobs - 0.25) * s.response_mask for s in shards]
-    scores = [torch.zeros(s.response.shape[0]) for s in shards]
+    scores = Scores(torch.zeros(8), {})
     stats = learner.train(shards, scores, refs)  # one minibatch of all rows, one epoch
 
     lengths = torch.cat([s.response_mask.sum(1) for s in shards])
@@ -115,7 +120,7 @@ def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(roll
     no_eos = torch.cat([~s.has_eos for s in shards]).float()
     assert stats[metrics.SCORES] == pytest.approx(-settings.ppo.missing_eos_penalty * no_eos.mean())
     assert stats[metrics.VALUE_LOSS] > 0 and stats[metrics.POLICY_LOSS] != 0
-    for name, params in (("policy", learner.policy_params), ("critic", learner.critic_params)):
+    for name, (params, _) in learner.trained.items():
         moved = [not torch.equal(a, b) for a, b in zip(before[name], params, strict=True)]
         assert any(moved), f"the {name} did not change after one minibatch step"
 
@@ -125,3 +130,44 @@ def test_vf_coef_is_an_unknown_key():
     with raises_with("unknown key ppo.vf_coef", "critic_lr", exc=ConfigError):
         config_from_yaml("ppo:\n  vf_coef: 0.1\n", "test.yaml")
     assert "vf_coef" not in vars(config_from_yaml("", "empty").ppo)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce++"])
+def test_critic_free_learner_holds_no_critic_and_trains_the_policy(rollouts, estimator):
+    """No critic is built (its path does not even exist), checkpointed or trained; groups of 2
+    are found whole although groups 1 and 2 are split over the two shards."""
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, estimator=estimator, samples_per_prompt=2)
+    learner = PPOLearner(replace(settings, ppo=ppo, critic_path="/nonexistent/critic"))
+    assert learner.critic is None and list(learner.trained) == ["policy"]
+    grouped = [
+        replace(shards[0], group=torch.tensor([0, 0, 1, 2])),
+        replace(shards[1], group=torch.tensor([1, 2, 3, 3])),
+    ]
+    before = [p.detach().clone() for p in learner.trained["policy"][0]]
+    stats = learner.train(grouped, scores, refs)
+    assert metrics.VALUE_LOSS not in stats and metrics.VALUE_CLIPFRAC not in stats
+    assert (metrics.KL_LOSS in stats) == (estimator == "grpo")  # GRPO: the KL is a loss term
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
+    after = learner.trained["policy"][0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    tensors, state = learner.checkpoint_state()
+    assert not any(name.startswith("critic") for name in tensors) and "critic_opt" not in state
+
+
+def test_a_step_with_an_incomplete_prompt_group_is_refused(rollouts):
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, estimator="rloo", samples_per_prompt=2)
+    learner = PPOLearner(replace(settings, ppo=ppo))
+    broken = [shards[0], replace(shards[1], group=torch.tensor([0, 0, 1, 1]))]  # 0..3 once each
+    with pytest.raises(RuntimeError, match="prompt groups of sizes \\[1, 3\\]"):
+        learner.train(broken, scores, refs)
+
+
+def test_reward_sources_are_logged_unweighted(rollouts):
+    settings, shards, _, refs = rollouts
+    rm, rule = torch.linspace(-1, 1, 8), torch.ones(8)
+    scores = Scores(0.5 * rm + 2.0 * rule, {"reward_model": rm, "tests.rules:f": rule})
+    stats = PPOLearner(settings).train(shards, scores, refs)
+    assert stats[metrics.reward_source("reward_model")] == pytest.approx(0.0, abs=1e-6)
+    assert stats[metrics.reward_source("tests.rules:f")] == 1.0

@@ -16,6 +16,8 @@ def shard_a() -> RolloutBatch:
         response_mask=torch.tensor([[1.0, 1.0, 1.0]]),
         has_eos=torch.tensor([True]),
         logprobs=torch.tensor([[-0.1, -0.2, -0.3]]),
+        group=torch.tensor([0]),
+        prompts=["a"],
         policy_version=5,
         generator_rank=0,
     )
@@ -30,6 +32,8 @@ def shard_b() -> RolloutBatch:
         response_mask=torch.tensor([[1.0], [1.0]]),
         has_eos=torch.tensor([False, False]),
         logprobs=torch.tensor([[-1.5], [-2.5]]),
+        group=torch.tensor([0, 1]),  # row 0 is the second sample of shard a's prompt
+        prompts=["a", "b"],
         policy_version=3,
         generator_rank=1,
     )
@@ -47,6 +51,8 @@ def test_concat_batches_re_pads_queries_left_and_responses_right():
     expected = torch.tensor([[-0.1, -0.2, -0.3], [-1.5, 0.0, 0.0], [-2.5, 0.0, 0.0]])
     torch.testing.assert_close(batch.logprobs, expected, atol=0, rtol=0)
     assert batch.has_eos.tolist() == [True, False, False]
+    # Group ids and prompts stay with their rows: prompt "a"'s group is whole again.
+    assert batch.group.tolist() == [0, 0, 1] and batch.prompts == ["a", "a", "b"]
     # dtypes survive padding.
     assert batch.response_mask.dtype == torch.float32 and batch.query.dtype == torch.int64
     assert batch.has_eos.dtype == torch.bool

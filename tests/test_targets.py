@@ -1,8 +1,11 @@
 """Tests for rlhf_ray.ppo.targets (rewards -> GAE -> whitening); every value worked by hand."""
 
+import math
+import statistics
+
 import torch
 
-from rlhf_ray.ppo.targets import ppo_targets
+from rlhf_ray.ppo.targets import critic_free_targets, ppo_targets
 
 
 def t(x, dtype=torch.float32):
@@ -105,3 +108,76 @@ def test_whiten_rewards_rescales_before_gae():
     close(out.rewards, [[0.0, 1.0, 2.0]])
     close(out.returns, [[3.0, 3.0, 2.0]])
     close(out.advantages, [[1.0, 0.0, -1.0]], atol=1e-5)
+
+
+# Critic-free targets: 4 rollouts of 2 prompts, k = 2, groups interleaved [0, 1, 0, 1] (as
+# rows from two generators arrive). R = 2; row 3 is one token long and has no EOS.
+FREE = dict(
+    scores=[1.0, 2.0, 3.0, 0.0],
+    has_eos=[True, True, True, False],
+    logprobs=[[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, 9.0]],
+    ref_logprobs=[[-1.5, -1.0], [-1.0, -1.0], [-1.0, -2.0], [-1.0, -9.0]],
+    mask=[[1, 1], [1, 1], [1, 1], [1, 0]],
+    group=[0, 1, 0, 1],
+)
+# Worked once for all estimators, kl_coef 0.5, missing-EOS penalty 1:
+#   scores after the penalty: 1, 2, 3, 0 - 1 = -1
+#   kl = logp - ref: row 0 [0.5, 0]; row 1 [0, 0]; row 2 [0, 1]; row 3 [0, pad]
+#   per-token rewards -0.5 * kl, score at the last real token:
+#     row 0 [-0.25, 1.0]; row 1 [0, 2.0]; row 2 [0, 2.5]; row 3 [-1.0, pad 0]
+#   per response (summed): 0.75, 2.0, 2.5, -1.0
+FREE_REWARDS = [[-0.25, 1.0], [0.0, 2.0], [0.0, 2.5], [-1.0, 0.0]]
+
+
+def _free(estimator, kl_coef=0.5, gamma=1.0):
+    return critic_free_targets(
+        estimator,
+        t(FREE["scores"]),
+        torch.tensor(FREE["has_eos"]),
+        t(FREE["logprobs"]),
+        t(FREE["ref_logprobs"]),
+        t(FREE["mask"]),
+        torch.tensor(FREE["group"]),
+        kl_coef=kl_coef,
+        gamma=gamma,
+        missing_eos_penalty=1.0,
+    )
+
+
+def test_rloo_targets_one_advantage_per_response_from_its_group():
+    out = _free("rloo")
+    close(out.rewards, FREE_REWARDS)
+    close(out.scores, [1.0, 2.0, 3.0, -1.0])
+    # group 0 = rows 0, 2 (0.75, 2.5): 0.75 - 2.5 = -1.75 and 2.5 - 0.75 = 1.75
+    # group 1 = rows 1, 3 (2.0, -1.0): 2.0 - (-1.0) = 3.0 and -3.0; padding stays 0
+    close(out.advantages, [[-1.75, -1.75], [3.0, 3.0], [1.75, 1.75], [-3.0, 0.0]])
+    assert out.old_values is None and out.returns is None  # no critic
+    close(out.old_logprobs, [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, 0.0]])
+
+
+def test_grpo_targets_normalise_within_each_group():
+    out = _free("grpo")
+    # group 0: 0.75, 2.5 -> mean 1.625, deviations -/+0.875, std sqrt(2 * 0.875^2 / 1)
+    # group 1: 2.0, -1.0 -> mean 0.5, deviations +/-1.5, std sqrt(2 * 1.5^2 / 1)
+    eps = 1e-4
+    a0 = 0.875 / (math.sqrt(2) * 0.875 + eps)
+    a1 = 1.5 / (math.sqrt(2) * 1.5 + eps)
+    close(out.advantages, [[-a0, -a0], [a1, a1], [a0, a0], [-a1, 0.0]], atol=1e-5)
+
+
+def test_kl_in_the_loss_leaves_the_rewards_without_it():
+    """kl_coef 0 here (the learner puts kl_coef * k3 in the loss instead): the responses'
+    rewards are the scores alone, 1, 2, 3, -1 -> RLOO: 1 - 3 = -2, 2 - (-1) = 3, 2, -3."""
+    out = _free("rloo", kl_coef=0.0)
+    close(out.advantages, [[-2.0, -2.0], [3.0, 3.0], [2.0, 2.0], [-3.0, 0.0]])
+    close(out.kl, [[0.5, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # still measured
+    close(out.ref_logprobs, FREE["ref_logprobs"])  # kept for the loss term
+
+
+def test_reinforce_pp_targets_batch_normalised_returns():
+    out = _free("reinforce++")
+    # returns-to-go of FREE_REWARDS (gamma 1): [0.75, 1.0], [2.0, 2.0], [2.5, 2.5], [-1.0, pad]
+    returns = [0.75, 1.0, 2.0, 2.0, 2.5, 2.5, -1.0]  # the 7 real tokens
+    mean, std = statistics.mean(returns), statistics.stdev(returns)  # stdev: Bessel's n - 1
+    w = [(r - mean) / math.sqrt(std**2 + 1e-8) for r in returns]
+    close(out.advantages, [[w[0], w[1]], [w[2], w[3]], [w[4], w[5]], [w[6], 0.0]], atol=1e-5)

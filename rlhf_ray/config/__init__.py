@@ -15,6 +15,7 @@ from rlhf_ray.config.sections import (
     ResourcesConfig,
     RewardConfig,
     RunConfig,
+    ScoringConfig,
     SFTConfig,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "ResourcesConfig",
     "RewardConfig",
     "RunConfig",
+    "ScoringConfig",
     "SFTConfig",
 ]

@@ -150,14 +150,18 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{name}=None: expected a value of type {_type_name(hint)}")
     base = _strip_optional(hint)
     if typing.get_origin(base) is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}={value!r}: expected a YAML list of strings, e.g. [a, b]")
-        return tuple(value)
+        item = typing.get_args(base)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r}: expected a YAML list, e.g. {_LIST_EXAMPLE[item]}")
+        return tuple(_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"{name}={value!r}: expected {_type_name(hint)}")
     return value
+
+
+_LIST_EXAMPLE = {str: "[a, b]", float: "[1.0, 0.5]"}
 
 
 def _allows_none(hint: Any) -> bool:

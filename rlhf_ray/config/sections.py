@@ -20,8 +20,17 @@ EMBEDDED_MODEL = "embedded"
 PHASES = ("sft", "reward", "ppo")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_METHODS = ("full", "lora")
+# How PPO estimates advantages: GAE with a critic, or a critic-free baseline (ppo/estimators.py)
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
+GROUP_ESTIMATORS = ("rloo", "grpo")  # compare the k samples of a prompt with each other
+# Where each estimator's paper puts the KL penalty: in the per-token reward (PPO, REINFORCE++;
+# RLOO's sequence reward is their sum) or as a loss term (GRPO).
+KL_PLACEMENT = {"gae": "reward", "rloo": "reward", "grpo": "loss", "reinforce++": "reward"}
 RAY_RESOURCE_UNIT = 0.0001  # Ray rounds resource amounts to 4 decimal places
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_FUNCTION_SPEC = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+)
 
 
 class Section:
@@ -292,14 +301,20 @@ class PPOConfig(Section):
 
     section: ClassVar[str] = "ppo"
     steps: int = 40  # PPO iterations: generate, score, reference, learn, sync
+    # advantages: gae (with a critic, PPO proper), or critic-free rloo, grpo or reinforce++
+    estimator: str = "gae"
     num_rollout_actors: int = 1  # rollout generators; rollouts_per_step is split over them
     rollouts_per_step: int = 64  # responses sampled per iteration
+    samples_per_prompt: int = 1  # k responses per prompt (a group); rloo and grpo need k >= 2
+    # the KL penalty: in the reward or as a loss term; auto = as the estimator's paper does
+    # (loss for grpo, reward for the others)
+    kl_placement: str = "auto"
     minibatch_size: int = 16  # responses per gradient step of the learner
     epochs: int = 4  # passes of the learner over each batch
     lr: float = 5e-4  # learning rate of the policy's LoRA adapter
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
-    kl_coef: float = 0.1  # beta in the per-token reward r_t = -beta * (logp - logp_ref)
-    gamma: float = 1.0  # discount of GAE
+    kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
+    gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
     lam: float = 0.95  # lambda of GAE
     clip_range: float = 0.2  # PPO ratio clip
     value_clip_range: float = 0.2  # critic value clip around the rollout's values
@@ -315,7 +330,20 @@ class PPOConfig(Section):
     keep_checkpoints: int = 2  # newest complete PPO checkpoints kept; older ones are deleted
 
     def validate(self) -> None:
+        self.one_of("estimator", ESTIMATORS)
+        self.one_of("kl_placement", ("auto", "reward", "loss"))
         self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
+        self.positive("samples_per_prompt")
+        self.check(
+            self.estimator not in GROUP_ESTIMATORS or self.samples_per_prompt >= 2,
+            "samples_per_prompt",
+            f"at least 2 with estimator {self.estimator} (it compares the samples of a prompt)",
+        )
+        self.check(
+            self.rollouts_per_step % self.samples_per_prompt == 0,
+            "rollouts_per_step",
+            f"a multiple of samples_per_prompt={self.samples_per_prompt}",
+        )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag")
@@ -338,6 +366,74 @@ class PPOConfig(Section):
             "max_policy_lag",
             ">= 1 when overlap is on (the next batch is sampled one version behind)",
         )
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "gae"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        placement = (
+            KL_PLACEMENT[self.estimator] if self.kl_placement == "auto" else self.kl_placement
+        )
+        return placement == "loss"
+
+    @property
+    def loss_per_sequence(self) -> bool:
+        """GRPO averages each response's token losses first, then over responses."""
+        return self.estimator == "grpo"
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollouts_per_step // self.samples_per_prompt
+
+
+@dataclass(frozen=True)
+class ScoringConfig(Section):
+    """What the reward scorer adds up for each PPO response: the trained reward model and reward
+    functions given as code, each with a weight (TRL's `reward_funcs` and `reward_weights`)."""
+
+    section: ClassVar[str] = "scoring"
+    # weight of the trained reward model's score; 0 = no reward model (its phase is skipped)
+    reward_model_weight: float = 1.0
+    # reward functions as module:function, called f(prompts=[...], completions=[...]) -> one
+    # float per completion (TRL's reward_funcs); rlhf_ray.world.gold_judge:gold_reward is the
+    # synthetic world's gold judge, for an oracle run
+    functions: tuple[str, ...] = ()
+    function_weights: tuple[float, ...] = ()  # one weight per function; empty = 1.0 each
+
+    def validate(self) -> None:
+        self.non_negative("reward_model_weight")
+        for spec in self.functions:
+            if not _FUNCTION_SPEC.fullmatch(spec):
+                self.fail("functions", self.functions, f"module:function entries, not {spec!r}")
+        self.check(
+            len(set(self.functions)) == len(self.functions), "functions", "no function twice"
+        )
+        self.check(
+            not self.function_weights or len(self.function_weights) == len(self.functions),
+            "function_weights",
+            f"one weight per function ({len(self.functions)}), or none for 1.0 each",
+        )
+        self.check(
+            all(math.isfinite(w) for w in self.function_weights),
+            "function_weights",
+            "finite numbers",
+        )
+        self.check(
+            self.reward_model_weight > 0 or bool(self.functions),
+            "reward_model_weight",
+            "> 0, or reward functions in scoring.functions: PPO needs a reward",
+        )
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model_weight > 0
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per function in `functions`."""
+        return self.function_weights or (1.0,) * len(self.functions)
 
 
 @dataclass(frozen=True)
@@ -395,6 +491,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -28,6 +28,13 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over rows of each row's masked mean: values, mask (B, T) -> scalar. Every response
+    weighs the same whatever its length (GRPO's 1/G sum_i 1/|o_i| sum_t); `masked_mean` weighs
+    every token the same instead. A row without real tokens contributes 0."""
+    return masked_mean(values, mask, dim=1).mean()
+
+
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Scalar variance of values over mask == 1; Bessel's n/(n-1) when unbiased (n >= 2)."""
     mean = masked_mean(values, mask)
@@ -152,12 +159,19 @@ def gae_advantages(
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    per_sequence: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate [PPO] eq. 7, as a loss to minimise, over the masked tokens.
 
     logprobs (B, T) float with grad (current policy); old_logprobs, advantages (B, T) float
-    from the rollout; mask (B, T). Returns (scalar loss, detached scalar stats "clipfrac",
+    from the rollout; mask (B, T). The loss is the mean over tokens, or with `per_sequence`
+    the mean over responses of each one's token mean (`sequence_mean`, as GRPO defines it).
+    Returns (scalar loss, detached scalar stats "clipfrac",
     "approxkl", "ratio"). The log-ratio is zeroed on padding so exp() cannot overflow there.
     [lm-hp] `loss`; [N-impl] "Policy loss" (clipfrac, approxkl = 0.5 * mean(logratio^2)).
     """
@@ -166,7 +180,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(pg_loss1, pg_loss2), mask)
+    aggregate = sequence_mean if per_sequence else masked_mean
+    loss = aggregate(torch.maximum(pg_loss1, pg_loss2), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),

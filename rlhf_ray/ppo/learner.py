@@ -1,16 +1,18 @@
-"""The PPO learner's work, Ray-free: policy (SFT + LoRA) and critic (from the reward model).
+"""The policy learner's work, Ray-free: the policy (SFT + LoRA) and, for PPO, its critic.
 
-One `train` call is one PPO iteration over a batch of rollouts (CleanRL's loop, the RLHF
-details from "The N Implementation Details of RLHF with PPO", Huang et al. 2024):
-  1. old values from the critic; then `targets.ppo_targets`: the reward-model score at the
-     last token, minus a penalty when the response has no EOS; per-token reward
-     -kl_coef * (logp - logp_ref); GAE advantages (gamma, lam), whitened over real tokens;
-     returns = advantages + values.
-  2. `epochs` passes over shuffled minibatches: clipped policy loss and clipped value loss,
-     gradients clipped, one AdamW optimizer each for policy and critic.
-There is no value-loss coefficient (`vf_coef`): policy and critic share no parameter, so each
-loss reaches only its own model, and a constant factor on the critic's gradient would be
-normalised away by Adam. The critic's learning rate, `ppo.critic_lr`, sets how hard it trains.
+One `train` call is one iteration over a step's rollouts (CleanRL's loop, the RLHF details
+from "The N Implementation Details of RLHF with PPO", Huang et al. 2024):
+  1. targets (`targets.py`): the score minus a penalty when the response has no EOS; per-token
+     KL penalty -kl_coef * (logp - logp_ref) unless the KL is a loss term; then advantages by
+     `ppo.estimator`: GAE with the critic's values (PPO, whitened, returns = advantages +
+     values), or without a critic RLOO / GRPO within each prompt's group, or REINFORCE++.
+  2. `epochs` passes over shuffled minibatches: the clipped policy loss (GRPO: averaged per
+     response), plus kl_coef * the k3 KL when it is a loss term, plus the clipped value loss when
+     there is a critic; gradients clipped, one AdamW optimizer per model.
+No critic is built when the estimator uses none. There is no value-loss coefficient
+(`vf_coef`): policy and critic share no parameter, so each loss reaches only its own model, and
+a constant factor on the critic's gradient would be normalised away by Adam. The critic's
+learning rate, `ppo.critic_lr`, sets how hard it trains.
 `val/ratio_first` is the ratio of each iteration's first minibatch, before any update: 1 when
 the rollout's logprobs match the learner's own forward pass.
 Every dropout is off (`models.disable_dropout`), so the logprobs match the rollout's; the
@@ -36,10 +38,10 @@ from rlhf_ray.models.loading import (
     to_device,
     trainable_state,
 )
-from rlhf_ray.ppo import arithmetic
-from rlhf_ray.ppo.messages import RolloutBatch, Weights, concat_batches, concat_padded
+from rlhf_ray.ppo import arithmetic, estimators
+from rlhf_ray.ppo.messages import RolloutBatch, Scores, Weights, concat_batches, concat_padded
 from rlhf_ray.ppo.rollout_generator import PolicySettings, build_policy
-from rlhf_ray.ppo.targets import Targets, ppo_targets
+from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
 from rlhf_ray.run.saved_state import (
@@ -55,8 +57,10 @@ from rlhf_ray.run.saved_state import (
 @dataclass(frozen=True)
 class LearnerSettings:
     policy: PolicySettings
-    reward_path: str  # the critic starts from the trained reward model
-    critic_method: str  # "full" or "lora", as the reward model was trained
+    # the critic starts from the trained reward model, or from the SFT model with a new value
+    # head when the run uses no reward model; unused when the estimator has no critic
+    critic_path: str
+    critic_method: str  # "full" or "lora", as the reward model is trained
     ppo: PPOConfig
 
 
@@ -65,17 +69,20 @@ class PPOLearner:
         self.settings, self.cfg = settings, settings.ppo
         torch.manual_seed(settings.policy.seed)
         self.tok, policy = build_policy(settings.policy)
-        self.policy, self.critic = policy.train(), self._build_critic().train()
-        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=self.cfg.lr)
-        self.critic_opt = torch.optim.AdamW(self.critic_params, lr=self.cfg.critic_lr)
+        self.policy = policy.train()
+        self.critic = self._build_critic().train() if self.cfg.uses_critic else None
+        lrs = {"policy": self.cfg.lr, "critic": self.cfg.critic_lr}
+        self.trained = {}  # "policy" (and "critic") -> (trainable parameters, AdamW)
+        for name, model in (("policy", self.policy), ("critic", self.critic)):
+            if model is not None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self.trained[name] = (params, torch.optim.AdamW(params, lr=lrs[name]))
         self.version = 0
 
     def _build_critic(self):
         policy = self.settings.policy
         critic = load_scalar_model(
-            self.settings.reward_path, policy.model, policy.quantization, self.tok.pad_token_id
+            self.settings.critic_path, policy.model, policy.quantization, self.tok.pad_token_id
         )
         if self.settings.critic_method == "lora":
             checkpointing = policy.model.gradient_checkpointing
@@ -87,38 +94,34 @@ class PPOLearner:
         return Weights(trainable_state(self.policy), self.version)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON state) to continue exactly: trainable weights of policy and critic,
-        both optimizers, this process's RNG and the policy version."""
-        policy_opt, policy_groups = optimizer_to_tensors(self.policy_opt)
-        critic_opt, critic_groups = optimizer_to_tensors(self.critic_opt)
-        tensors = {
-            **with_prefix("policy/", trainable_state(self.policy)),
-            **with_prefix("critic/", trainable_state(self.critic)),
-            **with_prefix("policy_opt/", policy_opt),
-            **with_prefix("critic_opt/", critic_opt),
-            **with_prefix("rng/", rng_state()),
-        }
-        state = {"version": self.version, "policy_opt": policy_groups, "critic_opt": critic_groups}
+        """(tensors, JSON state) to continue exactly: trainable weights and optimizer of each
+        trained model (policy, and critic if any), this process's RNG and the policy version."""
+        tensors = with_prefix("rng/", rng_state())
+        state: dict = {"version": self.version}
+        for name, (_, opt) in self.trained.items():
+            opt_tensors, state[f"{name}_opt"] = optimizer_to_tensors(opt)
+            tensors |= with_prefix(f"{name}/", trainable_state(self._model(name)))
+            tensors |= with_prefix(f"{name}_opt/", opt_tensors)
         return tensors, state
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """The inverse of `checkpoint_state`, on a learner built with the same settings."""
-        load_trainable_state(self.policy, under_prefix("policy/", tensors))
-        load_trainable_state(self.critic, under_prefix("critic/", tensors))
-        optimizer_from_tensors(
-            self.policy_opt, under_prefix("policy_opt/", tensors), state["policy_opt"]
-        )
-        optimizer_from_tensors(
-            self.critic_opt, under_prefix("critic_opt/", tensors), state["critic_opt"]
-        )
+        for name, (_, opt) in self.trained.items():
+            load_trainable_state(self._model(name), under_prefix(f"{name}/", tensors))
+            optimizer_from_tensors(opt, under_prefix(f"{name}_opt/", tensors), state[f"{name}_opt"])
         set_rng_state(under_prefix("rng/", tensors))
         self.version = state["version"]
 
+    def _model(self, name: str) -> torch.nn.Module:
+        return {"policy": self.policy, "critic": self.critic}[name]
+
     def train(
-        self, batches: list[RolloutBatch], scores: list[torch.Tensor], refs: list[torch.Tensor]
+        self, batches: list[RolloutBatch], scores: Scores, refs: list[torch.Tensor]
     ) -> dict[str, float]:
-        """One PPO iteration; returns metric name -> value, and bumps the policy version."""
+        """One iteration on a step's rollouts (a batch per generator; their scores, in the same
+        order; their reference logprobs); returns metric name -> value, bumps the version."""
         batch, versions = concat_batches(batches, self.tok.pad_token_id)
+        self._check_groups(batch.group)
         lag = self.version - min(versions)
         if lag > self.cfg.max_policy_lag:
             raise RuntimeError(
@@ -128,19 +131,45 @@ class PPOLearner:
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
         ref = concat_padded(refs, batch.response.shape[1]).to(device)
-        targets = self._targets(batch, torch.cat(scores).to(device), ref)
+        targets = self._targets(batch, scores.total.to(device), ref)
         stats = self._update(batch, targets)
         self.version += 1
         return {
             **stats,
             **_rollout_stats(batch, targets, self.cfg.kl_coef),
+            **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
+
+    def _check_groups(self, group: torch.Tensor) -> None:
+        """Every prompt group of the step is whole: samples_per_prompt rows each."""
+        k = self.cfg.samples_per_prompt
+        sizes = torch.bincount(group)
+        if bool((sizes[sizes > 0] != k).any()):
+            raise RuntimeError(
+                f"a step's rollouts hold prompt groups of sizes {sorted(set(sizes.tolist()))}; "
+                f"expected ppo.samples_per_prompt={k} samples of every prompt"
+            )
 
     @torch.no_grad()
     def _targets(
         self, batch: RolloutBatch, scores: torch.Tensor, ref_logprobs: torch.Tensor
     ) -> Targets:
+        cfg = self.cfg
+        kl_coef = 0.0 if cfg.kl_in_loss else cfg.kl_coef  # the KL is in the reward or the loss
+        if self.critic is None:
+            return critic_free_targets(
+                cfg.estimator,
+                scores,
+                batch.has_eos,
+                batch.logprobs,
+                ref_logprobs,
+                batch.response_mask,
+                batch.group,
+                kl_coef=kl_coef,
+                gamma=cfg.gamma,
+                missing_eos_penalty=cfg.missing_eos_penalty,
+            )
         values = response_values(
             self.critic, batch.query, batch.query_mask, batch.response, batch.response_mask
         )
@@ -151,11 +180,11 @@ class PPOLearner:
             ref_logprobs,
             values,
             batch.response_mask,
-            kl_coef=self.cfg.kl_coef,
-            gamma=self.cfg.gamma,
-            lam=self.cfg.lam,
-            missing_eos_penalty=self.cfg.missing_eos_penalty,
-            whiten_rewards=self.cfg.whiten_rewards,
+            kl_coef=kl_coef,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            missing_eos_penalty=cfg.missing_eos_penalty,
+            whiten_rewards=cfg.whiten_rewards,
         )
 
     def _update(self, batch: RolloutBatch, targets: Targets) -> dict[str, float]:
@@ -179,44 +208,51 @@ class PPOLearner:
     def _minibatch_step(
         self, batch: RolloutBatch, targets: Targets, idx: torch.Tensor
     ) -> dict[str, float]:
-        mask = targets.mask[idx]
-        logits = response_logits(
-            self.policy, batch.query[idx], batch.query_mask[idx], batch.response[idx], mask
+        cfg, mask = self.cfg, targets.mask[idx]
+        query, query_mask, response = batch.query[idx], batch.query_mask[idx], batch.response[idx]
+        logits = response_logits(self.policy, query, query_mask, response, mask)
+        temperature = self.settings.policy.temperature
+        logprobs = arithmetic.logprobs_from_logits(logits, response, temperature)
+        loss, pg = arithmetic.policy_loss(
+            logprobs,
+            targets.old_logprobs[idx],
+            targets.advantages[idx],
+            mask,
+            cfg.clip_range,
+            per_sequence=cfg.loss_per_sequence,
         )
-        logprobs = arithmetic.logprobs_from_logits(
-            logits, batch.response[idx], self.settings.policy.temperature
-        )
-        values = response_values(
-            self.critic, batch.query[idx], batch.query_mask[idx], batch.response[idx], mask
-        )
-        pg_loss, pg = arithmetic.policy_loss(
-            logprobs, targets.old_logprobs[idx], targets.advantages[idx], mask, self.cfg.clip_range
-        )
-        vf_loss, vf = arithmetic.value_loss(
-            values, targets.old_values[idx], targets.returns[idx], mask, self.cfg.value_clip_range
-        )
-        # Disjoint parameters: pg_loss reaches only the policy, vf_loss only the critic.
-        (pg_loss + vf_loss).backward()
-        for params, opt in (
-            (self.policy_params, self.policy_opt),
-            (self.critic_params, self.critic_opt),
-        ):
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            entropy = arithmetic.masked_mean(
-                arithmetic.entropy_from_logits(logits, self.settings.policy.temperature), mask
-            )
-        return {
-            metrics.POLICY_LOSS: pg_loss.item(),
-            metrics.VALUE_LOSS: vf_loss.item(),
+        stats = {
+            metrics.POLICY_LOSS: loss.item(),
             metrics.APPROXKL: pg["approxkl"].item(),
             metrics.CLIPFRAC: pg["clipfrac"].item(),
             metrics.RATIO: pg["ratio"].item(),
-            metrics.VALUE_CLIPFRAC: vf["value_clipfrac"].item(),
-            metrics.ENTROPY: entropy.item(),
         }
+        if cfg.kl_in_loss:  # [GRPO]: beta * k3 KL to the reference, aggregated as the loss is
+            kl = estimators.kl_k3(logprobs, targets.ref_logprobs[idx], mask)
+            aggregate = (
+                arithmetic.sequence_mean if cfg.loss_per_sequence else arithmetic.masked_mean
+            )
+            kl_loss = aggregate(kl, mask)
+            loss = loss + cfg.kl_coef * kl_loss
+            stats[metrics.KL_LOSS] = kl_loss.item()
+        if self.critic is not None:
+            values = response_values(self.critic, query, query_mask, response, mask)
+            vf_loss, vf = arithmetic.value_loss(
+                values, targets.old_values[idx], targets.returns[idx], mask, cfg.value_clip_range
+            )
+            # Disjoint parameters: the policy terms reach only the policy, vf_loss the critic.
+            loss = loss + vf_loss
+            stats[metrics.VALUE_LOSS] = vf_loss.item()
+            stats[metrics.VALUE_CLIPFRAC] = vf["value_clipfrac"].item()
+        loss.backward()
+        for params, opt in self.trained.values():
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            entropy = arithmetic.entropy_from_logits(logits, temperature)
+            stats[metrics.ENTROPY] = arithmetic.masked_mean(entropy, mask).item()
+        return stats
 
     def export(self, out_dir: str, run_metrics: dict) -> None:
         """The policy as a standard model directory (LoRA merged), written atomically."""

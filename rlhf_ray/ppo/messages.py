@@ -27,12 +27,25 @@ class RolloutBatch(Samples):
     """Samples from one rollout generator, with what the learner needs to train on them."""
 
     logprobs: torch.Tensor  # (B, R) float32 behaviour-policy logprobs at the sampling temperature
+    # (B,) int64 prompt group: rows with the same id are the samples_per_prompt samples of one
+    # prompt. Ids are unique within a step, so a group split over several generators is whole
+    # again in the learner's concatenation of the step's batches (estimators.py).
+    group: torch.Tensor
+    prompts: list[str]  # B raw prompts as the data gave them (for reward functions)
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
 
     @property
     def num_tokens(self) -> int:
         return int(self.query_mask.sum()) + int(self.response_mask.sum())
+
+
+@dataclass
+class Scores:
+    """What the reward scorer gives for a step's rollouts, in the order of `concat_batches`."""
+
+    total: torch.Tensor  # (B,) float32 weighted sum of the components
+    components: dict[str, torch.Tensor]  # source ("reward_model" or module:function) -> (B,)
 
 
 @dataclass
@@ -59,6 +72,8 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> tuple[RolloutBat
         response_mask=torch.cat([_pad(b.response_mask, r_width, 0) for b in batches]),
         has_eos=torch.cat([b.has_eos for b in batches]),
         logprobs=torch.cat([_pad(b.logprobs, r_width, 0) for b in batches]),
+        group=torch.cat([b.group for b in batches]),
+        prompts=[p for b in batches for p in b.prompts],
         policy_version=min(versions),
         generator_rank=-1,
     )

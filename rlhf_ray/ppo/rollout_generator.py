@@ -63,7 +63,9 @@ class RolloutGenerator:
         self.version = weights.version
 
     @torch.no_grad()
-    def generate(self, prompts: list[str]) -> RolloutBatch:
+    def generate(self, prompts: list[str], group: list[int]) -> RolloutBatch:
+        """One response per entry of `prompts` (a prompt appears once per sample), each row
+        tagged with its prompt group id from `group`."""
         if self.version < 0:
             raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
         samples = sample(
@@ -80,6 +82,8 @@ class RolloutGenerator:
         return RolloutBatch(
             **{name: tensor.cpu() for name, tensor in vars(samples).items()},
             logprobs=(logprobs * samples.response_mask).cpu(),
+            group=torch.tensor(group, dtype=torch.int64),
+            prompts=list(prompts),
             policy_version=self.version,
             generator_rank=self.rank,
         )

@@ -80,8 +80,9 @@ def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
         "data.preference_rows_sha256": _rows_digest(data_dir, "preferences"),
     }
     ppo = {
-        **reward,
+        **(reward if cfg.scoring.uses_reward_model else sft),
         **_section(cfg, "ppo"),
+        **_section(cfg, "scoring"),
         **lora,  # the policy always trains a LoRA adapter
         "data.prompt_rows_sha256": _rows_digest(data_dir, "prompts"),
     }

@@ -25,7 +25,8 @@ APPROXKL = "policy/approxkl_avg"
 CLIPFRAC = "policy/clipfrac_avg"
 ENTROPY = "policy/entropy_avg"
 POLICY_LOSS = "loss/policy_avg"
-VALUE_LOSS = "loss/value_avg"
+VALUE_LOSS = "loss/value_avg"  # with a critic (ppo.estimator gae) only
+KL_LOSS = "loss/kl_avg"  # the k3 KL term, when ppo.kl_placement puts the KL in the loss
 VALUE_CLIPFRAC = "val/clipfrac_avg"
 RATIO = "val/ratio"  # mean PPO ratio over every minibatch step of an iteration
 # The ratio of an iteration's first minibatch, before any update: 1 unless the rollout's
@@ -39,6 +40,12 @@ TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO
 # into TOKENS_PER_S. A constant because it crosses from the learner's process to the driver.
 BATCH_TOKENS = "batch/tokens"
 STAGES = ("generate", "score", "reference", "learn", "sync")
+
+
+def reward_source(source: str) -> str:
+    """`rewards/<source>`: the mean unweighted score of one source the reward scorer adds up
+    ("reward_model", or a reward function's module:function)."""
+    return f"rewards/{source}"
 
 
 def stage_time(stage: str) -> str:

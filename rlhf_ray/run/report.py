@@ -33,7 +33,7 @@ def write_summary(
         summary["win_rate_vs_sft"] = _round(win_rate(gold["policy"], gold["sft"]))
         summary["gap_closed"] = _gap_closed(summary)
     summary.update(_reward_model_summary(cfg, out, evaluation["data_dir"], judge))
-    summary.update(_ppo_summary(phase_dir(out, "ppo")))
+    summary.update(_ppo_summary(cfg, phase_dir(out, "ppo")))
     summary["phase_seconds"] = {**_previous_seconds(out), **seconds}
     summary["data"] = data_report
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -79,11 +79,19 @@ def _reward_model_summary(cfg: Config, out: Path, data_dir: Path, judge: GoldJud
     return result
 
 
-def _ppo_summary(policy_dir: Path) -> dict:
+def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
     if not is_complete(policy_dir):
         return {}
     ppo = read_metrics(policy_dir)
+    sources = (
+        {"reward_model": cfg.scoring.reward_model_weight} if cfg.scoring.uses_reward_model else {}
+    )
+    sources |= dict(zip(cfg.scoring.functions, cfg.scoring.weights, strict=True))
     return {
+        "ppo_estimator": cfg.ppo.estimator,
+        "ppo_samples_per_prompt": cfg.ppo.samples_per_prompt,
+        "ppo_kl_placement": "loss" if cfg.ppo.kl_in_loss else "reward",
+        "ppo_reward_sources": sources,
         "kl_final": _round(ppo[metrics.KL]),
         "ppo_tokens_per_s": _round(ppo[metrics.TOKENS_PER_S]),
         "ppo_stage_seconds": ppo.get("stage_seconds"),

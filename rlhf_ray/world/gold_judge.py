@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 
 from rlhf_ray.world import assistant_world
 from rlhf_ray.world.assistant_world import PromptSpec
@@ -56,6 +57,21 @@ class GoldJudge:
         text = response.lower()
         helpful, honest = _helpful_honest(spec, text)
         return GoldScore(helpful, honest, _harmless(spec, text), _concise(text))
+
+
+@cache
+def _judge() -> GoldJudge:
+    return GoldJudge()
+
+
+def gold_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The gold judge as a reward function (TRL's `reward_funcs` signature), for an oracle run:
+        --scoring.reward_model_weight 0 --scoring.functions rlhf_ray.world.gold_judge:gold_reward
+    trains on the true objective, so its result next to a run on the learned reward model shows
+    how much of the gap to the ideal the reward model loses. A prompt that is not the synthetic
+    world's raises KeyError naming it."""
+    judge = _judge()
+    return [judge.score(p, c).total for p, c in zip(prompts, completions, strict=True)]
 
 
 def _has(text: str, phrase: str) -> bool:
