@@ -24,7 +24,7 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,10 +37,10 @@ from actors.ppo_learner import PPOLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
-from jobs.cluster import alive_nodes
+from jobs.waiting import capacity_watch, get_results, wait_ready
 from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.errors import ResourceError, RoleFailed, RunStopped, UserInputError
+from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.messages import RolloutBatch
@@ -50,7 +50,7 @@ from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.checkpoints import phase_dir
-from rlhf_ray.run.resources import actor_options, check_fits, ppo_requests
+from rlhf_ray.run.resources import actor_options
 
 
 @dataclass
@@ -192,7 +192,7 @@ def create_roles(cfg: Config, out: Path) -> Roles:
     ]
     roles = Roles(learner, scorer, reference, generators)
     refs = [a.ready.remote() for a in roles.all()]
-    _get(refs, timeout, "starting the PPO actors", watch=capacity_watch(cfg))
+    get_results(refs, timeout, "starting the PPO actors", watch=capacity_watch(cfg))
     return roles
 
 
@@ -376,7 +376,7 @@ class PPOLoop:
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
         since = time.perf_counter() if since is None else since
-        _wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self.watch)
+        wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self.watch)
         return time.perf_counter() - since
 
     def _get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
@@ -384,7 +384,7 @@ class PPOLoop:
         weights into the generators does when it dies first) is a LearnerDied, which
         `run_ppo` recovers from."""
         try:
-            return _get(refs, self.timeout, what, died, self.watch)
+            return get_results(refs, self.timeout, what, died, self.watch)
         except RoleFailed as err:
             if isinstance(err, LearnerDied) or not self._learner_is_dead():
                 raise
@@ -426,58 +426,3 @@ def _batch_info(batch: RolloutBatch) -> dict:
 
 def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
     return {**saved_state.under_prefix(f"pending{rank}/", tensors), **info}
-
-
-WATCH_EVERY_S = 2.0  # how often a wait checks that the live nodes can still hold the roles
-
-
-def capacity_watch(cfg: Config) -> Callable[[], None]:
-    """A check, run while the driver waits, that the nodes alive now can still hold every PPO
-    role: after a node is lost with no spare capacity, Ray would keep the roles' restarts
-    pending until run.ray_timeout_s; this names the problem within seconds instead."""
-    requests = ppo_requests(cfg.resources, cfg.ppo.num_rollout_actors)
-
-    def check() -> None:
-        try:
-            check_fits(requests, alive_nodes(), "the PPO phase")
-        except ResourceError as err:
-            raise RoleFailed(
-                f"nodes left the cluster and the rest cannot hold the roles: {err}"
-            ) from None
-
-    return check
-
-
-def _wait_ready(refs: list, timeout: float, what: str, watch: Callable[[], None] | None) -> None:
-    """Block until every ref is ready (a value or an error), checking `watch` meanwhile."""
-    deadline = time.monotonic() + timeout
-    waiting = list(refs)
-    while waiting:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"{what} took longer than run.ray_timeout_s={timeout:g}s")
-        _, waiting = ray.wait(
-            waiting, num_returns=len(waiting), timeout=min(WATCH_EVERY_S, left), fetch_local=False
-        )
-        if waiting and watch is not None:
-            watch()
-
-
-def _get(
-    refs,
-    timeout: float,
-    what: str,
-    died: type[RoleFailed] = RoleFailed,
-    watch: Callable[[], None] | None = None,
-):
-    """ray.get, with errors that say what the driver was waiting for and which role failed;
-    `died` is raised when the actor called is gone for good."""
-    _wait_ready(refs if isinstance(refs, list) else [refs], timeout, what, watch)
-    try:
-        return ray.get(refs)
-    except RoleFailed as err:  # raised in the learner about another role
-        raise RoleFailed(f"{what}: {getattr(err, 'cause', err)}") from None
-    except UserInputError as err:  # e.g. a reward function that raised: the user's own message
-        raise getattr(err, "cause", err) from None
-    except RayActorError as err:  # the actor called here is gone for good
-        raise died(f"{what}: {err}") from None

@@ -573,3 +573,11 @@ def test_reward_sources_from_yaml(tmp_path):
         load_config(
             write_yaml(tmp_path, "scoring:\n  functions: [a:f, b:g]\n  function_weights: [1, x]\n")
         )
+
+
+def test_settings_an_estimator_does_not_use_are_named_when_changed():
+    assert PPOConfig(estimator="rloo", samples_per_prompt=2).unused_settings() == []
+    changed = PPOConfig(estimator="grpo", samples_per_prompt=2, critic_lr=0.01, gamma=0.9)
+    assert changed.unused_settings() == ["ppo.critic_lr=0.01", "ppo.gamma=0.9"]
+    assert PPOConfig(estimator="reinforce++", gamma=0.9).unused_settings() == []  # it discounts
+    assert PPOConfig(critic_lr=0.01, lam=0.9).unused_settings() == []  # gae uses them all

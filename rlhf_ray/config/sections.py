@@ -371,6 +371,15 @@ class PPOConfig(Section):
     def uses_critic(self) -> bool:
         return self.estimator == "gae"
 
+    def unused_settings(self) -> list[str]:
+        """`ppo.key=value` for each setting changed from its default that this estimator does
+        not use (the critic's, GAE's), so the run can say so instead of dropping it silently."""
+        unused = () if self.uses_critic else ("critic_lr", "value_clip_range", "lam")
+        unused += () if self.uses_critic else ("whiten_rewards",)
+        unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
+        defaults = {f.name: f.default for f in fields(self)}
+        return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
+
     @property
     def kl_in_loss(self) -> bool:
         placement = (

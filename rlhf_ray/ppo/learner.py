@@ -145,7 +145,8 @@ class PPOLearner:
         """Every prompt group of the step is whole: samples_per_prompt rows each."""
         k = self.cfg.samples_per_prompt
         sizes = torch.bincount(group)
-        if bool((sizes[sizes > 0] != k).any()):
+        sizes = sizes[sizes > 0]  # ids are unique per step, not necessarily 0..G-1
+        if bool((sizes != k).any()):
             raise RuntimeError(
                 f"a step's rollouts hold prompt groups of sizes {sorted(set(sizes.tolist()))}; "
                 f"expected ppo.samples_per_prompt={k} samples of every prompt"
