@@ -45,6 +45,17 @@ def unused_phases(cfg: Config) -> dict[str, str]:
     return {"reward": why}
 
 
+def unused_settings(cfg: Config) -> list[str]:
+    """`section.key=value` of settings changed from their defaults that this run has no use
+    for, so the run names them instead of dropping them silently."""
+    if "ppo" not in cfg.run.phases:
+        return []
+    unused = cfg.ppo.unused_settings()
+    if not cfg.scoring.uses_reward_model and cfg.resources.reward_gpus > 0:
+        unused.append(f"resources.reward_gpus={cfg.resources.reward_gpus} (no reward model)")
+    return unused
+
+
 def check_phase_inputs(cfg: Config, out: Path) -> None:
     """Every selected phase's inputs exist already or are made earlier in this run, and the
     reward functions PPO will call can be imported."""

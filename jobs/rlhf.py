@@ -58,9 +58,8 @@ def run(cfg: Config) -> int:
     except UserInputError as err:
         return report_input_error(err)
     phases.redo_phases(cfg, out)  # only now: a run that could not start deletes nothing
-    if "ppo" in cfg.run.phases and cfg.ppo.unused_settings():
-        unused = ", ".join(cfg.ppo.unused_settings())
-        print(f"[ppo] not used by estimator {cfg.ppo.estimator}: {unused}", flush=True)
+    if phases.unused_settings(cfg):
+        print(f"[config] not used by this run: {', '.join(phases.unused_settings(cfg))}")
     phases.save_resolved_config(cfg, out)
     seconds: dict[str, float] = {}
 

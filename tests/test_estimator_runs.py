@@ -48,9 +48,11 @@ def test_grpo_oracle_run_skips_the_reward_phase_and_trains_on_the_gold_judge(
         *ORACLE,
         *("--ppo.estimator", "grpo", "--ppo.samples_per_prompt", "4"),
         *("--ppo.num_rollout_actors", "4", "--resources.rollout_cpus", "0.1"),
+        *("--ppo.lam", "0.9"),  # GAE's: named as unused, not silently dropped
     )
     printed = capsys.readouterr()
     assert code == 0, printed.err
+    assert "[config] not used by this run: ppo.lam=0.9" in printed.out
     assert "[reward] skipped: scoring.reward_model_weight is 0" in printed.out
     assert not (sft_only / "reward").exists()
     assert is_complete(sft_only / "policy")
