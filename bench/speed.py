@@ -40,7 +40,7 @@ THREADS = (
 SYSTEMS = (*(f"rlhf-ray-{e}" for e in OURS), "trl-rloo", "trl-grpo", "decode")
 
 
-def ours(models: Path, estimator: str, steps: int) -> dict:
+def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
     """rlhf-ray's four roles on a local Ray of 2 CPUs; per-step wall time and stage times."""
     import ray
 
@@ -53,7 +53,7 @@ def ours(models: Path, estimator: str, steps: int) -> dict:
     args = ["--output_dir", str(models), "--ppo.estimator", estimator]
     args += ["--ppo.samples_per_prompt", str(k), "--ppo.rollouts_per_step", str(COMPLETIONS)]
     args += ["--ppo.minibatch_size", str(COMPLETIONS), "--ppo.epochs", "1", "--ppo.kl_coef"]
-    args += [str(KL), "--ppo.steps", str(steps), "--ppo.checkpoint_every", "0"]
+    args += [str(KL), "--ppo.steps", str(steps), "--ppo.checkpoint_every", "0", *extra]
     cfg = parse_run_args(args)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     roles = create_roles(cfg, models)
@@ -209,9 +209,9 @@ def _bare_decode(model, query, mask, steps: int) -> None:
             )
 
 
-def run_one(system: str, models: Path, steps: int) -> dict:
+def run_one(system: str, models: Path, steps: int, extra: list[str]) -> dict:
     if system.startswith("rlhf-ray-"):
-        return ours(models, system.removeprefix("rlhf-ray-"), steps)
+        return ours(models, system.removeprefix("rlhf-ray-"), steps, extra)
     if system.startswith("trl-"):
         return trl(models, system.removeprefix("trl-"), steps)
     return decode(models, steps)
@@ -223,16 +223,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument(
+        "--ours",
+        default="",
+        help='more rlhf-ray settings for its runs, e.g. "--ppo.overlap true" (quoted)',
+    )
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one, in-process
     args = parser.parse_args()
     models = args.models.resolve()
     if args.system:
-        print(json.dumps(run_one(args.system, models, args.steps)))
+        print(json.dumps(run_one(args.system, models, args.steps, args.ours.split())))
         return
     results: dict[str, list[dict]] = {s: [] for s in args.systems}
     for round_ in range(args.rounds):
         for system in args.systems:
             command = [sys.executable, __file__, "--models", str(models), "--system", system]
+            command += ["--ours", args.ours] if args.ours else []
             done = subprocess.run(
                 [*command, "--steps", str(args.steps)], capture_output=True, text=True, cwd=REPO
             )
