@@ -374,8 +374,8 @@ class PPOConfig(Section):
     def unused_settings(self) -> list[str]:
         """`ppo.key=value` for each setting changed from its default that this estimator does
         not use (the critic's, GAE's), so the run can say so instead of dropping it silently."""
-        unused = () if self.uses_critic else ("critic_lr", "value_clip_range", "lam")
-        unused += () if self.uses_critic else ("whiten_rewards",)
+        critics = ("critic_lr", "value_clip_range", "lam", "whiten_rewards")
+        unused = () if self.uses_critic else critics
         unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
         defaults = {f.name: f.default for f in fields(self)}
         return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
