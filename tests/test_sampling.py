@@ -14,6 +14,7 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import response_logits
 from rlhf_ray.models.loading import add_lora, load_causal_lm
 from rlhf_ray.models.sampling import sample
+from rlhf_ray.ppo.arithmetic import logprobs_from_logits
 from tests.conftest import smoke_config
 
 TEMPERATURE = 0.7
@@ -71,7 +72,7 @@ def test_sampled_distribution_is_softmax_of_logits_over_temperature(
     monkeypatch.setattr(torch, "multinomial", recorder)
     torch.manual_seed(0)
 
-    samples = sample(
+    samples, logprobs = sample(
         model, tok, ["a short prompt", "a somewhat longer prompt here"], limits, TEMPERATURE
     )
 
@@ -85,4 +86,8 @@ def test_sampled_distribution_is_softmax_of_logits_over_temperature(
     real = samples.response_mask[:, : sampled.shape[1]].bool()  # steps after EOS are padding
     assert real.any()
     torch.testing.assert_close(sampled[real], expected[real], atol=1e-5, rtol=1e-4)
+    # The logprobs sample() returns are those of the sampled tokens under that distribution, as
+    # a forward pass over prompt + response computes them (the learner's), and 0 after EOS.
+    recomputed = logprobs_from_logits(logits, samples.response, TEMPERATURE)
+    torch.testing.assert_close(logprobs, recomputed * samples.response_mask, atol=1e-5, rtol=1e-4)
     assert model.generation_config.repetition_penalty == 5.0  # the model's own is put back

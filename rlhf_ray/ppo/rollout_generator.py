@@ -10,7 +10,6 @@ from peft import TaskType
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import (
     add_lora,
     disable_dropout,
@@ -68,20 +67,12 @@ class RolloutGenerator:
         tagged with its prompt group id from `group`."""
         if self.version < 0:
             raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
-        samples = sample(
+        samples, logprobs = sample(
             self.policy, self.tok, prompts, self.settings.limits, self.settings.temperature
-        )
-        logprobs = response_logprobs(
-            self.policy,
-            samples.query,
-            samples.query_mask,
-            samples.response,
-            samples.response_mask,
-            self.settings.temperature,
         )
         return RolloutBatch(
             **{name: tensor.cpu() for name, tensor in vars(samples).items()},
-            logprobs=(logprobs * samples.response_mask).cpu(),
+            logprobs=logprobs.cpu(),
             group=torch.tensor(group, dtype=torch.int64),
             prompts=list(prompts),
             policy_version=self.version,

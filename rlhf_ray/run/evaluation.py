@@ -38,7 +38,7 @@ def generate_eval_responses(settings: EvalSettings, prompts: list[str]) -> list[
     flat = [p for p in prompts for _ in range(n)]
     texts = []
     for i in range(0, len(flat), batch_size):
-        samples = sample(
+        samples, _ = sample(
             model, tok, flat[i : i + batch_size], settings.limits, settings.eval.temperature
         )
         texts += decode_responses(tok, samples)
