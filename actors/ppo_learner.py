@@ -9,6 +9,7 @@ import ray
 from rlhf_ray.errors import RoleFailed, UserInputError
 from rlhf_ray.ppo import learner
 from rlhf_ray.ppo.messages import Weights
+from rlhf_ray.run.busy import BusyClock
 
 
 @ray.remote
@@ -16,24 +17,29 @@ class PPOLearner:
     def __init__(self, settings: learner.LearnerSettings, timeout_s: float) -> None:
         self.learner = learner.PPOLearner(settings)
         self.timeout_s = timeout_s
+        self.busy = BusyClock()  # the update itself, not the wait for its inputs
 
     def ready(self) -> int:
         return os.getpid()
 
     def weights(self) -> Weights:
         """Trainable tensors only; stored once in the object store, read by every generator."""
-        return self.learner.weights()
+        with self.busy.working():
+            return self.learner.weights()
 
     def train(self, shards: list[tuple], scores: list) -> dict[str, float]:
         """`shards`: (RolloutBatch ref, reference-logprobs ref) per generator; `scores`: [the
         ref of the scorer's Scores for all of them]. Refs inside lists are not resolved by Ray
         before the call, so they are fetched here, where a failure names the role that failed."""
         batches, refs = zip(*shards, strict=True)
-        return self.learner.train(
-            self._fetch(batches, "a rollout generator"),
-            self._fetch(scores, "the reward scorer")[0],
-            self._fetch(refs, "the reference model"),
-        )
+        batches = self._fetch(batches, "a rollout generator")
+        scores = self._fetch(scores, "the reward scorer")[0]
+        refs = self._fetch(refs, "the reference model")
+        with self.busy.working():
+            return self.learner.train(batches, scores, refs)
+
+    def busy_seconds(self) -> float:
+        return self.busy.seconds
 
     def _fetch(self, refs, role: str) -> list:
         """The results of one role's calls; an error says which role failed, and why. A

@@ -10,16 +10,22 @@ import torch
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo import reference_model
 from rlhf_ray.ppo.messages import RolloutBatch
+from rlhf_ray.run.busy import BusyClock
 
 
 @ray.remote
 class ReferenceModel:
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
         self.reference = reference_model.ReferenceModel(settings, temperature)
+        self.busy = BusyClock()
 
     def ready(self) -> int:
         return os.getpid()
 
+    def busy_seconds(self) -> float:
+        return self.busy.seconds
+
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """-> (B, R) float32 reference logprobs, 0 on padding."""
-        return self.reference.logprobs(batch)
+        with self.busy.working():
+            return self.reference.logprobs(batch)

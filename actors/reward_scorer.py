@@ -8,16 +8,22 @@ import ray
 
 from rlhf_ray.ppo import reward_scorer
 from rlhf_ray.ppo.messages import RolloutBatch, Scores
+from rlhf_ray.run.busy import BusyClock
 
 
 @ray.remote
 class RewardScorer:
     def __init__(self, settings: reward_scorer.ScorerSettings) -> None:
         self.scorer = reward_scorer.RewardScorer(settings)
+        self.busy = BusyClock()
 
     def ready(self) -> int:
         return os.getpid()
 
     def score(self, *batches: RolloutBatch) -> Scores:
         """Every generator's batch of one step (refs resolved by Ray) -> scores, in order."""
-        return self.scorer.score(list(batches))
+        with self.busy.working():
+            return self.scorer.score(list(batches))
+
+    def busy_seconds(self) -> float:
+        return self.busy.seconds

@@ -8,6 +8,7 @@ import ray
 
 from rlhf_ray.ppo import rollout_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
+from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
@@ -17,6 +18,7 @@ class RolloutGenerator:
         self, settings: rollout_generator.PolicySettings, rank: int, learner, timeout_s: float
     ) -> None:
         self.generator = rollout_generator.RolloutGenerator(settings, rank)
+        self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
         # restarted generator never samples from a stale policy.
         self.generator.load_weights(ray.get(learner.weights.remote(), timeout=timeout_s))
@@ -24,11 +26,16 @@ class RolloutGenerator:
     def ready(self) -> int:
         return os.getpid()
 
+    def busy_seconds(self) -> float:
+        return self.busy.seconds
+
     def generate(self, prompts: list[str], group: list[int]) -> RolloutBatch:
-        return self.generator.generate(prompts, group)
+        with self.busy.working():
+            return self.generator.generate(prompts, group)
 
     def load_weights(self, weights: Weights) -> int:
-        self.generator.load_weights(weights)
+        with self.busy.working():
+            self.generator.load_weights(weights)
         return weights.version
 
     def rng_state(self) -> dict:

@@ -48,6 +48,7 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
     from rlhf_ray.config.command_line import parse_run_args
     from rlhf_ray.data.jsonl import read_jsonl
     from rlhf_ray.ppo.progress import PromptStream
+    from rlhf_ray.run.busy import busy_since
 
     k = 1 if estimator == "gae" else SAMPLES
     args = ["--output_dir", str(models), "--ppo.estimator", estimator]
@@ -65,11 +66,19 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
         pending, _, times = loop._step(pending, more=step < steps)
         seconds.append(time.perf_counter() - start)
         stages.append(times)
+        if step == 1:  # steady state from here: each role's busy clock, read inside the role
+            clocks = loop.busy_clocks()
+    busy = busy_since(clocks, loop.busy_clocks())
     ray.shutdown()
     steady = seconds[1:]
     step_s = statistics.median(steady)
-    busy = {s: statistics.median(t[s] for t in stages[1:]) / step_s for s in stages[0]}
-    return {"completions_per_s": COMPLETIONS / step_s, "step_s": step_s, "stage_share": busy}
+    share = {s: statistics.median(t[s] for t in stages[1:]) / step_s for s in stages[0]}
+    return {
+        "completions_per_s": COMPLETIONS / step_s,
+        "step_s": step_s,
+        "stage_share": share,
+        "role_busy": {role: b / sum(steady) for role, b in busy.items()},
+    }
 
 
 def trl(models: Path, kind: str, steps: int) -> dict:
@@ -250,7 +259,25 @@ def main() -> None:
     print(report(results))
 
 
+def roles(results: dict[str, list[dict]]) -> list[str]:
+    """Every role name any rlhf-ray run reported, learner first."""
+    names = {role for runs in results.values() for r in runs for role in r.get("role_busy", {})}
+    return sorted(names, key=lambda n: (n != "learner", n))
+
+
+def share_table(results: dict[str, list[dict]], title: str, key: str, columns: list[str]) -> list:
+    """Markdown rows: each rlhf-ray system's median over rounds of `r[key][column]`."""
+    systems = [s for s in results if s.startswith("rlhf-ray-")]
+    lines = ["", f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for system in systems:
+        cells = [statistics.median(r[key].get(c, 0.0) for r in results[system]) for c in columns]
+        lines.append(f"| {system} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return lines
+
+
 def report(results: dict[str, list[dict]]) -> str:
+    from rlhf_ray.run.metrics import STAGES
+
     def median(system: str, key: str) -> float:
         return statistics.median(r[key] for r in results[system])
 
@@ -262,16 +289,11 @@ def report(results: dict[str, list[dict]]) -> str:
         rate = median(system, "completions_per_s")
         ratio = f"{rate / base:.2f}x" if base else "-"
         lines.append(f"| {system} | {rate:.0f} | {median(system, 'step_s'):.2f} | {ratio} |")
-    shares = [s for s in results if s.startswith("rlhf-ray-")]
-    if shares:
-        stages = list(results[shares[0]][0]["stage_share"])
-        lines += ["", "| rlhf-ray step: share of wall time | " + " | ".join(stages) + " |"]
-        lines.append("|---" * (len(stages) + 1) + "|")
-        for system in shares:
-            share = {st: statistics.median(r["stage_share"][st] for r in results[system])
-                     for st in stages}  # fmt: skip
-            cells = [f"{share[st]:.2f}" for st in stages]
-            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    if any(s.startswith("rlhf-ray-") for s in results):
+        lines += share_table(
+            results, "rlhf-ray step: share of wall time", "stage_share", list(STAGES)
+        )
+        lines += share_table(results, "rlhf-ray role: share busy", "role_busy", roles(results))
     lines += ["", THREADS]
     if "decode" in results:
         gen = median("decode", "generator_tokens_per_s")

@@ -49,6 +49,7 @@ from rlhf_ray.ppo.reward_scorer import ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
+from rlhf_ray.run.busy import busy_since
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 
@@ -62,6 +63,12 @@ class Roles:
 
     def all(self) -> list:
         return [self.learner, self.scorer, self.reference, *self.generators]
+
+    def names(self) -> list[str]:
+        """The actor names of `all()`, in its order."""
+        return ["learner", "scorer", "reference"] + [
+            f"rollout-{r}" for r in range(len(self.generators))
+        ]
 
 
 def stopped_after(step: int, checkpoint: Path) -> RunStopped:
@@ -225,6 +232,7 @@ class PPOLoop:
         bar = tqdm(
             initial=done, total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar
         )
+        clocks = self.busy_clocks()
         pending, start = self.pending or self._dispatch(), time.perf_counter()
         for step in range(done + 1, self.ppo.steps + 1):
             step_start = time.perf_counter()
@@ -240,16 +248,29 @@ class PPOLoop:
             bar.update(1)
             every = self.ppo.checkpoint_every
             if stop.requested or (every and step % every == 0):
-                self.progress.seconds += time.perf_counter() - start
-                start = time.perf_counter()
+                start, clocks = self._end_segment(start, clocks, writer, step)
                 path = self.save_checkpoint(step, pending)
                 if stop.requested:
                     writer.close()
                     raise stopped_after(step, path)
         bar.close()
+        self._end_segment(start, clocks, writer, self.ppo.steps)
         writer.close()
-        self.progress.seconds += time.perf_counter() - start
         return self.progress.totals(self.ppo.steps)
+
+    def busy_clocks(self) -> dict[str, float]:
+        """role name -> seconds its process has worked since it started."""
+        clocks = self._get([a.busy_seconds.remote() for a in self.roles.all()], "role busy times")
+        return dict(zip(self.roles.names(), clocks, strict=True))
+
+    def _end_segment(self, start: float, clocks: dict, writer, step: int) -> tuple[float, dict]:
+        """Wall and busy seconds since `start`/`clocks` into the progress, busy shares logged;
+        -> the marks for the next stretch of steps."""
+        now = self.busy_clocks()
+        self.progress.add_segment(time.perf_counter() - start, busy_since(clocks, now))
+        shares = self.progress.busy_fractions()
+        writer.scalars({metrics.role_busy(role): share for role, share in shares.items()}, step)
+        return time.perf_counter(), now
 
     def save_checkpoint(self, step: int, pending: Pending | None) -> Path:
         """Everything `restore` needs to continue after `step` exactly as if never stopped."""

@@ -28,7 +28,7 @@ DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
     *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
 )
-WALL_CLOCK = ("time/", metrics.TOKENS_PER_S)  # differ between runs by nature
+WALL_CLOCK = ("time/", "roles/", metrics.TOKENS_PER_S)  # differ between runs by nature
 
 
 def _run_dir(tmp_path: Path, tiny_run, name: str) -> Path:

@@ -57,11 +57,23 @@ class Progress:
         default_factory=lambda: dict.fromkeys(metrics.STAGES, 0.0)
     )
     last: dict = dataclasses.field(default_factory=dict)  # the latest step's stats
+    busy: dict = dataclasses.field(default_factory=dict)  # role -> seconds it was working
 
     def add(self, tokens: float, times: dict, stats: dict, step: int) -> None:
         self.step, self.tokens, self.last = step, self.tokens + tokens, dict(stats)
         for stage, seconds in times.items():
             self.stage_seconds[stage] += seconds
+
+    def add_segment(self, seconds: float, busy: dict[str, float]) -> None:
+        """A stretch of steps ended (a checkpoint, the end): its wall time and each role's
+        busy seconds in it."""
+        self.seconds += seconds
+        for role, busy_s in busy.items():
+            self.busy[role] = self.busy.get(role, 0.0) + busy_s
+
+    def busy_fractions(self) -> dict[str, float]:
+        """role -> share of the PPO wall time it was working (1.0: never waiting)."""
+        return {role: round(s / max(self.seconds, 1e-9), 3) for role, s in self.busy.items()}
 
     def tokens_per_s(self, running_seconds: float) -> float:
         return self.tokens / (self.seconds + running_seconds)
@@ -71,6 +83,7 @@ class Progress:
             **self.last,
             metrics.TOKENS_PER_S: self.tokens / max(self.seconds, 1e-9),
             "stage_seconds": {s: round(t, 2) for s, t in self.stage_seconds.items()},
+            "role_busy": self.busy_fractions(),
             "steps": steps,
             "seconds": round(self.seconds, 1),
         }

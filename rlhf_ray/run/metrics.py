@@ -55,6 +55,12 @@ def stage_time(stage: str) -> str:
     return f"time/{stage}_s"
 
 
+def role_busy(role: str) -> str:
+    """`roles/<role>_busy`: the share of PPO wall time a role's process spent working, so far
+    (roles: learner, scorer, reference, rollout-<rank>)."""
+    return f"roles/{role}_busy"
+
+
 class MetricWriter:
     """Scalars to TensorBoard under `log_dir` (SummaryWriter is created lazily, once)."""
 

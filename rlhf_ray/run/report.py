@@ -95,6 +95,7 @@ def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
         "kl_final": _round(ppo[metrics.KL]),
         "ppo_tokens_per_s": _round(ppo[metrics.TOKENS_PER_S]),
         "ppo_stage_seconds": ppo.get("stage_seconds"),
+        "ppo_role_busy": ppo.get("role_busy"),  # share of PPO wall time each role worked
     }
 
 

@@ -1,0 +1,33 @@
+"""A role's busy clock counts only its work, and survives a restart of the role."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from rlhf_ray.ppo.progress import Progress
+from rlhf_ray.run.busy import BusyClock, busy_since
+
+
+def test_busy_clock_counts_only_the_time_inside_working():
+    clock = BusyClock()
+    time.sleep(0.05)  # idle: not counted
+    with clock.working():
+        time.sleep(0.05)
+    assert 0.04 < clock.seconds < 0.5
+
+
+def test_busy_since_counts_a_restarted_role_from_zero():
+    before = {"learner": 10.0, "rollout-0": 4.0}
+    now = {"learner": 12.5, "rollout-0": 1.0, "rollout-1": 2.0}  # rollout-0 restarted; -1 is new
+    assert busy_since(before, now) == {"learner": 2.5, "rollout-0": 1.0, "rollout-1": 2.0}
+
+
+def test_busy_shares_add_up_over_segments_and_survive_a_checkpoint():
+    progress = Progress()
+    progress.add_segment(10.0, {"learner": 4.0, "rollout-0": 5.0})
+    saved = Progress(**json.loads(json.dumps(dataclasses.asdict(progress))))  # as resumed
+    saved.add_segment(10.0, {"learner": 6.0, "rollout-0": 5.0})
+    assert saved.busy_fractions() == {"learner": 0.5, "rollout-0": 0.5}
+    assert saved.totals(2)["role_busy"] == {"learner": 0.5, "rollout-0": 0.5}
