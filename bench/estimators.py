@@ -1,11 +1,14 @@
 """The gold judge's report for every estimator on one preset, side by side in one run.
 
     .venv/bin/python bench/estimators.py [--config default] [--out runs/bench-estimators]
+        [--only gae rloo ...] [--seed N]
 
 SFT and the reward model are trained once (the `gae` run, which is the preset as it is); every
 other run copies them and trains only its PPO phase, so the rows differ only in how PPO learns
 and what rewards it: the estimators on the learned reward model, and the oracle run on the gold
-judge itself (`scoring.reward_model_weight 0`, `scoring.functions gold_reward`). Each row is the
+judge itself (`scoring.reward_model_weight 0`, `scoring.functions gold_reward`), and the
+`-overlap` runs with the next batch generated during the update. `--seed N` repeats it all with
+`run.seed N` (its own SFT and reward model) under `<out>/seed-N`. Each row is the
 run's own `summary.json` (win rate vs SFT, gap closed, KL, seconds). Writes
 `<out>/estimators.json` and prints a Markdown table (docs/estimators.md holds the last one).
 """
@@ -29,6 +32,8 @@ RUNS = {
     "grpo": ["--ppo.estimator", "grpo", *GROUPS],
     "reinforce++": ["--ppo.estimator", "reinforce++"],
     "gae-oracle": ["--scoring.reward_model_weight", "0", "--scoring.functions", GOLD],
+    "gae-overlap": ["--ppo.overlap", "true"],
+    "rloo-overlap": ["--ppo.estimator", "rloo", *GROUPS, "--ppo.overlap", "true"],
 }
 SHARED = ("base", "sft", "reward", "data", "phase_settings/base.json", "phase_settings/sft.json")
 SHARED += ("phase_settings/reward.json",)
@@ -76,8 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-estimators")
-    parser.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--only", nargs="*", default=list(RUNS)[:5], choices=list(RUNS))
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.seed:
+        args.out = args.out / f"seed-{args.seed}"
     args.out.mkdir(parents=True, exist_ok=True)
     first = args.out / "gae"
     results = {}
@@ -86,7 +94,7 @@ def main() -> None:
         if name != "gae":
             shutil.rmtree(out, ignore_errors=True)
             share_first_phases(first, out)
-        results[name] = run(args.config, out, RUNS[name])
+        results[name] = run(args.config, out, [*RUNS[name], "--run.seed", str(args.seed)])
         (args.out / "estimators.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
