@@ -44,7 +44,8 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
     """rlhf-ray's four roles on a local Ray of 2 CPUs; per-step wall time and stage times."""
     import ray
 
-    from jobs.ppo import PPOLoop, create_roles
+    from jobs.ppo import PPOLoop
+    from jobs.roles import create_roles
     from rlhf_ray.config.command_line import parse_run_args
     from rlhf_ray.data.jsonl import read_jsonl
     from rlhf_ray.ppo.progress import PromptStream

@@ -11,7 +11,8 @@ import ray
 import torch
 
 from jobs import cluster, rlhf
-from jobs.ppo import PPOLoop, create_roles
+from jobs.ppo import PPOLoop
+from jobs.roles import create_roles
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ResourceError, RoleFailed
 from rlhf_ray.ppo.progress import PromptStream

@@ -64,7 +64,7 @@ def check_run_outputs(out: Path, timed: tuple[str, ...] = ("sft", "reward", "ppo
     assert set(summary["phase_seconds"]) == {*timed, "eval"}
     assert set(summary["ppo_stage_seconds"]) == {"generate", "score", "reference", "learn", "sync"}
     busy = summary["ppo_role_busy"]  # measured inside each role's process
-    assert set(busy) == {"learner", "scorer", "reference", "rollout-0"}, busy
+    assert set(busy) == {"learner", "reward", "reference", "rollout-0"}, busy
     assert all(0.0 < share <= 1.0 for share in busy.values()), busy
     return summary
 

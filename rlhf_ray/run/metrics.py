@@ -57,7 +57,7 @@ def stage_time(stage: str) -> str:
 
 def role_busy(role: str) -> str:
     """`roles/<role>_busy`: the share of PPO wall time a role's process spent working, so far
-    (roles: learner, scorer, reference, rollout-<rank>)."""
+    (the actor names: learner, reward, reference, rollout-<rank>)."""
     return f"roles/{role}_busy"
 
 
