@@ -2,6 +2,7 @@
 
     rlhf-ray run [--config PRESET_OR_YAML] [options]    the three phases (= python jobs/rlhf.py)
     rlhf-ray config show [--config ...] [options]       the resolved config as YAML, nothing run
+    rlhf-ray scale --rollout N [--address A] [--output_dir DIR]   generators of a running job
     rlhf-ray --version
 
 Parsing imports only the config package, so `--help`, `--version` and input errors are quick
@@ -19,10 +20,12 @@ from rlhf_ray.errors import UserInputError
 
 USAGE = """usage: rlhf-ray run [--config PRESET_OR_YAML] [--section.key VALUE ...]
        rlhf-ray config show [--config PRESET_OR_YAML] [--section.key VALUE ...]
+       rlhf-ray scale --rollout N [--address HOST:PORT] [--output_dir DIR]
        rlhf-ray --version
 
   run           supervised fine-tuning, the reward model and PPO, then the gold judge's report
   config show   print the resolved config (preset + overrides) as YAML without running
+  scale         set the number of rollout generators of a running job, from its next step
 Every setting and its default: rlhf-ray run --help"""
 
 
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.rlhf import run  # the driver: Ray, torch and the models load from here
 
             return run(cfg)
+        if command == ["scale"]:
+            return run_scale(argv[1:])
         if argv[:2] == ["config", "show"]:
             print(config_to_yaml(parse_run_args(argv[2:], prog="rlhf-ray config show")), end="")
             return 0
@@ -51,6 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     problem = f"unknown command {wrong!r}" if wrong else "a command is required"
     print(f"{USAGE}\n\nrlhf-ray: error: {problem}", file=sys.stderr)
     return 2
+
+
+def run_scale(argv: list[str]) -> int:
+    from jobs.scale import NoRunningJob, scale
+
+    try:
+        answer = scale(argv)
+    except NoRunningJob as err:
+        print(f"rlhf-ray: error: {err}", file=sys.stderr)
+        return 1
+    alive = answer["generators"]
+    print(
+        f"rollout generators of the job writing to {answer['output_dir']}: {len(alive)} now "
+        f"({', '.join(alive) or 'PPO not started'}), {answer['target']} from its next step "
+        f"(after step {answer['step']})"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,17 +33,20 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
-from jobs.roles import Roles, create_roles
+from jobs.roles import Roles, create_roles, generator_name
+from jobs.scaling import GeneratorScaler, start_control
 from jobs.waiting import capacity_watch, get_results, wait_ready
 from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, read_rows
 from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError
 from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.ppo.progress import Progress, PromptStream
+from rlhf_ray.ppo.scaling import split_rows
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.busy import busy_since
 from rlhf_ray.run.checkpoints import phase_dir
+from rlhf_ray.run.ledger import RolloutLedger
 
 
 def stopped_after(step: int, checkpoint: Path) -> RunStopped:
@@ -64,33 +67,49 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     if removed:
         print(f"[ppo] removed incomplete checkpoints a stopped run left: {', '.join(removed)}")
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
-    with stop_on_sigterm() as stop:
-        for rebuild in range(cfg.ppo.max_learner_restarts + 1):
-            resume_from = ckpt.newest_complete(root)
-            roles = create_roles(cfg, out)
-            try:
-                loop = PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), out)
-                if resume_from is not None:
-                    loop.restore(resume_from)
-                totals = loop.run(stop)
-                loop.learner_call(
-                    roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
-                    "exporting the policy",
-                )
-                return
-            except LearnerDied as died:
-                if rebuild == cfg.ppo.max_learner_restarts:
-                    raise
-                since = ckpt.newest_complete(root)
-                print(
-                    f"[ppo] {died}\n[ppo] rebuilding every role from "
-                    f"{since or 'the start of PPO'} ({rebuild + 1} of "
-                    f"ppo.max_learner_restarts={cfg.ppo.max_learner_restarts})",
-                    flush=True,
-                )
-            finally:
-                for actor in roles.all():
-                    ray.kill(actor, no_restart=True)
+    control = start_control(cfg, out)
+    print(
+        f"[ppo] scale the rollout generators while this runs: rlhf-ray scale --rollout N "
+        f"--address {ray.get_runtime_context().gcs_address} --output_dir {out}",
+        flush=True,
+    )
+    try:
+        with stop_on_sigterm() as stop:
+            for rebuild in range(cfg.ppo.max_learner_restarts + 1):
+                try:
+                    return train_from_newest_checkpoint(cfg, out, prompts, control, stop)
+                except LearnerDied as died:
+                    if rebuild == cfg.ppo.max_learner_restarts:
+                        raise
+                    since = ckpt.newest_complete(root)
+                    print(
+                        f"[ppo] {died}\n[ppo] rebuilding every role from "
+                        f"{since or 'the start of PPO'} ({rebuild + 1} of "
+                        f"ppo.max_learner_restarts={cfg.ppo.max_learner_restarts})",
+                        flush=True,
+                    )
+    finally:
+        ray.kill(control, no_restart=True)
+
+
+def train_from_newest_checkpoint(cfg: Config, out: Path, prompts: list[str], control, stop):
+    """New roles, restored from the newest complete checkpoint if any; PPO to the last step,
+    then the policy exported. Every role is stopped on the way out."""
+    resume_from = ckpt.newest_complete(ckpt.checkpoints_root(out))
+    roles = create_roles(cfg, out)
+    loop = PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), out, control)
+    try:
+        if resume_from is not None:
+            loop.restore(resume_from)
+        totals = loop.run(stop)
+        loop.learner_call(
+            roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
+            "exporting the policy",
+        )
+    finally:
+        for actor in roles.all():
+            ray.kill(actor, no_restart=True)
+        loop.scaler.release_retired()
 
 
 @dataclass
@@ -124,16 +143,28 @@ class Pending:
 
     refs: list
     dispatched_at: float
+    prompt_ids: list[int]  # the step's prompts (rows of the prompt file), each sampled k times
+    shards: list[tuple[int, int]]  # (generator rank, rows) of each ref
     ready_at: float | None = None  # set when a checkpoint waited for it (or it was restored)
 
 
 class PPOLoop:
-    def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, out: Path) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        roles: Roles,
+        prompts: PromptStream,
+        out: Path,
+        control: ray.actor.ActorHandle | None = None,
+    ) -> None:
+        """`control`: the run's RunControl, whose target generator count is applied between
+        steps; without one the generators stay as created."""
         self.cfg, self.ppo = cfg, cfg.ppo
         self.roles, self.prompts = roles, prompts
+        self.scaler = GeneratorScaler(cfg, roles, control)
         self.timeout = cfg.run.ray_timeout_s
-        self.watch = capacity_watch(cfg)
         self.tb_dir, self.checkpoints = out / "tb" / "ppo", ckpt.checkpoints_root(out)
+        self.ledger = RolloutLedger(out)
         self.progress = Progress()
         self.pending: Pending | None = None  # a restored batch for the next step
 
@@ -147,11 +178,14 @@ class PPOLoop:
         bar = tqdm(
             initial=done, total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar
         )
+        self.ledger.keep_through(done)  # later steps are trained again
         clocks = self.busy_clocks()
         pending, start = self.pending or self._dispatch(), time.perf_counter()
         for step in range(done + 1, self.ppo.steps + 1):
-            step_start = time.perf_counter()
+            step_start, trained = time.perf_counter(), pending
             pending, last, times = self._step(pending, more=step < self.ppo.steps)
+            self.ledger.record(step, trained.prompt_ids, _shards(trained, last))
+            self.scaler.report(step)
             self.progress.add(last.pop(metrics.BATCH_TOKENS), times, last, step)
             last[metrics.TOKENS_PER_S] = self.progress.tokens_per_s(time.perf_counter() - start)
             writer.scalars({**last, **{metrics.stage_time(s): t for s, t in times.items()}}, step)
@@ -199,19 +233,20 @@ class PPOLoop:
         learner_tensors, learner_state = self.learner_call(
             self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
-        rngs = self._get([g.rng_state.remote() for g in gens], "generator RNG states")
+        rngs = self._get([g.rng_state.remote() for g in gens.values()], "generator RNG states")
         tensors = saved_state.with_prefix("learner/", learner_tensors)
-        for rank, rng in enumerate(rngs):
+        for rank, rng in zip(gens, rngs, strict=True):
             tensors |= saved_state.with_prefix(f"generator{rank}/rng/", rng)
-        for rank, batch in enumerate(batches):
-            tensors |= saved_state.with_prefix(f"pending{rank}/", _batch_tensors(batch))
+        for i, batch in enumerate(batches):
+            tensors |= saved_state.with_prefix(f"pending{i}/", _batch_tensors(batch))
         state = {
             "step": step,
             "learner": learner_state,
             "prompts": self.prompts.state(),
             "progress": dataclasses.asdict(self.progress),
             "pending": [_batch_info(b) for b in batches],
-            "num_rollout_actors": len(gens),
+            "pending_prompt_ids": pending.prompt_ids if pending else [],
+            "generator_ranks": list(gens),
             "rollouts_per_step": self.ppo.rollouts_per_step,
         }
         path = ckpt.write_checkpoint(
@@ -228,21 +263,25 @@ class PPOLoop:
     def restore(self, path: Path) -> None:
         """Learner, generators, prompt order, metrics and the next batch from a checkpoint."""
         tensors, state = ckpt.read_checkpoint(path)
-        for key in ("num_rollout_actors", "rollouts_per_step"):
-            if state[key] != getattr(self.ppo, key):
-                raise UserInputError(
-                    f"ppo.{key}={getattr(self.ppo, key)}, but the checkpoint in {path} was taken "
-                    f"with {state[key]}: resume with the same setting or use a new run.output_dir"
-                )
-        learner, gens = self.roles.learner, self.roles.generators
+        if state["rollouts_per_step"] != self.ppo.rollouts_per_step:
+            raise UserInputError(
+                f"ppo.rollouts_per_step={self.ppo.rollouts_per_step}, but the checkpoint in {path} "
+                f"was taken with {state['rollouts_per_step']}: resume with the same setting or "
+                "use a new run.output_dir"
+            )
+        learner = self.roles.learner
         learner_tensors = saved_state.under_prefix("learner/", tensors)
         self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
+        # The generators the run had when it stopped, so the resumed run samples as it would
+        # have; `rlhf-ray scale` or the config's count applies from the next step on.
+        self.scaler.use_ranks(state["generator_ranks"], self._get)
+        gens = self.roles.generators
         weights = learner.weights.remote()
-        self._get([g.load_weights.remote(weights) for g in gens], "loading weights")
+        self._get([g.load_weights.remote(weights) for g in gens.values()], "loading weights")
         self._get(
             [
                 g.set_rng_state.remote(saved_state.under_prefix(f"generator{rank}/rng/", tensors))
-                for rank, g in enumerate(gens)
+                for rank, g in gens.items()
             ],
             "restoring generator RNG states",
         )
@@ -250,26 +289,29 @@ class PPOLoop:
         self.progress = Progress(**state["progress"])
         if state["pending"]:
             refs = [
-                ray.put(RolloutBatch(**_batch_fields(tensors, rank, info)))
-                for rank, info in enumerate(state["pending"])
+                ray.put(RolloutBatch(**_batch_fields(tensors, i, info)))
+                for i, info in enumerate(state["pending"])
             ]
+            shards = [(info["generator_rank"], len(info["prompts"])) for info in state["pending"]]
             now = time.perf_counter()  # generated before the stop; not timed again here
-            self.pending = Pending(refs, now, ready_at=now)
+            self.pending = Pending(refs, now, state["pending_prompt_ids"], shards, ready_at=now)
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
     def _dispatch(self) -> Pending:
         """Start generation of the next batch: samples_per_prompt rows per prompt, tagged with
-        the prompt's group id, split evenly over the generators (a group may be split)."""
+        the prompt's group id, split as evenly as can be over the generators alive after the
+        control's target is applied (a group may be split). No generator is sampling now."""
+        self.scaler.rescale(self._get)
         k, gens = self.ppo.samples_per_prompt, self.roles.generators
-        prompts = self.prompts.take(self.ppo.prompts_per_step)
-        rows = [p for p in prompts for _ in range(k)]
-        group = [i for i in range(len(prompts)) for _ in range(k)]
-        shard = len(rows) // len(gens)
-        refs = [
-            g.generate.remote(rows[i * shard : (i + 1) * shard], group[i * shard : (i + 1) * shard])
-            for i, g in enumerate(gens)
-        ]
-        return Pending(refs, time.perf_counter())
+        prompt_ids = self.prompts.take(self.ppo.prompts_per_step)
+        rows = [self.prompts.prompts[i] for i in prompt_ids for _ in range(k)]
+        group = [i for i in range(len(prompt_ids)) for _ in range(k)]
+        refs, shards = [], []
+        for rank, (start, end) in zip(gens, split_rows(len(rows), len(gens)), strict=True):
+            if end > start:  # more generators than rows: the last ones sit this step out
+                refs.append(gens[rank].generate.remote(rows[start:end], group[start:end]))
+                shards.append((rank, end - start))
+        return Pending(refs, time.perf_counter(), prompt_ids, shards)
 
     def _step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:
         """One PPO iteration on `pending`; returns the next batch in flight (None after the
@@ -297,13 +339,18 @@ class PPOLoop:
         t = time.perf_counter()
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
         self._get(
-            [g.load_weights.remote(weights) for g in self.roles.generators],
+            [g.load_weights.remote(weights) for g in self.roles.generators.values()],
             "loading new weights into the rollout generators",
         )
         times["sync"] = time.perf_counter() - t
+        self.scaler.release_retired()  # their last batch has trained
         if not self.ppo.overlap and more:
             pending = self._dispatch()
         return (pending if more else None), stats, times
+
+    def _watch(self) -> None:
+        """While waiting: can the live nodes still hold every role, with today's generators?"""
+        capacity_watch(self.cfg, len(self.roles.generators))()
 
     def learner_call(self, ref, what: str):
         """The result of a call on the learner; if its process died, LearnerDied."""
@@ -312,7 +359,7 @@ class PPOLoop:
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
         since = time.perf_counter() if since is None else since
-        wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self.watch)
+        wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self._watch)
         return time.perf_counter() - since
 
     def _get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
@@ -320,7 +367,7 @@ class PPOLoop:
         weights into the generators does when it dies first) is a LearnerDied, which
         `run_ppo` recovers from."""
         try:
-            return get_results(refs, self.timeout, what, died, self.watch)
+            return get_results(refs, self.timeout, what, died, self._watch)
         except RoleFailed as err:
             if isinstance(err, LearnerDied) or not self._learner_is_dead():
                 raise
@@ -356,8 +403,20 @@ def _batch_info(batch: RolloutBatch) -> dict:
     return {
         "policy_version": batch.policy_version,
         "generator_rank": batch.generator_rank,
+        "sample_seconds": batch.sample_seconds,
         "prompts": batch.prompts,
     }
+
+
+def _shards(trained: Pending, stats: dict) -> dict[str, dict]:
+    """For the ledger: each generator's rows of a trained step, its policy version and rate."""
+    shards = {}
+    for rank, rows in trained.shards:
+        name = generator_name(rank)
+        shards[name] = {"rows": rows}
+        for stat in metrics.GENERATOR_STATS:
+            shards[name][stat] = stats.get(metrics.generator_stat(name, stat))
+    return shards
 
 
 def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:

@@ -34,27 +34,43 @@ class Roles:
     learner: ray.actor.ActorHandle
     scorer: ray.actor.ActorHandle
     reference: ray.actor.ActorHandle
-    generators: list[ray.actor.ActorHandle]
+    generators: dict[int, ray.actor.ActorHandle]  # rank -> generator, by rank
+    cfg: Config
+    out: Path
 
     def all(self) -> list:
-        return [self.learner, self.scorer, self.reference, *self.generators]
+        return [self.learner, self.scorer, self.reference, *self.generators.values()]
 
     def names(self) -> list[str]:
         """The actor names of `all()`, in its order, as the dashboard shows them."""
-        return [
-            LEARNER,
-            SCORER,
-            REFERENCE,
-            *(generator_name(r) for r in range(len(self.generators))),
-        ]
+        return [LEARNER, SCORER, REFERENCE, *map(generator_name, self.generators)]
+
+    def start_generators(self, ranks: list[int]) -> dict[int, ray.actor.ActorHandle]:
+        """New generators (not yet waited for); each loads the learner's current weights in its
+        constructor, before it can sample."""
+        settings = replace(
+            policy_settings(self.cfg, self.out),
+            cpus=self.cfg.resources.rollout_cpus,
+            gpus=self.cfg.resources.rollout_gpus,
+        )
+        timeout = self.cfg.run.ray_timeout_s
+        started = {
+            rank: RolloutGenerator.options(
+                name=generator_name(rank),
+                **role_restarts(self.cfg),
+                **actor_options(self.cfg.resources.rollout_cpus, self.cfg.resources.rollout_gpus),
+            ).remote(settings, rank, self.learner, timeout)
+            for rank in ranks
+        }
+        self.generators = dict(sorted({**self.generators, **started}.items()))
+        return started
 
 
-def create_roles(cfg: Config, out: Path) -> Roles:
-    """The four roles, named for the dashboard, each with the resources its config asks for."""
-    res, timeout = cfg.resources, cfg.run.ray_timeout_s
-    sft_dir, reward_dir = str(phase_dir(out, "sft")), str(phase_dir(out, "reward"))
-    policy = PolicySettings(
-        sft_dir,
+def policy_settings(cfg: Config, out: Path) -> PolicySettings:
+    """The policy as the learner builds it (generators take its rollout resources)."""
+    res = cfg.resources
+    return PolicySettings(
+        str(phase_dir(out, "sft")),
         cfg.model,
         cfg.quantization,
         cfg.lora,
@@ -64,8 +80,26 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         res.learner_gpus,
         cfg.run.seed,
     )
+
+
+def role_restarts(cfg: Config) -> dict:
+    """The stateless roles come back on their own after a crash, and Ray retries the call that
+    was running; the learner holds the training state and is not restarted this way."""
+    return {
+        "max_restarts": cfg.ppo.max_role_restarts,
+        "max_task_retries": cfg.ppo.max_role_restarts,
+    }
+
+
+def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Roles:
+    """The four roles, named for the dashboard, each with the resources its config asks for;
+    generators of `ranks` (default: 0 .. ppo.num_rollout_actors - 1)."""
+    res, timeout = cfg.resources, cfg.run.ray_timeout_s
+    sft_dir, reward_dir = str(phase_dir(out, "sft")), str(phase_dir(out, "reward"))
     critic_path = reward_dir if cfg.scoring.uses_reward_model else sft_dir
-    learner_settings = LearnerSettings(policy, critic_path, cfg.reward.method, cfg.ppo)
+    learner_settings = LearnerSettings(
+        policy_settings(cfg, out), critic_path, cfg.reward.method, cfg.ppo
+    )
     learner = PPOLearner.options(
         name=LEARNER, **actor_options(res.learner_cpus, res.learner_gpus)
     ).remote(learner_settings, timeout)
@@ -73,12 +107,6 @@ def create_roles(cfg: Config, out: Path) -> Roles:
     def frozen(path: str, cpus: float, gpus: float) -> FrozenModelSettings:
         return FrozenModelSettings(path, cfg.model, cfg.quantization, cpus, gpus)
 
-    # The stateless roles come back on their own after a crash, and Ray retries the call that
-    # was running; the learner holds the training state and is not restarted this way.
-    restarts = {
-        "max_restarts": cfg.ppo.max_role_restarts,
-        "max_task_retries": cfg.ppo.max_role_restarts,
-    }
     scoring = cfg.scoring
     scorer_settings = ScorerSettings(
         frozen(reward_dir, res.reward_cpus, res.reward_gpus) if scoring.uses_reward_model else None,
@@ -89,21 +117,16 @@ def create_roles(cfg: Config, out: Path) -> Roles:
         cfg.model.trust_remote_code,
     )
     scorer = RewardScorer.options(
-        name=SCORER, **restarts, **actor_options(res.reward_cpus, res.reward_gpus)
+        name=SCORER, **role_restarts(cfg), **actor_options(res.reward_cpus, res.reward_gpus)
     ).remote(scorer_settings)
     reference = ReferenceModel.options(
-        name=REFERENCE, **restarts, **actor_options(res.reference_cpus, res.reference_gpus)
+        name=REFERENCE,
+        **role_restarts(cfg),
+        **actor_options(res.reference_cpus, res.reference_gpus),
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
-    generator_settings = replace(policy, cpus=res.rollout_cpus, gpus=res.rollout_gpus)
-    generators = [
-        RolloutGenerator.options(
-            name=generator_name(rank),
-            **restarts,
-            **actor_options(res.rollout_cpus, res.rollout_gpus),
-        ).remote(generator_settings, rank, learner, timeout)
-        for rank in range(cfg.ppo.num_rollout_actors)
-    ]
-    roles = Roles(learner, scorer, reference, generators)
+    roles = Roles(learner, scorer, reference, {}, cfg, out)
+    roles.start_generators(list(range(cfg.ppo.num_rollout_actors)) if ranks is None else ranks)
     refs = [a.ready.remote() for a in roles.all()]
-    get_results(refs, timeout, "starting the PPO actors", watch=capacity_watch(cfg))
+    watch = capacity_watch(cfg, len(roles.generators))
+    get_results(refs, timeout, "starting the PPO actors", watch=watch)
     return roles

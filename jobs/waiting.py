@@ -17,11 +17,12 @@ from rlhf_ray.run.resources import check_fits, ppo_requests
 WATCH_EVERY_S = 2.0  # how often a wait checks that the live nodes can still hold the roles
 
 
-def capacity_watch(cfg: Config) -> Callable[[], None]:
+def capacity_watch(cfg: Config, generators: int) -> Callable[[], None]:
     """A check, run while the driver waits, that the nodes alive now can still hold every PPO
-    role: after a node is lost with no spare capacity, Ray would keep the roles' restarts
-    pending until run.ray_timeout_s; this names the problem within seconds instead."""
-    requests = ppo_requests(cfg.resources, cfg.ppo.num_rollout_actors)
+    role (with `generators` rollout generators): after a node is lost with no spare capacity,
+    Ray would keep the roles' restarts pending until run.ray_timeout_s; this names the problem
+    within seconds instead."""
+    requests = ppo_requests(cfg.resources, generators)
 
     def check() -> None:
         try:

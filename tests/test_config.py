@@ -94,7 +94,6 @@ def test_smoke_preset_loads_and_is_small():
     # Small enough for tests: at most a few PPO steps on a 1-layer model.
     assert cfg.model.num_layers <= 2
     assert cfg.ppo.steps <= 5
-    assert cfg.ppo.rollouts_per_step % cfg.ppo.num_rollout_actors == 0
 
 
 def test_mistral_qlora_preset_is_the_lessons_recipe():
@@ -352,11 +351,7 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
     [
         (["--sft.epochs", "0"], ("sft.epochs=0", "> 0")),
         (["--data.label_noise", "0.7"], ("data.label_noise=0.7", "[0, 0.5)")),
-        # 128 rollouts over 3 generators: 128 = 3 * 42 + 2, not a multiple.
-        (
-            ["--ppo.num_rollout_actors", "3"],
-            ("ppo.rollouts_per_step=128", "multiple of num_rollout_actors=3"),
-        ),
+        (["--ppo.num_rollout_actors", "0"], ("ppo.num_rollout_actors=0", "> 0")),
         # 128 % 24 = 8, so 24 does not divide 128.
         (["--ppo.minibatch_size", "24"], ("ppo.minibatch_size=24", "divisor")),
         (["--phases", "sft,rl"], ("run.phases=", "subset of", "'ppo'")),
@@ -481,10 +476,10 @@ def test_dataclasses_validate_directly():
     with raises_with("data.label_noise=0.5"):  # the upper bound 0.5 is excluded
         DataConfig(label_noise=0.5)
     assert DataConfig(label_noise=0.0).label_noise == 0.0
-    with raises_with("ppo.rollouts_per_step=10", "num_rollout_actors=4"):
-        PPOConfig(num_rollout_actors=4, rollouts_per_step=10, minibatch_size=5)
-    # 12 = 4 * 3 and 12 = 6 * 2: valid.
-    assert PPOConfig(num_rollout_actors=4, rollouts_per_step=12, minibatch_size=6).steps == 40
+    with raises_with("ppo.minibatch_size=4", "divisor"):
+        PPOConfig(rollouts_per_step=10, minibatch_size=4)
+    # 10 rollouts over 4 generators (3, 3, 2, 2 rows) is fine: shards need not be equal.
+    assert PPOConfig(num_rollout_actors=4, rollouts_per_step=10, minibatch_size=5).steps == 40
     with raises_with("run.phases=()", "subset"):
         RunConfig(phases=())
     with raises_with("model.hidden_size=12", "rotary"):

@@ -53,7 +53,7 @@ def _per_step_metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)]
         for tag in events.Tags()["scalars"]
-        if not tag.startswith(WALL_CLOCK)
+        if not tag.startswith(WALL_CLOCK) and not tag.endswith("/completions_per_s")
     }
 
 

@@ -303,7 +303,9 @@ class PPOConfig(Section):
     steps: int = 40  # PPO iterations: generate, score, reference, learn, sync
     # advantages: gae (with a critic, PPO proper), or critic-free rloo, grpo or reinforce++
     estimator: str = "gae"
-    num_rollout_actors: int = 1  # rollout generators; rollouts_per_step is split over them
+    # rollout generators at the start; rollouts_per_step is split over them as evenly as can
+    # be, and `rlhf-ray scale --rollout N` changes their number while the job runs
+    num_rollout_actors: int = 1
     rollouts_per_step: int = 64  # responses sampled per iteration
     samples_per_prompt: int = 1  # k responses per prompt (a group); rloo and grpo need k >= 2
     # the KL penalty: in the reward or as a loss term; auto = as the estimator's paper does
@@ -351,11 +353,6 @@ class PPOConfig(Section):
         self.positive("keep_checkpoints")
         self.check(0 < self.gamma <= 1, "gamma", "a discount in (0, 1]")
         self.check(0 <= self.lam <= 1, "lam", "a value in [0, 1]")
-        self.check(
-            self.rollouts_per_step % self.num_rollout_actors == 0,
-            "rollouts_per_step",
-            f"a multiple of num_rollout_actors={self.num_rollout_actors}",
-        )
         self.check(
             self.rollouts_per_step % self.minibatch_size == 0,
             "minibatch_size",

@@ -34,6 +34,7 @@ class RolloutBatch(Samples):
     prompts: list[str]  # B raw prompts as the data gave them (for reward functions)
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
+    sample_seconds: float = 0.0  # the generator's own time sampling this batch
 
     @property
     def num_tokens(self) -> int:

@@ -18,13 +18,14 @@ class PromptStream:
         self.prompts, self.rng = prompts, random.Random(seed)
         self.queue: list[int] = []  # indices into prompts, in the order they will be taken
 
-    def take(self, count: int) -> list[str]:
+    def take(self, count: int) -> list[int]:
+        """The next `count` prompts, as indices into `prompts` (the RL prompt file's rows)."""
         while len(self.queue) < count:
             order = list(range(len(self.prompts)))
             self.rng.shuffle(order)
             self.queue += order
         taken, self.queue = self.queue[:count], self.queue[count:]
-        return [self.prompts[i] for i in taken]
+        return taken
 
     def state(self) -> dict:
         version, internal, gauss = self.rng.getstate()

@@ -35,6 +35,7 @@ RATIO_FIRST = "val/ratio_first"
 RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
 NO_EOS_FRACTION = "val/no_eos_fraction"
 POLICY_LAG = "policy/version_lag"  # learner version minus the rollout's policy_version
+GENERATORS = "rollout/generators"  # rollout generators that sampled the step's batch
 TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO step
 # Not logged: the learner's count of prompt+response tokens in a batch, which the driver sums
 # into TOKENS_PER_S. A constant because it crosses from the learner's process to the driver.
@@ -53,6 +54,17 @@ def stage_time(stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     return f"time/{stage}_s"
+
+
+GENERATOR_STATS = ("completions_per_s", "policy_version")
+
+
+def generator_stat(generator: str, stat: str) -> str:
+    """`rollout/<generator>/<stat>` for one of GENERATOR_STATS: each generator's completions
+    per second of its own sampling time, and the policy version its batch was sampled with."""
+    if stat not in GENERATOR_STATS:
+        raise ValueError(f"unknown generator stat {stat!r}; stats: {GENERATOR_STATS}")
+    return f"rollout/{generator}/{stat}"
 
 
 def role_busy(role: str) -> str:

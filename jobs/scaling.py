@@ -1,0 +1,93 @@
+"""Rollout generators joining and leaving a running PPO job, between steps.
+
+`rlhf-ray scale --rollout N` sets the target on the run's RunControl actor; before each step is
+dispatched (when no generator is sampling) the driver starts or retires generators to reach it.
+A new generator loads the learner's current weights before it samples; a retired one gets no
+more prompts and is stopped once the step that uses its last batch has trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from actors.run_control import RunControl
+from jobs.cluster import alive_nodes
+from jobs.roles import Roles, generator_name
+from rlhf_ray.config import Config
+from rlhf_ray.errors import ResourceError
+from rlhf_ray.ppo.scaling import CONTROL_PREFIX, scale_plan
+from rlhf_ray.run.resources import check_fits, ppo_requests
+
+
+def start_control(cfg: Config, out: Path) -> ray.actor.ActorHandle:
+    """The run's control actor (the one already there if the driver made it before)."""
+    return RunControl.options(name=CONTROL_PREFIX + str(out), get_if_exists=True).remote(
+        str(out), cfg.ppo.num_rollout_actors
+    )
+
+
+def fitting_count(cfg: Config, target: int, current: int) -> int:
+    """The most generators, up to `target`, the live nodes can hold beside the other roles
+    (never fewer than `current` or `target`, whichever is smaller: those already run)."""
+    for count in range(target, current, -1):
+        try:
+            check_fits(ppo_requests(cfg.resources, count), alive_nodes(), "")
+            return count
+        except ResourceError:
+            continue
+    return min(target, current)
+
+
+class GeneratorScaler:
+    def __init__(self, cfg: Config, roles: Roles, control: ray.actor.ActorHandle | None) -> None:
+        self.cfg, self.roles, self.control = cfg, roles, control
+        self.retiring: list[ray.actor.ActorHandle] = []
+
+    def rescale(self, get: Callable) -> None:
+        """Start or retire generators to reach the control's target; `get` waits on refs."""
+        if self.control is None:
+            return
+        asked = get(self.control.rollout_target.remote(), "reading the run control")
+        current = len(self.roles.generators)
+        target = fitting_count(self.cfg, asked, current)
+        if target < asked:
+            print(
+                f"[ppo] rlhf-ray scale asked for {asked} rollout generators; the live nodes hold "
+                f"{target} beside the other roles: running {target}",
+                flush=True,
+            )
+        plan = scale_plan(list(self.roles.generators), target)
+        if not plan:
+            return
+        for rank in plan.retire:
+            self.retiring.append(self.roles.generators.pop(rank))
+        started = self.roles.start_generators(list(plan.start))
+        get([g.ready.remote() for g in started.values()], "starting rollout generators")
+        names = ", ".join(map(generator_name, plan.start or plan.retire))
+        print(
+            f"[ppo] rollout generators: {current} -> {len(self.roles.generators)} "
+            f"({'started' if plan.start else 'retiring'} {names})",
+            flush=True,
+        )
+
+    def use_ranks(self, ranks: list[int], get: Callable) -> None:
+        """Exactly the generators of `ranks` (a checkpoint's), started or stopped as needed."""
+        for rank in [r for r in self.roles.generators if r not in ranks]:
+            ray.kill(self.roles.generators.pop(rank), no_restart=True)
+        started = self.roles.start_generators([r for r in ranks if r not in self.roles.generators])
+        get([g.ready.remote() for g in started.values()], "starting rollout generators")
+
+    def release_retired(self) -> None:
+        """Stop the retired generators: called once the step using their last batch trained."""
+        for generator in self.retiring:
+            ray.kill(generator, no_restart=True)
+        self.retiring = []
+
+    def report(self, step: int) -> None:
+        """Tell the control (for `rlhf-ray scale` to print) where the run is; not waited on."""
+        if self.control is not None:
+            alive = list(map(generator_name, self.roles.generators))
+            self.control.report.remote({"step": step, "generators": alive})

@@ -1,0 +1,151 @@
+"""Rollout generators join and leave a running PPO job (`rlhf-ray scale`), with no prompt lost
+or sampled twice: the split arithmetic alone, the command's refusals, and a real run on a local
+Ray scaled 1 -> 2 -> 1 through the command while it trains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from jobs.ppo import PPOLoop, StopRequest
+from jobs.roles import create_roles
+from jobs.scaling import start_control
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.errors import UserInputError
+from rlhf_ray.ppo.progress import PromptStream
+from rlhf_ray.ppo.scaling import auto_count, check_generator_count, scale_plan, split_rows
+from rlhf_ray.run.ledger import RolloutLedger
+from tests.conftest import smoke_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_rows_are_split_as_evenly_as_can_be():
+    assert split_rows(8, 2) == [(0, 4), (4, 8)]
+    assert split_rows(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert split_rows(2, 3) == [(0, 1), (1, 2), (2, 2)]  # the last generator gets none
+    with pytest.raises(ValueError, match="over 0 generators"):
+        split_rows(8, 0)
+
+
+def test_scale_plan_retires_the_newest_and_never_reuses_a_rank():
+    assert not scale_plan([0], 1)
+    assert scale_plan([0], 3).start == (1, 2)
+    assert scale_plan([0, 1, 2], 1).retire == (1, 2)
+    assert scale_plan([0, 2], 3).start == (3,)  # rank 1 left earlier: its seed is not reused
+    with pytest.raises(UserInputError, match="whole number >= 1, got 0"):
+        scale_plan([0], 0)
+
+
+def test_auto_count_stays_within_its_bounds():
+    assert auto_count(current=2, room=3, low=1, high=4) == 4
+    assert auto_count(current=2, room=-2, low=1, high=4) == 1
+    assert auto_count(current=2, room=0, low=1, high=4) == 2
+
+
+@pytest.mark.parametrize("count", [0, -1, True, "2", 1.5])
+def test_a_generator_count_below_one_or_not_whole_is_refused(count):
+    with pytest.raises(UserInputError, match="whole number >= 1"):
+        check_generator_count(count, "--rollout")
+
+
+def _scale_command(*args: str) -> subprocess.CompletedProcess:
+    """`rlhf-ray scale ...` in its own process, as a user runs it."""
+    command = [sys.executable, "-m", "jobs.cli", "scale", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "two"])
+def test_scale_refuses_a_count_below_one_before_connecting(count):
+    done = _scale_command("--rollout", count, "--address", "127.0.0.1:1")  # nothing there
+    assert done.returncode == 2, done.stderr
+    assert "rlhf-ray scale --rollout must be a whole number >= 1" in done.stderr
+
+
+def test_scale_against_no_running_job_says_so(local_ray):
+    address = ray.get_runtime_context().gcs_address
+    done = _scale_command("--rollout", "2", "--address", address)
+    assert done.returncode == 1, done.stderr
+    assert "no rlhf-ray job is running on this cluster" in done.stderr
+
+
+def _wait_for(ledger: RolloutLedger, condition, run: threading.Thread, what: str) -> list:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        lines = ledger.read()
+        if condition(lines):
+            return lines
+        assert run.is_alive(), f"the run ended before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _back_to_one(lines: list[dict]) -> bool:
+    """A step with one generator after the first step that had two."""
+    counts = [len(line["generators"]) for line in lines]
+    return 2 in counts and 1 in counts[counts.index(2) :]
+
+
+def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
+    out, prepared = tiny_run
+    steps = 80
+    cfg = smoke_config(out, **{"ppo.steps": str(steps), "ppo.checkpoint_every": "0"})
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
+    control = start_control(cfg, out.resolve())
+    roles = create_roles(cfg, out)
+    loop = PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), out, control)
+    loop.ledger.keep_through(0)
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["totals"] = loop.run(StopRequest())
+        except BaseException as err:  # noqa: BLE001 (the test thread reports it)
+            result["error"] = err
+
+    run = threading.Thread(target=train)
+    run.start()
+    address = ray.get_runtime_context().gcs_address
+    where = ("--address", address, "--output_dir", str(out))
+    try:
+        _wait_for(loop.ledger, lambda lines: len(lines) >= 2, run, "step 2")
+        up = _scale_command("--rollout", "2", *where)
+        assert up.returncode == 0, up.stderr
+        assert "2 from its next step" in up.stdout
+        two = _wait_for(
+            loop.ledger, lambda ls: any(len(x["generators"]) == 2 for x in ls), run, "2 generators"
+        )
+        down = _scale_command("--rollout", "1", *where)
+        assert down.returncode == 0, down.stderr
+        _wait_for(loop.ledger, _back_to_one, run, "one generator again")
+        run.join(timeout=300)
+    finally:
+        for actor in [*roles.all(), control]:
+            ray.kill(actor, no_restart=True)
+    assert "error" not in result, result.get("error")
+    assert two, "never saw two generators"
+
+    lines = loop.ledger.read()
+    assert [line["step"] for line in lines] == list(range(1, steps + 1))  # each step once
+    assert result["totals"]["steps"] == steps
+    counts = [len(line["generators"]) for line in lines]
+    first_two = counts.index(2)
+    assert counts[:first_two] == [1] * first_two and counts[-1] == 1
+    assert 1 in counts[first_two:]  # came back down
+    for line in lines:
+        assert sum(g["rows"] for g in line["generators"].values()) == cfg.ppo.rollouts_per_step
+        # Every generator samples with the newest weights: in sync mode the batch a step trains
+        # on was sampled by the policy of the step before, new generators included.
+        assert {g["policy_version"] for g in line["generators"].values()} == {line["step"] - 1}
+    assert "rollout-1" in lines[first_two]["generators"]
+    # Every prompt once per pass over the prompt set, however the generators came and went.
+    used = [i for line in lines for i in line["prompt_ids"]]
+    per_pass = len(prompts)
+    for start in range(0, len(used) - per_pass + 1, per_pass):
+        assert sorted(used[start : start + per_pass]) == list(range(per_pass))
