@@ -66,6 +66,9 @@ def check_run_outputs(out: Path, timed: tuple[str, ...] = ("sft", "reward", "ppo
     busy = summary["ppo_role_busy"]  # measured inside each role's process
     assert set(busy) == {"learner", "reward", "reference", "rollout-0"}, busy
     assert all(0.0 < share <= 1.0 for share in busy.values()), busy
+    assert summary["ppo_rollout_generators"] == 1
+    assert set(summary["ppo_generators_last_step"]) == {"rollout-0"}
+    assert summary["ppo_generators_last_step"]["rollout-0"]["completions_per_s"] > 0
     return summary
 
 

@@ -15,7 +15,7 @@ import ray
 
 from jobs.ppo import PPOLoop, StopRequest
 from jobs.roles import create_roles
-from jobs.scaling import start_control
+from jobs.scaling import fitting_count, start_control
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.progress import PromptStream
@@ -73,6 +73,14 @@ def test_scale_against_no_running_job_says_so(local_ray):
     done = _scale_command("--rollout", "2", "--address", address)
     assert done.returncode == 1, done.stderr
     assert "no rlhf-ray job is running on this cluster" in done.stderr
+
+
+def test_a_target_beyond_the_cluster_runs_as_many_generators_as_fit(local_ray, tmp_path):
+    # The local Ray has 2 CPUs; learner, reward, reference and each generator take 0.25.
+    cfg = smoke_config(tmp_path)
+    assert fitting_count(cfg, target=10, current=1) == 5  # 0.75 + 5 x 0.25 = 2 CPUs
+    assert fitting_count(cfg, target=3, current=1) == 3
+    assert fitting_count(cfg, target=1, current=4) == 1  # scaling down always fits
 
 
 def _wait_for(ledger: RolloutLedger, condition, run: threading.Thread, what: str) -> list:

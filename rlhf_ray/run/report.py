@@ -96,7 +96,19 @@ def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
         "ppo_tokens_per_s": _round(ppo[metrics.TOKENS_PER_S]),
         "ppo_stage_seconds": ppo.get("stage_seconds"),
         "ppo_role_busy": ppo.get("role_busy"),  # share of PPO wall time each role worked
+        "ppo_rollout_generators": ppo.get(metrics.GENERATORS),  # at the last step
+        "ppo_generators_last_step": _generator_stats(ppo),
     }
+
+
+def _generator_stats(ppo: dict) -> dict[str, dict]:
+    """generator name -> its completions/s and policy version at the last PPO step."""
+    stats: dict[str, dict] = {}
+    for key, value in ppo.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "rollout" and parts[2] in metrics.GENERATOR_STATS:
+            stats.setdefault(parts[1], {})[parts[2]] = _round(value)
+    return stats
 
 
 def _previous_seconds(out: Path) -> dict:
