@@ -67,7 +67,7 @@ class Roles:
 
 
 def policy_settings(cfg: Config, out: Path) -> PolicySettings:
-    """The policy as the learner builds it (generators take its rollout resources)."""
+    """The policy as the learner builds it (generators take their own rollout resources)."""
     res = cfg.resources
     return PolicySettings(
         str(phase_dir(out, "sft")),
@@ -76,7 +76,7 @@ def policy_settings(cfg: Config, out: Path) -> PolicySettings:
         cfg.lora,
         limits_of(cfg.data),
         cfg.ppo.temperature,
-        res.learner_cpus,
+        res.learner_threads or res.learner_cpus,  # sets the learner's torch threads
         res.learner_gpus,
         cfg.run.seed,
     )

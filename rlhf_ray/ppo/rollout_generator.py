@@ -33,7 +33,7 @@ class PolicySettings:
     lora: LoraConfig
     limits: Limits
     temperature: float
-    cpus: float
+    cpus: float  # the CPUs this process may use: its torch threads
     gpus: float
     seed: int
 
