@@ -19,7 +19,7 @@ from jobs.scaling import fitting_count, start_control
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.progress import PromptStream
-from rlhf_ray.ppo.scaling import auto_count, check_generator_count, scale_plan, split_rows
+from rlhf_ray.ppo.scaling import check_generator_count, scale_plan, split_rows
 from rlhf_ray.run.ledger import RolloutLedger
 from tests.conftest import smoke_config
 
@@ -41,12 +41,6 @@ def test_scale_plan_retires_the_newest_and_never_reuses_a_rank():
     assert scale_plan([0, 2], 3).start == (3,)  # rank 1 left earlier: its seed is not reused
     with pytest.raises(UserInputError, match="whole number >= 1, got 0"):
         scale_plan([0], 0)
-
-
-def test_auto_count_stays_within_its_bounds():
-    assert auto_count(current=2, room=3, low=1, high=4) == 4
-    assert auto_count(current=2, room=-2, low=1, high=4) == 1
-    assert auto_count(current=2, room=0, low=1, high=4) == 2
 
 
 @pytest.mark.parametrize("count", [0, -1, True, "2", 1.5])

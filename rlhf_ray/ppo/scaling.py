@@ -51,12 +51,6 @@ def scale_plan(ranks: list[int], target: int) -> ScalePlan:
     )
 
 
-def auto_count(current: int, room: int, low: int, high: int) -> int:
-    """`num_rollout_actors: auto`: the generators alive plus as many as the cluster has `room`
-    for (negative when generators were lost), kept within [low, high]."""
-    return max(low, min(high, current + room))
-
-
 def check_generator_count(count: object, what: str) -> int:
     """A number of generators a user asked for: a whole number >= 1."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
