@@ -276,7 +276,8 @@ class ResourcesConfig(Section):
     learner_cpus: float = 1.0  # CPUs of the PPO learner (policy + critic)
     learner_gpus: float = 0.0  # GPUs of the PPO learner
     # torch threads of the learner; 0: as many as learner_cpus. More than learner_cpus borrows
-    # cores the generators reserved, which without ppo.overlap sit idle during the update.
+    # cores the generators reserved, which without ppo.overlap sit idle during the update
+    # (measured: 2 threads update 1.5x faster; 2 threads per generator gained nothing).
     learner_threads: int = 0
 
     def validate(self) -> None:
