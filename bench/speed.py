@@ -40,9 +40,12 @@ THREADS = (
 SYSTEMS = (*(f"rlhf-ray-{e}" for e in OURS), "trl-rloo", "trl-grpo", "decode")
 
 
-def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
-    """rlhf-ray's four roles on a local Ray of 2 CPUs; per-step wall time and stage times."""
+def ours(models: Path, estimator: str, steps: int, extra: list[str], nodes: int) -> dict:
+    """rlhf-ray's four roles on a local Ray of 2 CPUs, or on `nodes` simulated nodes sharing
+    those 2 CPUs (ray.cluster_utils.Cluster; each node has its own object store, so batches
+    cross between nodes as on a cluster); per-step wall time, stage times, busy shares."""
     import ray
+    from ray.cluster_utils import Cluster
 
     from jobs.ppo import PPOLoop
     from jobs.roles import create_roles
@@ -57,7 +60,14 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
     args += ["--ppo.minibatch_size", str(COMPLETIONS), "--ppo.epochs", "1", "--ppo.kl_coef"]
     args += [str(KL), "--ppo.steps", str(steps), "--ppo.checkpoint_every", "0", *extra]
     cfg = parse_run_args(args)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster = None
+    if nodes > 1:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=2 / nodes)
+        ray.init(address=cluster.address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     roles = create_roles(cfg, models)
     prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
     loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
@@ -71,6 +81,8 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str]) -> dict:
             clocks = loop.busy_clocks()
     busy = busy_since(clocks, loop.busy_clocks())
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     steady = seconds[1:]
     step_s = statistics.median(steady)
     share = {s: statistics.median(t[s] for t in stages[1:]) / step_s for s in stages[0]}
@@ -219,9 +231,9 @@ def _bare_decode(model, query, mask, steps: int) -> None:
             )
 
 
-def run_one(system: str, models: Path, steps: int, extra: list[str]) -> dict:
+def run_one(system: str, models: Path, steps: int, extra: list[str], nodes: int) -> dict:
     if system.startswith("rlhf-ray-"):
-        return ours(models, system.removeprefix("rlhf-ray-"), steps, extra)
+        return ours(models, system.removeprefix("rlhf-ray-"), steps, extra, nodes)
     if system.startswith("trl-"):
         return trl(models, system.removeprefix("trl-"), steps)
     return decode(models, steps)
@@ -238,17 +250,22 @@ def main() -> None:
         default="",
         help='more rlhf-ray settings for its runs, e.g. "--ppo.overlap true" (quoted)',
     )
+    parser.add_argument(
+        "--nodes", type=int, default=1, help="rlhf-ray on this many simulated nodes (2 CPUs in all)"
+    )
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one, in-process
     args = parser.parse_args()
     models = args.models.resolve()
     if args.system:
-        print(json.dumps(run_one(args.system, models, args.steps, args.ours.split())))
+        result = run_one(args.system, models, args.steps, args.ours.split(), args.nodes)
+        print(json.dumps(result))
         return
     results: dict[str, list[dict]] = {s: [] for s in args.systems}
     for round_ in range(args.rounds):
         for system in args.systems:
             command = [sys.executable, __file__, "--models", str(models), "--system", system]
             command += ["--ours", args.ours] if args.ours else []
+            command += ["--nodes", str(args.nodes)]
             done = subprocess.run(
                 [*command, "--steps", str(args.steps)], capture_output=True, text=True, cwd=REPO
             )
