@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
 from rlhf_ray.ppo import rollout_generator
-from rlhf_ray.ppo.messages import RolloutBatch, Weights
+from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
@@ -29,9 +30,15 @@ class RolloutGenerator:
     def busy_seconds(self) -> float:
         return self.busy.seconds
 
-    def generate(self, prompts: list[str], group: list[int]) -> RolloutBatch:
+    @ray.method(num_returns=2)
+    def generate(self, prompts: list[str], group: list[int]) -> tuple[RolloutBatch, dict]:
+        """-> the batch (for the scorer, reference and learner) and a receipt the driver reads:
+        rows, the policy version they were sampled with, and the seconds sampling took."""
+        start = time.perf_counter()
         with self.busy.working():
-            return self.generator.generate(prompts, group)
+            batch = self.generator.generate(prompts, group)
+        seconds = time.perf_counter() - start
+        return batch, receipt(len(prompts), batch.policy_version, seconds)
 
     def load_weights(self, weights: Weights) -> int:
         with self.busy.working():

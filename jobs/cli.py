@@ -67,6 +67,8 @@ def run_scale(argv: list[str]) -> int:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 1
     alive = answer["generators"]
+    if answer["was_auto"]:
+        print("ppo.rollout_scaling auto is off for the rest of this job: the count is fixed")
     print(
         f"rollout generators of the job writing to {answer['output_dir']}: {len(alive)} now "
         f"({', '.join(alive) or 'PPO not started'}), {answer['target']} from its next step "

@@ -138,14 +138,43 @@ def stop_on_sigterm() -> Iterator[StopRequest]:
 
 
 @dataclass
-class Pending:
-    """A batch being generated: one RolloutBatch ref per generator, and when it was asked for."""
+class Shard:
+    """The rows of a step one generator samples."""
 
+    rank: int  # the generator's
+    prompts: list[str]  # one per row: a prompt appears once per sample
+    group: list[int]  # each row's prompt group id
+
+
+@dataclass
+class Pending:
+    """A step's batch being generated: per shard a RolloutBatch ref and a receipt ref (rows,
+    policy version, seconds; `messages.receipt`), and when it was asked for."""
+
+    shards: list[Shard]
     refs: list
-    dispatched_at: float
+    receipts: list
     prompt_ids: list[int]  # the step's prompts (rows of the prompt file), each sampled k times
-    shards: list[tuple[int, int]]  # (generator rank, rows) of each ref
+    dispatched_at: float
     ready_at: float | None = None  # set when a checkpoint waited for it (or it was restored)
+    sampled: list[dict] | None = None  # every shard's receipt, once sampled
+
+    def generator_stats(self) -> dict[str, dict]:
+        """Per generator of a sampled step: rows, policy version, completions per second."""
+        totals: dict[str, list] = {}  # name -> [rows, seconds, oldest version]
+        for shard, got in zip(self.shards, self.sampled or [], strict=True):
+            total = totals.setdefault(generator_name(shard.rank), [0, 0.0, got["policy_version"]])
+            total[0] += got["rows"]  # a generator that took over a lost one's rows has two shards
+            total[1] += got["sample_seconds"]
+            total[2] = min(total[2], got["policy_version"])
+        return {
+            name: {
+                "rows": rows,
+                "policy_version": version,
+                "completions_per_s": rows / max(seconds, 1e-9),
+            }
+            for name, (rows, seconds, version) in totals.items()
+        }
 
 
 class PPOLoop:
@@ -184,7 +213,12 @@ class PPOLoop:
         for step in range(done + 1, self.ppo.steps + 1):
             step_start, trained = time.perf_counter(), pending
             pending, last, times = self._step(pending, more=step < self.ppo.steps)
-            self.ledger.record(step, trained.prompt_ids, _shards(trained, last))
+            per_generator = trained.generator_stats()
+            self.ledger.record(step, trained.prompt_ids, per_generator)
+            last[metrics.GENERATORS] = len(per_generator)
+            for name, got in per_generator.items():
+                for stat in metrics.GENERATOR_STATS:
+                    last[metrics.generator_stat(name, stat)] = got[stat]
             self.scaler.report(step)
             self.progress.add(last.pop(metrics.BATCH_TOKENS), times, last, step)
             last[metrics.TOKENS_PER_S] = self.progress.tokens_per_s(time.perf_counter() - start)
@@ -208,9 +242,12 @@ class PPOLoop:
         return self.progress.totals(self.ppo.steps)
 
     def busy_clocks(self) -> dict[str, float]:
-        """role name -> seconds its process has worked since it started."""
-        clocks = self._get([a.busy_seconds.remote() for a in self.roles.all()], "role busy times")
-        return dict(zip(self.roles.names(), clocks, strict=True))
+        """role name -> seconds its process has worked since it started; a role that is gone
+        (a generator lost with its node, found at the next step) is left out."""
+        roles = zip(self.roles.names(), self.roles.all(), strict=True)
+        asked = {name: actor.busy_seconds.remote() for name, actor in roles}
+        self._wait(list(asked.values()), "reading busy times")
+        return {name: ray.get(ref) for name, ref in asked.items() if not _failed(ref)}
 
     def _end_segment(self, start: float, clocks: dict, writer, step: int) -> tuple[float, dict]:
         """Wall and busy seconds since `start`/`clocks` into the progress, busy shares logged;
@@ -224,18 +261,18 @@ class PPOLoop:
     def save_checkpoint(self, step: int, pending: Pending | None) -> Path:
         """Everything `restore` needs to continue after `step` exactly as if never stopped."""
         started = time.perf_counter()
-        gens = self.roles.generators
         # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
         # each generator's RNG is read after that batch (actor calls run in order).
+        receipts = self._wait_sampled(pending) if pending else []
         batches = self._get(pending.refs, "generating") if pending else []
         if pending:
             pending.ready_at = time.perf_counter()
         learner_tensors, learner_state = self.learner_call(
             self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
-        rngs = self._get([g.rng_state.remote() for g in gens.values()], "generator RNG states")
+        rngs = self._on_generators("rng_state", (), "generator RNG states")
         tensors = saved_state.with_prefix("learner/", learner_tensors)
-        for rank, rng in zip(gens, rngs, strict=True):
+        for rank, rng in rngs.items():
             tensors |= saved_state.with_prefix(f"generator{rank}/rng/", rng)
         for i, batch in enumerate(batches):
             tensors |= saved_state.with_prefix(f"pending{i}/", _batch_tensors(batch))
@@ -245,8 +282,9 @@ class PPOLoop:
             "prompts": self.prompts.state(),
             "progress": dataclasses.asdict(self.progress),
             "pending": [_batch_info(b) for b in batches],
+            "pending_receipts": receipts,
             "pending_prompt_ids": pending.prompt_ids if pending else [],
-            "generator_ranks": list(gens),
+            "generator_ranks": list(rngs),
             "rollouts_per_step": self.ppo.rollouts_per_step,
         }
         path = ckpt.write_checkpoint(
@@ -276,8 +314,7 @@ class PPOLoop:
         # have; `rlhf-ray scale` or the config's count applies from the next step on.
         self.scaler.use_ranks(state["generator_ranks"], self._get)
         gens = self.roles.generators
-        weights = learner.weights.remote()
-        self._get([g.load_weights.remote(weights) for g in gens.values()], "loading weights")
+        self._on_generators("load_weights", (learner.weights.remote(),), "loading weights")
         self._get(
             [
                 g.set_rng_state.remote(saved_state.under_prefix(f"generator{rank}/rng/", tensors))
@@ -288,13 +325,20 @@ class PPOLoop:
         self.prompts.restore(state["prompts"])
         self.progress = Progress(**state["progress"])
         if state["pending"]:
-            refs = [
-                ray.put(RolloutBatch(**_batch_fields(tensors, i, info)))
+            batches = [
+                RolloutBatch(**_batch_fields(tensors, i, info))
                 for i, info in enumerate(state["pending"])
             ]
-            shards = [(info["generator_rank"], len(info["prompts"])) for info in state["pending"]]
+            shards = [Shard(b.generator_rank, b.prompts, b.group.tolist()) for b in batches]
             now = time.perf_counter()  # generated before the stop; not timed again here
-            self.pending = Pending(refs, now, state["pending_prompt_ids"], shards, ready_at=now)
+            self.pending = Pending(
+                shards,
+                [ray.put(b) for b in batches],
+                [ray.put(r) for r in state["pending_receipts"]],
+                state["pending_prompt_ids"],
+                dispatched_at=now,
+                ready_at=now,
+            )
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
     def _dispatch(self) -> Pending:
@@ -306,21 +350,66 @@ class PPOLoop:
         prompt_ids = self.prompts.take(self.ppo.prompts_per_step)
         rows = [self.prompts.prompts[i] for i in prompt_ids for _ in range(k)]
         group = [i for i in range(len(prompt_ids)) for _ in range(k)]
-        refs, shards = [], []
-        for rank, (start, end) in zip(gens, split_rows(len(rows), len(gens)), strict=True):
-            if end > start:  # more generators than rows: the last ones sit this step out
-                refs.append(gens[rank].generate.remote(rows[start:end], group[start:end]))
-                shards.append((rank, end - start))
-        return Pending(refs, time.perf_counter(), prompt_ids, shards)
+        shards = [
+            Shard(rank, rows[start:end], group[start:end])
+            for rank, (start, end) in zip(gens, split_rows(len(rows), len(gens)), strict=True)
+            if end > start  # more generators than rows: the last ones sit this step out
+        ]
+        pending = Pending(shards, [], [], prompt_ids, time.perf_counter())
+        for i in range(len(shards)):
+            self._sample(pending, i)
+        return pending
+
+    def _sample(self, pending: Pending, i: int) -> None:
+        """Ask shard i's generator for its rows (again, after a lost generator)."""
+        shard = pending.shards[i]
+        batch, receipt = self.roles.generators[shard.rank].generate.remote(
+            shard.prompts, shard.group
+        )
+        if i < len(pending.refs):
+            pending.refs[i], pending.receipts[i] = batch, receipt
+        else:
+            pending.refs.append(batch)
+            pending.receipts.append(receipt)
+
+    def _on_generators(self, method: str, args: tuple, what: str) -> dict:
+        """rank -> result of `method(*args)` on every generator. With auto scaling one that died
+        (its node left) is dropped instead: the next step is split over the others."""
+        asked = {
+            rank: getattr(g, method).remote(*args) for rank, g in self.roles.generators.items()
+        }
+        if self.ppo.autoscales:
+            self._wait(list(asked.values()), what)
+            lost = [rank for rank, ref in asked.items() if _failed(ref)]
+            if lost:
+                self.scaler.drop(lost)
+            asked = {rank: ref for rank, ref in asked.items() if rank not in lost}
+        return dict(zip(asked, self._get(list(asked.values()), what), strict=True))
+
+    def _wait_sampled(self, pending: Pending) -> list[dict]:
+        """Every shard's receipt, once sampled. With ppo.rollout_scaling auto a generator that
+        died (its node left) is dropped and its rows go to a live one, so none is lost."""
+        while True:
+            self._wait(pending.receipts, "generate")
+            lost = []
+            if self.ppo.autoscales:
+                lost = [i for i, ref in enumerate(pending.receipts) if _failed(ref)]
+            if not lost:
+                return self._get(pending.receipts, "PPO stage 'generate' (a rollout generator)")
+            ranks = [pending.shards[i].rank for i in lost]
+            live = self.scaler.replace_lost(ranks, self._get)
+            for n, i in enumerate(lost):
+                pending.shards[i].rank = live[n % len(live)]
+                self._sample(pending, i)
 
     def _step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:
         """One PPO iteration on `pending`; returns the next batch in flight (None after the
         last step), stats, stage times."""
         batch_refs = pending.refs
-        if pending.ready_at is None:
-            times = {"generate": self._wait(batch_refs, "generate", pending.dispatched_at)}
-        else:  # not counting the checkpoint written while it was ready
-            times = {"generate": pending.ready_at - pending.dispatched_at}
+        receipts = self._wait_sampled(pending)
+        ready_at = pending.ready_at or time.perf_counter()  # not counting a checkpoint's wait
+        times = {"generate": ready_at - pending.dispatched_at}
+        pending.sampled = receipts
         if self.ppo.overlap and more:
             pending = self._dispatch()
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here
@@ -338,10 +427,7 @@ class PPOLoop:
         times["learn"] = time.perf_counter() - t
         t = time.perf_counter()
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
-        self._get(
-            [g.load_weights.remote(weights) for g in self.roles.generators.values()],
-            "loading new weights into the rollout generators",
-        )
+        self._on_generators("load_weights", (weights,), "loading new weights into the generators")
         times["sync"] = time.perf_counter() - t
         self.scaler.release_retired()  # their last batch has trained
         if not self.ppo.overlap and more:
@@ -350,7 +436,9 @@ class PPOLoop:
 
     def _watch(self) -> None:
         """While waiting: can the live nodes still hold every role, with today's generators?"""
-        capacity_watch(self.cfg, len(self.roles.generators))()
+        ppo = self.ppo  # with auto scaling, lost generators are replaced: the minimum must fit
+        needed = ppo.min_rollout_actors if ppo.autoscales else len(self.roles.generators)
+        capacity_watch(self.cfg, needed)()
 
     def learner_call(self, ref, what: str):
         """The result of a call on the learner; if its process died, LearnerDied."""
@@ -403,20 +491,18 @@ def _batch_info(batch: RolloutBatch) -> dict:
     return {
         "policy_version": batch.policy_version,
         "generator_rank": batch.generator_rank,
-        "sample_seconds": batch.sample_seconds,
         "prompts": batch.prompts,
     }
 
 
-def _shards(trained: Pending, stats: dict) -> dict[str, dict]:
-    """For the ledger: each generator's rows of a trained step, its policy version and rate."""
-    shards = {}
-    for rank, rows in trained.shards:
-        name = generator_name(rank)
-        shards[name] = {"rows": rows}
-        for stat in metrics.GENERATOR_STATS:
-            shards[name][stat] = stats.get(metrics.generator_stat(name, stat))
-    return shards
+def _failed(ref) -> bool:
+    """Whether a finished call's result is an actor's death (it is fetched: refs passed here
+    hold a few numbers, as receipts and busy times do)."""
+    try:
+        ray.get(ref)
+    except RayActorError:
+        return True
+    return False
 
 
 def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:

@@ -57,7 +57,7 @@ class Roles:
         started = {
             rank: RolloutGenerator.options(
                 name=generator_name(rank),
-                **role_restarts(self.cfg),
+                **generator_restarts(self.cfg),
                 **actor_options(self.cfg.resources.rollout_cpus, self.cfg.resources.rollout_gpus),
             ).remote(settings, rank, self.learner, timeout)
             for rank in ranks
@@ -89,6 +89,12 @@ def role_restarts(cfg: Config) -> dict:
         "max_restarts": cfg.ppo.max_role_restarts,
         "max_task_retries": cfg.ppo.max_role_restarts,
     }
+
+
+def generator_restarts(cfg: Config) -> dict:
+    """With auto scaling a generator that dies is not restarted in place: the driver drops it,
+    gives its rows to the others and starts new ones where the live nodes have room."""
+    return {"max_restarts": 0} if cfg.ppo.autoscales else role_restarts(cfg)
 
 
 def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Roles:

@@ -17,7 +17,7 @@ from actors.run_control import RunControl
 from jobs.cluster import alive_nodes
 from jobs.roles import Roles, generator_name
 from rlhf_ray.config import Config
-from rlhf_ray.errors import ResourceError
+from rlhf_ray.errors import ResourceError, RoleFailed
 from rlhf_ray.ppo.scaling import CONTROL_PREFIX, scale_plan
 from rlhf_ray.run.resources import check_fits, ppo_requests
 
@@ -25,7 +25,7 @@ from rlhf_ray.run.resources import check_fits, ppo_requests
 def start_control(cfg: Config, out: Path) -> ray.actor.ActorHandle:
     """The run's control actor (the one already there if the driver made it before)."""
     return RunControl.options(name=CONTROL_PREFIX + str(out), get_if_exists=True).remote(
-        str(out), cfg.ppo.num_rollout_actors
+        str(out), cfg.ppo.num_rollout_actors, cfg.ppo.autoscales
     )
 
 
@@ -47,18 +47,24 @@ class GeneratorScaler:
         self.retiring: list[ray.actor.ActorHandle] = []
 
     def rescale(self, get: Callable) -> None:
-        """Start or retire generators to reach the control's target; `get` waits on refs."""
+        """Start or retire generators to reach the control's target, or with auto scaling as
+        many as the live nodes hold within the bounds; `get` waits on refs."""
         if self.control is None:
             return
-        asked = get(self.control.rollout_target.remote(), "reading the run control")
-        current = len(self.roles.generators)
-        target = fitting_count(self.cfg, asked, current)
-        if target < asked:
-            print(
-                f"[ppo] rlhf-ray scale asked for {asked} rollout generators; the live nodes hold "
-                f"{target} beside the other roles: running {target}",
-                flush=True,
+        asked, auto = get(self.control.rollout_target.remote(), "reading the run control")
+        current, ppo = len(self.roles.generators), self.cfg.ppo
+        if auto:
+            target = max(
+                ppo.min_rollout_actors, fitting_count(self.cfg, ppo.max_rollout_actors, current)
             )
+        else:
+            target = fitting_count(self.cfg, asked, current)
+            if target < asked:
+                print(
+                    f"[ppo] rlhf-ray scale asked for {asked} rollout generators; the live nodes "
+                    f"hold {target} beside the other roles: running {target}",
+                    flush=True,
+                )
         plan = scale_plan(list(self.roles.generators), target)
         if not plan:
             return
@@ -72,6 +78,22 @@ class GeneratorScaler:
             f"({'started' if plan.start else 'retiring'} {names})",
             flush=True,
         )
+
+    def replace_lost(self, ranks: list[int], get: Callable) -> list[int]:
+        """Drop generators that died (auto scaling: their node left), start others where the
+        live nodes have room; -> the ranks alive now, to take over the lost ones' rows."""
+        self.drop(ranks)
+        self.rescale(get)
+        if not self.roles.generators:
+            raise RoleFailed("every rollout generator was lost and the live nodes hold no new one")
+        return list(self.roles.generators)
+
+    def drop(self, ranks: list[int]) -> None:
+        """Forget generators that died (auto scaling: their node left)."""
+        for rank in ranks:
+            ray.kill(self.roles.generators.pop(rank), no_restart=True)
+        names = ", ".join(map(generator_name, ranks))
+        print(f"[ppo] lost {names}; the others sample its rows from now on", flush=True)
 
     def use_ranks(self, ranks: list[int], get: Callable) -> None:
         """Exactly the generators of `ranks` (a checkpoint's), started or stopped as needed."""

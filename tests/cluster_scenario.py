@@ -49,15 +49,17 @@ def generator_node() -> str | None:
     return None
 
 
-def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
-    """Run the driver in a thread; at step REMOVE_AT_STEP remove the node of the generator."""
-    result: dict = {}
+def start_driver(
+    argv: list[str], result: dict
+) -> tuple[threading.Thread, io.StringIO, io.StringIO]:
+    """`python jobs/rlhf.py argv` in a thread of this process (on its Ray); the exit code (or
+    "raised") and the end time go into `result`; -> the thread, its stdout and stderr."""
     stdout, stderr = io.StringIO(), io.StringIO()
 
     def run() -> None:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                result["exit"] = rlhf.main(["--output_dir", str(out), *DRIVER_ARGS])
+                result["exit"] = rlhf.main(argv)
             except Exception:  # noqa: BLE001 - reported to the test, which shows the traceback
                 result["exit"] = "raised"
                 traceback.print_exc()
@@ -65,6 +67,13 @@ def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
 
     driver = threading.Thread(target=run, daemon=True)
     driver.start()
+    return driver, stdout, stderr
+
+
+def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
+    """Run the driver in a thread; at step REMOVE_AT_STEP remove the node of the generator."""
+    result: dict = {}
+    driver, stdout, stderr = start_driver(["--output_dir", str(out), *DRIVER_ARGS], result)
     if remove_generator_node:
         deadline = time.time() + 300
         while REMOVE_AT_STEP not in complete_steps(checkpoints_root(out)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -109,6 +110,20 @@ def finish(process: subprocess.Popen, timeout: float = DRIVER_TIMEOUT_S) -> int:
         return process.wait(timeout=timeout)
     finally:
         process.kill()
+
+
+def run_scenario(module: str, *args: str) -> dict:
+    """`python -m tests.<module> args` in its own process (it starts a Ray cluster of its own,
+    which this session's Ray would clash with); -> the JSON line it printed last."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"tests.{module}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def copy_outputs(source: Path, out: Path, folders: tuple[str, ...]) -> None:

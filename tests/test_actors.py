@@ -142,7 +142,7 @@ def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny
     cfg = smoke_config(out)
     with _running_roles(cfg, out) as roles:
         prompts = ["What is the capital of Peru?"] * 3
-        batch_ref = roles.generators[0].generate.remote(prompts, [0, 0, 0])
+        batch_ref, _ = roles.generators[0].generate.remote(prompts, [0, 0, 0])
         ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
         batch = ray.get(batch_ref, timeout=TIMEOUT)
         torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)

@@ -576,3 +576,15 @@ def test_settings_an_estimator_does_not_use_are_named_when_changed():
     assert changed.unused_settings() == ["ppo.critic_lr=0.01", "ppo.gamma=0.9"]
     assert PPOConfig(estimator="reinforce++", gamma=0.9).unused_settings() == []  # it discounts
     assert PPOConfig(critic_lr=0.01, lam=0.9).unused_settings() == []  # gae uses them all
+
+
+def test_auto_scaling_bounds_are_checked_and_unused_without_it():
+    with raises_with("ppo.rollout_scaling='elastic'", "one of fixed, auto"):
+        PPOConfig(rollout_scaling="elastic")
+    with raises_with("ppo.max_rollout_actors=2", ">= min_rollout_actors=3"):
+        PPOConfig(rollout_scaling="auto", min_rollout_actors=3, max_rollout_actors=2)
+    with raises_with("ppo.num_rollout_actors=5", "within min_rollout_actors=1", "auto"):
+        PPOConfig(rollout_scaling="auto", num_rollout_actors=5, max_rollout_actors=4)
+    assert PPOConfig(num_rollout_actors=5, max_rollout_actors=4).num_rollout_actors == 5  # fixed
+    assert PPOConfig(max_rollout_actors=4).unused_settings() == ["ppo.max_rollout_actors=4"]
+    assert PPOConfig(rollout_scaling="auto", max_rollout_actors=4).unused_settings() == []

@@ -107,7 +107,7 @@ def test_weighted_sources_add_up_and_each_is_logged(local_ray, tiny_run, tmp_pat
     roles = create_roles(cfg, out)
     try:
         prompts = ["What is the capital of Peru?", "Give me a tip for sleeping."]
-        batch = roles.generators[0].generate.remote(prompts, [0, 1])
+        batch, _ = roles.generators[0].generate.remote(prompts, [0, 1])
         scores = ray.get(roles.scorer.score.remote(batch), timeout=120)
     finally:
         for actor in roles.all():

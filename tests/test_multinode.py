@@ -10,30 +10,19 @@ already holds a Ray.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from rlhf_ray.run.checkpoints import read_metrics
 from tests.cluster_scenario import REMOVE_AT_STEP, STEPS
-from tests.conftest import REPO
+from tests.conftest import run_scenario
 
 
 @pytest.fixture(scope="module")
 def scenario(tiny_run, tmp_path_factory):
     work = tmp_path_factory.mktemp("multinode")
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.cluster_scenario", str(tiny_run[0]), str(work)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), work
+    return run_scenario("cluster_scenario", str(tiny_run[0]), str(work)), work
 
 
 def test_a_lost_generator_node_is_replaced_by_a_spare_one(scenario):

@@ -21,7 +21,8 @@ from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.ppo.scaling import check_generator_count, scale_plan, split_rows
 from rlhf_ray.run.ledger import RolloutLedger
-from tests.conftest import smoke_config
+from tests.autoscale_scenario import STEPS
+from tests.conftest import run_scenario, smoke_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,3 +152,22 @@ def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
     per_pass = len(prompts)
     for start in range(0, len(used) - per_pass + 1, per_pass):
         assert sorted(used[start : start + per_pass]) == list(range(per_pass))
+
+
+def test_auto_scaling_grows_onto_a_joining_node_and_survives_its_removal(tiny_run, tmp_path):
+    """tests/autoscale_scenario.py, in its own process: one 1-CPU node at the start, a second
+    joins after step 2 and is removed two steps after a generator started there."""
+    run = run_scenario("autoscale_scenario", str(tiny_run[0]), str(tmp_path))
+    output = run["stdout"] + run["stderr"]
+    assert "scenario_error" not in run, run["scenario_error"] + output
+    assert run["exit"] == 0, output
+    lines = run["ledger"]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1)), output
+    counts = [len(line["generators"]) for line in lines]
+    assert counts[0] == 1 and max(counts) == 2, counts  # grew once the node joined
+    first_two = counts.index(2)
+    assert first_two >= run["joined_after_step"], (counts, run["joined_after_step"])
+    assert counts[-1] == 1, counts  # and shrank when it left
+    for line in lines:  # no row lost or doubled, even in the step that lost its generator
+        assert sum(g["rows"] for g in line["generators"].values()) == 8, line
+        assert {g["policy_version"] for g in line["generators"].values()} == {line["step"] - 1}

@@ -310,6 +310,12 @@ class PPOConfig(Section):
     # rollout generators at the start; rollouts_per_step is split over them as evenly as can
     # be, and `rlhf-ray scale --rollout N` changes their number while the job runs
     num_rollout_actors: int = 1
+    # fixed: that many generators (or what `rlhf-ray scale` asks); auto: before each step as
+    # many as the live nodes hold beside the other roles, within the two bounds below, so
+    # generators start on nodes that join and the run goes on without those of nodes that leave
+    rollout_scaling: str = "fixed"
+    min_rollout_actors: int = 1  # auto: fewer fit, and the run stops with an error
+    max_rollout_actors: int = 8  # auto: never more than this
     rollouts_per_step: int = 64  # responses sampled per iteration
     samples_per_prompt: int = 1  # k responses per prompt (a group); rloo and grpo need k >= 2
     # the KL penalty: in the reward or as a loss term; auto = as the estimator's paper does
@@ -339,7 +345,20 @@ class PPOConfig(Section):
         self.one_of("estimator", ESTIMATORS)
         self.one_of("kl_placement", ("auto", "reward", "loss"))
         self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
-        self.positive("samples_per_prompt")
+        self.positive("samples_per_prompt", "min_rollout_actors", "max_rollout_actors")
+        self.one_of("rollout_scaling", ("fixed", "auto"))
+        self.check(
+            self.min_rollout_actors <= self.max_rollout_actors,
+            "max_rollout_actors",
+            f">= min_rollout_actors={self.min_rollout_actors}",
+        )
+        self.check(
+            self.min_rollout_actors <= self.num_rollout_actors <= self.max_rollout_actors
+            or self.rollout_scaling == "fixed",
+            "num_rollout_actors",
+            f"within min_rollout_actors={self.min_rollout_actors} and max_rollout_actors="
+            f"{self.max_rollout_actors} when rollout_scaling is auto",
+        )
         self.check(
             self.estimator not in GROUP_ESTIMATORS or self.samples_per_prompt >= 2,
             "samples_per_prompt",
@@ -372,12 +391,18 @@ class PPOConfig(Section):
     def uses_critic(self) -> bool:
         return self.estimator == "gae"
 
+    @property
+    def autoscales(self) -> bool:
+        return self.rollout_scaling == "auto"
+
     def unused_settings(self) -> list[str]:
-        """`ppo.key=value` for each setting changed from its default that this estimator does
-        not use (the critic's, GAE's), so the run can say so instead of dropping it silently."""
+        """`ppo.key=value` for each setting changed from its default that this estimator (the
+        critic's, GAE's) or fixed scaling (the auto bounds) does not use, so the run can say so
+        instead of dropping it silently."""
         critics = ("critic_lr", "value_clip_range", "lam", "whiten_rewards")
         unused = () if self.uses_critic else critics
         unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
+        unused += ("min_rollout_actors", "max_rollout_actors") if not self.autoscales else ()
         defaults = {f.name: f.default for f in fields(self)}
         return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
 

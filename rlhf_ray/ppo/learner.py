@@ -120,7 +120,6 @@ class PPOLearner:
     ) -> dict[str, float]:
         """One iteration on a step's rollouts (a batch per generator; their scores, in the same
         order; their reference logprobs); returns metric name -> value, bumps the version."""
-        per_generator = _generator_stats(batches)
         batch, versions = concat_batches(batches, self.tok.pad_token_id)
         self._check_groups(batch.group)
         lag = self.version - min(versions)
@@ -140,7 +139,6 @@ class PPOLearner:
             **_rollout_stats(batch, targets, self.cfg.kl_coef),
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
-            **per_generator,
         }
 
     def _check_groups(self, group: torch.Tensor) -> None:
@@ -277,17 +275,6 @@ def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dic
         metrics.NO_EOS_FRACTION: (~batch.has_eos).float().mean().item(),
         metrics.BATCH_TOKENS: float(batch.num_tokens),
     }
-
-
-def _generator_stats(batches: list[RolloutBatch]) -> dict[str, float]:
-    """Each generator's completions per second of sampling, and its batch's policy version."""
-    stats = {metrics.GENERATORS: len(batches)}
-    for b in batches:
-        name = f"rollout-{b.generator_rank}"
-        rate = b.response.shape[0] / max(b.sample_seconds, 1e-9)
-        stats[metrics.generator_stat(name, "completions_per_s")] = rate
-        stats[metrics.generator_stat(name, "policy_version")] = b.policy_version
-    return stats
 
 
 def _to(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

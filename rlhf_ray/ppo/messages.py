@@ -34,11 +34,15 @@ class RolloutBatch(Samples):
     prompts: list[str]  # B raw prompts as the data gave them (for reward functions)
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
-    sample_seconds: float = 0.0  # the generator's own time sampling this batch
 
     @property
     def num_tokens(self) -> int:
         return int(self.query_mask.sum()) + int(self.response_mask.sum())
+
+
+def receipt(rows: int, policy_version: int, sample_seconds: float) -> dict:
+    """What a generator tells the driver of a batch it made (the batch itself goes by ref)."""
+    return {"rows": rows, "policy_version": policy_version, "sample_seconds": sample_seconds}
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +67,6 @@ class RolloutGenerator:
         tagged with its prompt group id from `group`."""
         if self.version < 0:
             raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
-        start = time.perf_counter()
         samples, logprobs = sample(
             self.policy, self.tok, prompts, self.settings.limits, self.settings.temperature
         )
@@ -79,5 +77,4 @@ class RolloutGenerator:
             prompts=list(prompts),
             policy_version=self.version,
             generator_rank=self.rank,
-            sample_seconds=time.perf_counter() - start,
         )
