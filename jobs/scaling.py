@@ -45,6 +45,7 @@ class GeneratorScaler:
     def __init__(self, cfg: Config, roles: Roles, control: ray.actor.ActorHandle | None) -> None:
         self.cfg, self.roles, self.control = cfg, roles, control
         self.retiring: list[ray.actor.ActorHandle] = []
+        self.told: tuple[int, int] | None = None  # (asked, running) the user was last told of
 
     def rescale(self, get: Callable) -> None:
         """Start or retire generators to reach the control's target, or with auto scaling as
@@ -59,7 +60,8 @@ class GeneratorScaler:
             )
         else:
             target = fitting_count(self.cfg, asked, current)
-            if target < asked:
+            if target < asked and self.told != (asked, target):  # once, not every step
+                self.told = (asked, target)
                 print(
                     f"[ppo] rlhf-ray scale asked for {asked} rollout generators; the live nodes "
                     f"hold {target} beside the other roles: running {target}",
