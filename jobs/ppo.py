@@ -33,7 +33,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
-from jobs.roles import Roles, create_roles, generator_name
+from jobs.pending import Pending, Shard, batch_fields, batch_info, batch_tensors
+from jobs.roles import Roles, create_roles
 from jobs.scaling import GeneratorScaler, start_control
 from jobs.waiting import capacity_watch, get_results, wait_ready
 from rlhf_ray.config import Config
@@ -137,46 +138,6 @@ def stop_on_sigterm() -> Iterator[StopRequest]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@dataclass
-class Shard:
-    """The rows of a step one generator samples."""
-
-    rank: int  # the generator's
-    prompts: list[str]  # one per row: a prompt appears once per sample
-    group: list[int]  # each row's prompt group id
-
-
-@dataclass
-class Pending:
-    """A step's batch being generated: per shard a RolloutBatch ref and a receipt ref (rows,
-    policy version, seconds; `messages.receipt`), and when it was asked for."""
-
-    shards: list[Shard]
-    refs: list
-    receipts: list
-    prompt_ids: list[int]  # the step's prompts (rows of the prompt file), each sampled k times
-    dispatched_at: float
-    ready_at: float | None = None  # set when a checkpoint waited for it (or it was restored)
-    sampled: list[dict] | None = None  # every shard's receipt, once sampled
-
-    def generator_stats(self) -> dict[str, dict]:
-        """Per generator of a sampled step: rows, policy version, completions per second."""
-        totals: dict[str, list] = {}  # name -> [rows, seconds, oldest version]
-        for shard, got in zip(self.shards, self.sampled or [], strict=True):
-            total = totals.setdefault(generator_name(shard.rank), [0, 0.0, got["policy_version"]])
-            total[0] += got["rows"]  # a generator that took over a lost one's rows has two shards
-            total[1] += got["sample_seconds"]
-            total[2] = min(total[2], got["policy_version"])
-        return {
-            name: {
-                "rows": rows,
-                "policy_version": version,
-                "completions_per_s": rows / max(seconds, 1e-9),
-            }
-            for name, (rows, seconds, version) in totals.items()
-        }
-
-
 class PPOLoop:
     def __init__(
         self,
@@ -275,13 +236,13 @@ class PPOLoop:
         for rank, rng in rngs.items():
             tensors |= saved_state.with_prefix(f"generator{rank}/rng/", rng)
         for i, batch in enumerate(batches):
-            tensors |= saved_state.with_prefix(f"pending{i}/", _batch_tensors(batch))
+            tensors |= saved_state.with_prefix(f"pending{i}/", batch_tensors(batch))
         state = {
             "step": step,
             "learner": learner_state,
             "prompts": self.prompts.state(),
             "progress": dataclasses.asdict(self.progress),
-            "pending": [_batch_info(b) for b in batches],
+            "pending": [batch_info(b) for b in batches],
             "pending_receipts": receipts,
             "pending_prompt_ids": pending.prompt_ids if pending else [],
             "generator_ranks": list(rngs),
@@ -326,7 +287,7 @@ class PPOLoop:
         self.progress = Progress(**state["progress"])
         if state["pending"]:
             batches = [
-                RolloutBatch(**_batch_fields(tensors, i, info))
+                RolloutBatch(**batch_fields(tensors, i, info))
                 for i, info in enumerate(state["pending"])
             ]
             shards = [Shard(b.generator_rank, b.prompts, b.group.tolist()) for b in batches]
@@ -472,29 +433,6 @@ class PPOLoop:
         return False
 
 
-BATCH_TENSORS = (
-    "query",
-    "query_mask",
-    "response",
-    "response_mask",
-    "has_eos",
-    "logprobs",
-    "group",
-)
-
-
-def _batch_tensors(batch: RolloutBatch) -> dict:
-    return {name: getattr(batch, name) for name in BATCH_TENSORS}
-
-
-def _batch_info(batch: RolloutBatch) -> dict:
-    return {
-        "policy_version": batch.policy_version,
-        "generator_rank": batch.generator_rank,
-        "prompts": batch.prompts,
-    }
-
-
 def _failed(ref) -> bool:
     """Whether a finished call's result is an actor's death (it is fetched: refs passed here
     hold a few numbers, as receipts and busy times do)."""
@@ -503,7 +441,3 @@ def _failed(ref) -> bool:
     except RayActorError:
         return True
     return False
-
-
-def _batch_fields(tensors: dict, rank: int, info: dict) -> dict:
-    return {**saved_state.under_prefix(f"pending{rank}/", tensors), **info}
