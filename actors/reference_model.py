@@ -11,11 +11,13 @@ from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo import reference_model
 from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.run.busy import BusyClock
+from rlhf_ray.run.console import quiet_libraries
 
 
 @ray.remote
 class ReferenceModel:
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
+        quiet_libraries()  # before any library loads a model
         self.reference = reference_model.ReferenceModel(settings, temperature)
         self.busy = BusyClock()
 

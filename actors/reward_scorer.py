@@ -9,11 +9,13 @@ import ray
 from rlhf_ray.ppo import reward_scorer
 from rlhf_ray.ppo.messages import RolloutBatch, Scores
 from rlhf_ray.run.busy import BusyClock
+from rlhf_ray.run.console import quiet_libraries
 
 
 @ray.remote
 class RewardScorer:
     def __init__(self, settings: reward_scorer.ScorerSettings) -> None:
+        quiet_libraries()  # before any library loads a model
         self.scorer = reward_scorer.RewardScorer(settings)
         self.busy = BusyClock()
 

@@ -10,6 +10,7 @@ import ray
 from rlhf_ray.ppo import rollout_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
 from rlhf_ray.run.busy import BusyClock
+from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
@@ -18,6 +19,7 @@ class RolloutGenerator:
     def __init__(
         self, settings: rollout_generator.PolicySettings, rank: int, learner, timeout_s: float
     ) -> None:
+        quiet_libraries()  # before any library loads a model
         self.generator = rollout_generator.RolloutGenerator(settings, rank)
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a

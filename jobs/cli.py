@@ -3,6 +3,7 @@
     rlhf-ray run [--config PRESET_OR_YAML] [options]    the three phases (= python jobs/rlhf.py)
     rlhf-ray config show [--config ...] [options]       the resolved config as YAML, nothing run
     rlhf-ray scale --rollout N [--address A] [--output_dir DIR]   generators of a running job
+    rlhf-ray report DIR                                 DIR/report.html from what a run left
     rlhf-ray --version
 
 Parsing imports only the config package, so `--help`, `--version` and input errors are quick
@@ -21,11 +22,13 @@ from rlhf_ray.errors import UserInputError
 USAGE = """usage: rlhf-ray run [--config PRESET_OR_YAML] [--section.key VALUE ...]
        rlhf-ray config show [--config PRESET_OR_YAML] [--section.key VALUE ...]
        rlhf-ray scale --rollout N [--address HOST:PORT] [--output_dir DIR]
+       rlhf-ray report DIR
        rlhf-ray --version
 
   run           supervised fine-tuning, the reward model and PPO, then the gold judge's report
   config show   print the resolved config (preset + overrides) as YAML without running
   scale         set the number of rollout generators of a running job, from its next step
+  report        write DIR/report.html (plots, gold rewards, samples) from a run's directory
 Every setting and its default: rlhf-ray run --help"""
 
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(cfg)
         if command == ["scale"]:
             return run_scale(argv[1:])
+        if command == ["report"]:
+            return run_report(argv[1:])
         if argv[:2] == ["config", "show"]:
             print(config_to_yaml(parse_run_args(argv[2:], prog="rlhf-ray config show")), end="")
             return 0
@@ -56,6 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     problem = f"unknown command {wrong!r}" if wrong else "a command is required"
     print(f"{USAGE}\n\nrlhf-ray: error: {problem}", file=sys.stderr)
     return 2
+
+
+def run_report(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: rlhf-ray report DIR", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from rlhf_ray.run.html_report import write_report
+
+    out = Path(argv[0])
+    if not (out / "config.yaml").is_file():
+        print(f"rlhf-ray: error: {out} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    print(f"[report] {write_report(out)}")
+    return 0
 
 
 def run_scale(argv: list[str]) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
 from rlhf_ray.config import RunConfig
+from rlhf_ray.run.console import is_verbose
 from rlhf_ray.run.resources import RoleRequest, check_fits
 
 
@@ -25,6 +27,7 @@ def connect(run: RunConfig) -> str:
         num_cpus=run.num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        logging_level=logging.INFO if is_verbose() else logging.WARNING,
     )
     return f"started a local Ray; dashboard at http://{context.dashboard_url or 'n/a'}"
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import ray
 
-from rlhf_ray.config import PHASES, Config
+from rlhf_ray.config import PHASES, Config, DataConfig
 from rlhf_ray.config.loading import config_to_yaml
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.ppo.reward_functions import import_reward_function
-from rlhf_ray.run import evaluation, fingerprints
+from rlhf_ray.run import evaluation, fingerprints, trackers
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
@@ -58,7 +58,8 @@ def unused_settings(cfg: Config) -> list[str]:
 
 def check_phase_inputs(cfg: Config, out: Path) -> None:
     """Every selected phase's inputs exist already or are made earlier in this run, and the
-    reward functions PPO will call can be imported."""
+    reward functions PPO will call and the trackers named can be imported."""
+    trackers.check_trackers(cfg.run.report_to)
     if "ppo" in cfg.run.phases:
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
@@ -88,6 +89,7 @@ def redo_phases(cfg: Config, out: Path) -> None:
     doomed = []
     for phase in phases_to_redo(cfg):
         doomed += [phase_dir(out, phase), out / "tb" / phase, fingerprints.record_path(out, phase)]
+        doomed.append(trackers.metrics_log(out, phase))
         doomed += [train_storage(out, phase)] if phase != "ppo" else [checkpoints_root(out)]
     for path in doomed:
         if path.is_dir():
@@ -123,15 +125,18 @@ def _has_outputs(out: Path, phase: str) -> bool:
     return train_storage(out, phase).exists()
 
 
-def print_data_report(report: dict) -> None:
+def print_data_report(cfg: Config, report: dict) -> None:
     for name, info in report.items():
-        line = f"[data] {name}: {info['rows']} rows from {info['source']}"
+        line = f"[data] {name}: {info['rows']} {info['format']} rows from {info['source']}"
         if info.get("overlong"):
             verb = "truncated" if info["overlong_action"] == "truncate" else "rejected"
             line += f"; {info['overlong']} over the token limits, {verb}"
         if info.get("ignored_fields"):
             line += f"; ignored fields {info['ignored_fields']}"
         print(line)
+    conversational = any(info["format"] != "text" for info in report.values())
+    if conversational and cfg.data.prompt_template != DataConfig.prompt_template:
+        print("[data] data.prompt_template is not used: message lists go through the chat template")
 
 
 def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:
@@ -159,7 +164,7 @@ def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> sft.SFTWorkerSett
         base_path=_abs_if_local(prepared.base_path),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "sft"),
-        tb_dir=out / "tb" / "sft",
+        tracking=trackers.tracking_of(cfg),
         model=cfg.model,
         quantization=cfg.quantization,
         lora=cfg.lora,
@@ -176,7 +181,7 @@ def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> reward.RewardW
         sft_path=str(phase_dir(out, "sft")),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "reward"),
-        tb_dir=out / "tb" / "reward",
+        tracking=trackers.tracking_of(cfg),
         model=cfg.model,
         quantization=cfg.quantization,
         lora=cfg.lora,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from tqdm import tqdm
 
+from jobs.dashboard_metrics import DashboardGauges
 from jobs.pending import Pending, Shard, batch_fields, batch_info, batch_tensors
 from jobs.roles import Roles, create_roles
 from jobs.scaling import GeneratorScaler, start_control
@@ -47,7 +47,9 @@ from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.busy import busy_since
 from rlhf_ray.run.checkpoints import phase_dir
+from rlhf_ray.run.console import StepDisplay
 from rlhf_ray.run.ledger import RolloutLedger
+from rlhf_ray.run.trackers import MetricWriter, tracking_of
 
 
 def stopped_after(step: int, checkpoint: Path) -> RunStopped:
@@ -153,7 +155,7 @@ class PPOLoop:
         self.roles, self.prompts = roles, prompts
         self.scaler = GeneratorScaler(cfg, roles, control)
         self.timeout = cfg.run.ray_timeout_s
-        self.tb_dir, self.checkpoints = out / "tb" / "ppo", ckpt.checkpoints_root(out)
+        self.checkpoints = ckpt.checkpoints_root(out)
         self.ledger = RolloutLedger(out)
         self.progress = Progress()
         self.pending: Pending | None = None  # a restored batch for the next step
@@ -164,10 +166,9 @@ class PPOLoop:
             print(f"[ppo] all {self.ppo.steps} steps were done before this run; nothing to train")
             return self.progress.totals(self.ppo.steps)
         # Steps after `done` that an earlier process logged are hidden: each step shows once.
-        writer = metrics.MetricWriter(self.tb_dir, purge_step=done + 1)
-        bar = tqdm(
-            initial=done, total=self.ppo.steps, desc="ppo", disable=not self.cfg.run.progress_bar
-        )
+        writer = MetricWriter(tracking_of(self.cfg), "ppo", purge_step=done + 1)
+        dashboard = DashboardGauges(Path(self.cfg.run.output_dir).resolve().name)
+        bar = StepDisplay("ppo", self.ppo.steps, done, self.cfg.run.progress_bar)
         self.ledger.keep_through(done)  # later steps are trained again
         clocks = self.busy_clocks()
         pending, start = self.pending or self._dispatch(), time.perf_counter()
@@ -183,13 +184,15 @@ class PPOLoop:
             self.scaler.report(step)
             self.progress.add(last.pop(metrics.BATCH_TOKENS), times, last, step)
             last[metrics.TOKENS_PER_S] = self.progress.tokens_per_s(time.perf_counter() - start)
-            writer.scalars({**last, **{metrics.stage_time(s): t for s, t in times.items()}}, step)
-            bar.set_postfix(
+            step_values = {**last, **{metrics.stage_time(s): t for s, t in times.items()}}
+            writer.scalars(step_values, step)
+            dashboard.record(step_values, step)
+            bar.update(
+                step,
                 score=f"{last[metrics.SCORES]:.2f}",
                 kl=f"{last[metrics.KL]:.2f}",
                 step_s=f"{time.perf_counter() - step_start:.1f}",
             )
-            bar.update(1)
             every = self.ppo.checkpoint_every
             if stop.requested or (every and step % every == 0):
                 start, clocks = self._end_segment(start, clocks, writer, step)

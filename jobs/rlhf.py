@@ -21,8 +21,9 @@ from rlhf_ray.config import Config  # noqa: E402
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.prepare import prepare_run  # noqa: E402
 from rlhf_ray.errors import RoleFailed, RunStopped, UserInputError  # noqa: E402
-from rlhf_ray.run import fingerprints  # noqa: E402
+from rlhf_ray.run import console, fingerprints, model_cards  # noqa: E402
 from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
+from rlhf_ray.run.html_report import write_report  # noqa: E402
 from rlhf_ray.run.output_dir import check_output_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
 
@@ -44,12 +45,14 @@ def report_input_error(err: UserInputError) -> int:
 
 def run(cfg: Config) -> int:
     out = Path(cfg.run.output_dir)
+    console.set_verbose(cfg.run.verbose)  # before Ray starts: its local workers inherit it
+    console.quiet_libraries()
     try:
         # 1. Everything the user gave is checked before any model loads or Ray starts.
         check_output_dir(cfg.run.output_dir)
         phases.check_phase_inputs(cfg, out)
         prepared = prepare_run(cfg)
-        phases.print_data_report(prepared.report)
+        phases.print_data_report(cfg, prepared.report)
         settings = fingerprints.phase_settings(cfg, prepared.data_dir)
         phases.check_recorded_settings(out, settings, redone=phases.phases_to_redo(cfg))
         print(cluster.connect(cfg.run), flush=True)
@@ -96,16 +99,20 @@ def run(cfg: Config) -> int:
             return 1
         seconds[name] = round(time.time() - start, 1)
         print(f"[{name}] done in {seconds[name]:.1f}s", flush=True)
+        model_cards.write_cards(cfg, out, prepared.report)
 
     # 3. Measure every model there is with the gold judge, on held-out prompts.
     if not cfg.run.evaluate:
         print("[eval] skipped (run.evaluate is false): no summary.json this time", flush=True)
+        print(f"[report] {write_report(out)}", flush=True)
         return 0
     start = time.time()
     evaluation = phases.evaluate(cfg, prepared)
     seconds["eval"] = round(time.time() - start, 1)
     summary = write_summary(cfg, out, prepared.report, evaluation, seconds)
+    model_cards.write_cards(cfg, out, prepared.report, summary)
     print_summary(summary)
+    print(f"[report] {write_report(out)}", flush=True)
     return 0
 
 

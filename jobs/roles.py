@@ -13,6 +13,8 @@ from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
 from jobs.waiting import capacity_watch, get_results
 from rlhf_ray.config import Config
+from rlhf_ray.data.chat import prompt_text
+from rlhf_ray.data.jsonl import read_jsonl
 from rlhf_ray.data.prepare import limits_of
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
@@ -20,6 +22,7 @@ from rlhf_ray.ppo.reward_scorer import ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
+from rlhf_ray.world.gold_judge import GoldJudge
 
 # Actor names, as the Ray dashboard and the roles/<name>_busy metrics show them.
 LEARNER, SCORER, REFERENCE = "learner", "reward", "reference"
@@ -97,6 +100,14 @@ def generator_restarts(cfg: Config) -> dict:
     return {"max_restarts": 0} if cfg.ppo.autoscales else role_restarts(cfg)
 
 
+def judge_knows_every_prompt(prompts_file: Path) -> bool:
+    """Whether the gold judge can watch PPO: it knows every prompt (the synthetic world's)."""
+    if not prompts_file.is_file():
+        return False
+    judge = GoldJudge()
+    return all(judge.knows(prompt_text(row["prompt"])) for row in read_jsonl(prompts_file))
+
+
 def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Roles:
     """The four roles, named for the dashboard, each with the resources its config asks for;
     generators of `ranks` (default: 0 .. ppo.num_rollout_actors - 1)."""
@@ -121,6 +132,7 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
         scoring.weights,
         sft_dir,
         cfg.model.trust_remote_code,
+        watch_gold=judge_knows_every_prompt(out / "data" / "prompts.jsonl"),
     )
     scorer = RewardScorer.options(
         name=SCORER, **role_restarts(cfg), **actor_options(res.reward_cpus, res.reward_gpus)

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +37,25 @@ def raises_with(*parts, exc: type[Exception]):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """A real local Ray with 2 CPUs (never mocked), stopped at the end of the session."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    """A real local Ray with 2 CPUs (never mocked), stopped at the end of the session; -> the
+    port of its Prometheus metrics endpoint (exported every second, for the read-back test)."""
+    port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    yield port
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smoke_config(output_dir: Path, **overrides: str):
@@ -133,3 +150,63 @@ def copy_outputs(source: Path, out: Path, folders: tuple[str, ...]) -> None:
         record = fingerprints.record_path(source, folder)
         fingerprints.record_path(out, folder).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(record, fingerprints.record_path(out, folder))
+
+
+def render_in_browser(page: Path, screenshot: Path) -> dict:
+    """Open a local HTML page in headless Chromium (Playwright driving Debian's /usr/bin/chromium)
+    as a person would, and report what shows: every <img> by alt text with its decoded width
+    (0 = broken), the rows of the samples table, the visible text. Skipped where no Chromium is
+    installed, unless RLHF_RAY_REQUIRE_BROWSER is set (.ci/run sets it and installs Chromium)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("RLHF_RAY_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on PATH, and RLHF_RAY_REQUIRE_BROWSER is set")
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        tab = browser.new_page(viewport={"width": 1200, "height": 900})
+        tab.goto(page.resolve().as_uri())
+        tab.wait_for_load_state("load")
+        shown = tab.evaluate(
+            """() => ({
+                images: Object.fromEntries([...document.images].map(i => [i.alt, i.naturalWidth])),
+                sample_rows: document.querySelectorAll("table.samples tr").length - 1,
+                text: document.body.innerText,
+            })"""
+        )
+        tab.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return shown
+
+
+def wandb_offline_run(path: Path) -> tuple[str, list[dict]]:
+    """(display name, history rows) of an offline wandb run file (`run-<id>.wandb`), read as
+    wandb writes it: leveldb-log records (7-byte headers in 32 KiB blocks; kinds 1 full, 2
+    first, 3 middle, 4 last) of `wandb_internal_pb2.Record` protobufs after a 7-byte header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    pos, pending, name, history = header, b"", None, []
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        chunk, pos = data[pos + header : pos + header + length], pos + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        if record.WhichOneof("record_type") == "run":
+            name = record.run.display_name
+        elif record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            history.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            )
+    return name, history

@@ -14,10 +14,13 @@ from jobs import cluster, rlhf
 from jobs.ppo import PPOLoop
 from jobs.roles import create_roles
 from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.errors import ResourceError, RoleFailed
+from rlhf_ray.models.sampling import decode_responses
 from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import metrics
 from rlhf_ray.run.resources import ppo_requests
+from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import smoke_config
 
 TIMEOUT = 120
@@ -141,15 +144,19 @@ def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny
     out, _ = tiny_run
     cfg = smoke_config(out)
     with _running_roles(cfg, out) as roles:
-        prompts = ["What is the capital of Peru?"] * 3
+        prompts = [read_rows(out / "data", "prompts")[0]["prompt"]] * 3  # one the judge knows
         batch_ref, _ = roles.generators[0].generate.remote(prompts, [0, 0, 0])
         ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
         batch = ray.get(batch_ref, timeout=TIMEOUT)
         torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
         scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
         assert scores.total.shape == (3,) and torch.isfinite(scores.total).all()
-        assert list(scores.components) == ["reward_model"]  # weight 1: total is its score
+        # The gold judge watches (synthetic prompts) at weight 0: the total is the reward model's
+        assert list(scores.components) == ["reward_model", "gold_judge"]
         assert torch.equal(scores.total, scores.components["reward_model"])
+        texts = decode_responses(load_tokenizer(str(out / "sft")), batch)
+        gold = gold_reward(prompts, texts)
+        assert scores.components["gold_judge"].tolist() == pytest.approx(gold)
 
 
 def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):

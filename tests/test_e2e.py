@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pytest
 
 from rlhf_ray.run.checkpoints import read_metrics
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STOPPED_RUN_STEPS = 40
@@ -72,20 +72,14 @@ def check_run_outputs(out: Path, timed: tuple[str, ...] = ("sft", "reward", "ppo
     return summary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A real `ray start --head` (dashboard on 127.0.0.1), stopped by killing only its group."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # Every fixed default port gets a free one: the session's local Ray may hold the defaults
     # (its dashboard agent on 52365 left this head with "No available agent to submit job").
     ports = [
-        f"--{flag}={_free_port()}"
+        f"--{flag}={free_port()}"
         for flag in (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
@@ -214,6 +208,7 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tmp_path):
     status, logs = _wait_for_status(env, "smoke-job", 120)
     assert "stopped" in status, status + logs[-3000:]
     assert "Run the same command again to continue" in logs, logs[-3000:]  # SIGTERM handled
+    _check_console(logs)
     stopped_at = max(complete_steps(checkpoints_root(out)))
     assert 1 <= stopped_at < STOPPED_RUN_STEPS and not (out / "policy").exists()
 
@@ -237,3 +232,30 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tmp_path):
         check=True,
     )
     assert "generated 5 tokens" in done.stdout
+
+
+# Library output a person does not need (shown with --run.verbose true).
+CONSOLE_NOISE = (
+    "Writing model shards",
+    "Loading weights",
+    "LOAD REPORT",
+    "FutureWarning",
+    "DeprecationWarning",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "Started a local Ray instance",
+)
+
+
+def _check_console(logs: str) -> None:
+    """One progress line per step shown, each once, with time left; no library noise."""
+    for noise in CONSOLE_NOISE:
+        assert noise not in logs, f"{noise!r} on the console:\n{logs[-3000:]}"
+    for phase in ("sft", "reward"):
+        shown = [
+            line.split(f"[{phase}] step ", 1)[1].split()[0]
+            for line in logs.splitlines()
+            if f"[{phase}] step " in line
+        ]
+        assert shown and len(shown) == len(set(shown)), (phase, shown)
+    assert "s left)" in logs

@@ -121,3 +121,33 @@ def test_cluster_yaml_starts_every_node_with_token_auth_and_a_local_dashboard():
     assert "--dashboard-host=127.0.0.1" in cluster["head_start_ray_commands"][-1]
     # The same token on every node: the one `ray get-auth-token --generate` wrote locally.
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_rayjob_manifest_has_token_auth_and_keeps_the_dashboard_inside():
+    import yaml
+
+    rayjob, policy = yaml.safe_load_all((ROOT / "rayjob.yaml").read_text())
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert rayjob["kind"] == "RayJob" and cluster["authOptions"] == {"mode": "token"}
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert "enableIngress" not in cluster["headGroupSpec"]
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "jobs/rlhf.py" in rayjob["spec"]["entrypoint"]
+
+
+def test_runtime_envs_install_what_pyproject_asks_for():
+    """Nodes without the project get pyproject's dependencies (less ray, which they run)."""
+    import tomllib
+    import yaml
+
+    wanted = [
+        d.split("#")[0].strip()
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if not d.startswith("ray")
+    ]
+    wanted = ["torch==2.13.0" if d.startswith("torch") else d for d in wanted]
+    job_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    assert job_env["pip"]["packages"] == wanted
+    rayjob = next(yaml.safe_load_all((ROOT / "rayjob.yaml").read_text()))
+    manifest_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert manifest_env["pip"] == job_env["pip"] and manifest_env["env_vars"] == job_env["env_vars"]

@@ -26,6 +26,7 @@ def test_overlong_rows_are_counted_and_truncated(tmp_path):
     prepared = prepare_run(cfg)
     assert prepared.report["sft"] == {
         "source": str(sft),
+        "format": "text",
         "ignored_fields": [],
         "rows": 2,
         "overlong": 1,

@@ -103,11 +103,23 @@ def test_missing_path(tmp_path):
         load_rows(str(path), SFT_FIELDS, OPT)
 
 
-def test_directory_that_is_not_a_datasets_save(tmp_path):
+def test_directory_of_data_files_goes_through_load_dataset(tmp_path):
+    """Not a save_to_disk directory: datasets.load_dataset reads the files in it, offline."""
     (tmp_path / "plain").mkdir()
-    (tmp_path / "plain" / "rows.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    with raises_with(OPT, tmp_path / "plain", "not a datasets save", "dataset_info.json"):
-        load_rows(str(tmp_path / "plain"), SFT_FIELDS, OPT)
+    (tmp_path / "plain" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "plain" / "test.jsonl").write_text('{"prompt": "c", "completion": "d"}\n')
+    assert load_rows(str(tmp_path / "plain"), SFT_FIELDS, OPT).rows == [
+        {"prompt": "a", "completion": "b"}
+    ]
+    loaded = load_rows(f"{tmp_path / 'plain'}:test", SFT_FIELDS, OPT)
+    assert loaded.rows == [{"prompt": "c", "completion": "d"}]
+    assert loaded.format == "text"
+
+
+def test_directory_without_data_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with raises_with(OPT, tmp_path / "empty", "load_dataset", "cannot be loaded"):
+        load_rows(str(tmp_path / "empty"), SFT_FIELDS, OPT)
 
 
 @pytest.mark.parametrize("text", ["", "\n\n  \n"], ids=["zero_bytes", "blank_lines"])

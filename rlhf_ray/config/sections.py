@@ -182,7 +182,10 @@ class DataConfig(Section):
     max_prompt_tokens: int = 32  # prompt token limit (templated prompt)
     max_completion_tokens: int = 32  # completion token limit, also PPO's max new tokens
     overlong: str = "truncate"  # rows over the limits: truncate or reject (counted either way)
-    prompt_template: str = "User: {prompt}\nAssistant:"  # how a prompt is shown to the model
+    prompt_template: str = "User: {prompt}\nAssistant:"  # how a text prompt is shown to the model
+    # Message-list data: a Jinja chat template (a file, or the template itself) used instead of
+    # the tokenizer's own and saved with every model; None = the tokenizer's own.
+    chat_template: str | None = None
 
     def validate(self) -> None:
         self.positive("num_sft", "num_preferences", "num_prompts", "num_eval_prompts")
@@ -191,6 +194,11 @@ class DataConfig(Section):
         self.check(0 <= self.label_noise < 0.5, "label_noise", "a rate in [0, 0.5)")
         self.one_of("overlong", ("truncate", "reject"))
         self._check_template()
+        self.check(
+            self.chat_template is None or bool(self.chat_template.strip()),
+            "chat_template",
+            "a Jinja template file or the template itself, or unset (null)",
+        )
         for key in ("sft_path", "preference_path", "prompt_path", "eval_prompt_path"):
             path = getattr(self, key)
             self.check(
@@ -484,6 +492,9 @@ class EvalConfig(Section):
         self.positive("samples_per_prompt", "temperature", "batch_size")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass(frozen=True)
 class RunConfig(Section):
     """Where outputs go, which phases run, the base seed, and how the local Ray starts."""
@@ -494,8 +505,12 @@ class RunConfig(Section):
     seed: int = 0  # base seed; each role and worker derives its own from it
     num_cpus: int | None = None  # CPUs of a local Ray started by the run; None = all cores
     ray_timeout_s: float = 600.0  # the longest any single remote call may take
-    progress_bar: bool = True  # a progress bar for PPO on the console
+    progress_bar: bool = True  # PPO progress: a bar on a terminal, a line per 10% otherwise
+    verbose: bool = False  # also the libraries' own console output (loading bars, warnings)
     evaluate: bool = True  # after the phases, sample every model and report the gold judge
+    # experiment trackers for step metrics (DIR/metrics/<phase>.jsonl is written anyway):
+    # tensorboard (DIR/tb), wandb, mlflow; on the command line: --run.report_to tensorboard wandb
+    report_to: tuple[str, ...] = ("tensorboard",)
     # Delete this phase's outputs and those of every phase after it, then train them again
     # (after a settings change; see README, "Changed settings"). Give it once, not on reruns.
     redo: str | None = None
@@ -512,6 +527,9 @@ class RunConfig(Section):
         )
         self.check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "> 0 or None")
         self.positive("ray_timeout_s")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        self.check(not unknown, "report_to", f"trackers among {', '.join(TRACKERS)} (or none)")
+        self.check(len(set(self.report_to)) == len(self.report_to), "report_to", "each once")
 
 
 @dataclass(frozen=True)

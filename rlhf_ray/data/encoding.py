@@ -4,7 +4,8 @@ A prompt is `[BOS] + template(prompt)`, truncated from the left so the "Assistan
 the template survives. A completion is `" " + completion + [EOS]`, truncated from the right (a
 cut completion loses its EOS: teaching the model to stop mid-sentence would be worse).
 Prompt and completion are tokenized separately so the prompt ids are exactly those the policy
-is given at generation time.
+is given at generation time. Conversational rows (message lists) go through the chat template
+instead (`chat`): the same truncation rules apply to the ids it gives.
 """
 
 from __future__ import annotations
@@ -14,48 +15,64 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_ray.data import chat
+from rlhf_ray.data.chat import Prompt
+
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
 
 @dataclass(frozen=True)
 class Limits:
-    template: str  # contains "{prompt}" once
+    template: str  # contains "{prompt}" once: how a text prompt is shown to the model
     max_prompt_tokens: int
     max_completion_tokens: int
+    chat_template: str | None = None  # Jinja for message lists; None = the tokenizer's own
 
 
-def _raw_prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, template: str) -> list[int]:
-    ids = tok.encode(template.format(prompt=prompt), add_special_tokens=False)
+def _raw_prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt, limits: Limits) -> list[int]:
+    if chat.is_conversational(prompt):
+        return chat.chat_prompt_ids(tok, prompt, limits.chat_template)
+    ids = tok.encode(limits.template.format(prompt=prompt), add_special_tokens=False)
     return ids if tok.bos_token_id is None else [tok.bos_token_id, *ids]
 
 
-def _raw_completion_ids(tok: PreTrainedTokenizerBase, completion: str) -> list[int]:
+def _raw_completion_ids(
+    tok: PreTrainedTokenizerBase, prompt: Prompt, completion: Prompt, limits: Limits
+) -> list[int]:
+    if chat.is_conversational(completion):
+        return chat.chat_completion_ids(tok, prompt, completion, limits.chat_template)
     return tok.encode(" " + completion.strip(), add_special_tokens=False) + [tok.eos_token_id]
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, limits: Limits) -> list[int]:
-    return _raw_prompt_ids(tok, prompt, limits.template)[-limits.max_prompt_tokens :]
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt, limits: Limits) -> list[int]:
+    return _raw_prompt_ids(tok, prompt, limits)[-limits.max_prompt_tokens :]
 
 
-def completion_ids(tok: PreTrainedTokenizerBase, completion: str, limits: Limits) -> list[int]:
-    return _raw_completion_ids(tok, completion)[: limits.max_completion_tokens]
+def completion_ids(
+    tok: PreTrainedTokenizerBase, prompt: Prompt, completion: Prompt, limits: Limits
+) -> list[int]:
+    """The completion's ids after `prompt` (a message list's depend on its prompt)."""
+    return _raw_completion_ids(tok, prompt, completion, limits)[: limits.max_completion_tokens]
 
 
 def is_overlong(
-    tok: PreTrainedTokenizerBase, prompt: str, completions: tuple[str, ...], limits: Limits
+    tok: PreTrainedTokenizerBase, prompt: Prompt, completions: tuple[Prompt, ...], limits: Limits
 ) -> bool:
     """Whether the prompt or any completion exceeds its token limit before truncation."""
-    if len(_raw_prompt_ids(tok, prompt, limits.template)) > limits.max_prompt_tokens:
+    if len(_raw_prompt_ids(tok, prompt, limits)) > limits.max_prompt_tokens:
         return True
-    return any(len(_raw_completion_ids(tok, c)) > limits.max_completion_tokens for c in completions)
+    return any(
+        len(_raw_completion_ids(tok, prompt, c, limits)) > limits.max_completion_tokens
+        for c in completions
+    )
 
 
 def sft_example(
-    tok: PreTrainedTokenizerBase, prompt: str, completion: str, limits: Limits
+    tok: PreTrainedTokenizerBase, prompt: Prompt, completion: Prompt, limits: Limits
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels are IGNORE_INDEX on prompt tokens, so loss is completion-only."""
     p_ids = prompt_ids(tok, prompt, limits)
-    c_ids = completion_ids(tok, completion, limits)
+    c_ids = completion_ids(tok, prompt, completion, limits)
     return p_ids + c_ids, [IGNORE_INDEX] * len(p_ids) + c_ids
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_ray.config import Config, DataConfig
-from rlhf_ray.data import user_files
+from rlhf_ray.data import chat, user_files
 from rlhf_ray.data.encoding import Limits, is_overlong
 from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -38,7 +38,12 @@ class PreparedRun:
 
 
 def limits_of(cfg: DataConfig) -> Limits:
-    return Limits(cfg.prompt_template, cfg.max_prompt_tokens, cfg.max_completion_tokens)
+    return Limits(
+        cfg.prompt_template,
+        cfg.max_prompt_tokens,
+        cfg.max_completion_tokens,
+        chat.read_template(cfg.chat_template),
+    )
 
 
 def read_rows(data_dir: Path, name: str) -> list[dict]:
@@ -49,8 +54,10 @@ def read_rows(data_dir: Path, name: str) -> list[dict]:
 def prepare_run(cfg: Config) -> PreparedRun:
     out = Path(cfg.run.output_dir)
     rows, report = gather_rows(cfg.data, cfg.reward.eval_fraction, cfg.run.seed)
-    tokenizer, base_path = _base_model(cfg, rows, out)
     limits = limits_of(cfg.data)
+    tokenizer, base_path = _base_model(cfg, rows, out)
+    if is_conversational(rows):
+        _check_chat_template(tokenizer, limits, cfg)
     for name in DATASETS:
         kept, overlong = _apply_limits(name, rows[name], tokenizer, limits, cfg.data.overlong)
         rows[name] = kept
@@ -83,19 +90,67 @@ def gather_rows(cfg: DataConfig, eval_fraction: float, seed: int) -> tuple[dict,
         "prompts": (cfg.prompt_path, "data.prompt_path", user_files.PROMPT_FIELDS),
         "eval_prompts": (cfg.eval_prompt_path, "data.eval_prompt_path", user_files.PROMPT_FIELDS),
     }
-    rows, report = {}, {}
+    rows, report, loaded = {}, {}, {}
     for name, (path, option, fields) in files.items():
-        if path is None:
-            rows[name], report[name] = synthetic[name](), {"source": "synthetic"}
-            continue
-        loaded = user_files.load_rows(path, fields, option)
-        rows[name] = loaded.rows
-        report[name] = {"source": loaded.source, "ignored_fields": list(loaded.ignored_fields)}
+        if path is not None:
+            loaded[option] = user_files.load_rows(path, fields, option)
+            rows[name] = loaded[option].rows
+            report[name] = {
+                "source": loaded[option].source,
+                "format": loaded[option].format,
+                "ignored_fields": list(loaded[option].ignored_fields),
+            }
+    conversational = _one_kind(loaded)
+    for name, make in synthetic.items():
+        if name not in rows:
+            made = make()
+            rows[name] = [_as_conversation(r) for r in made] if conversational else made
+            report[name] = {"source": "synthetic", "format": _kind(conversational)}
     rows["preferences"], rows["preferences_eval"] = _split_pairs(
         rows["preferences"], eval_fraction, seed
     )
     report["preferences_eval"] = dict(report["preferences"], split_fraction=eval_fraction)
     return rows, report
+
+
+def is_conversational(rows: dict[str, list[dict]]) -> bool:
+    return any(chat.is_conversational(r["prompt"]) for dataset in rows.values() for r in dataset)
+
+
+def _kind(conversational: bool) -> str:
+    return "conversational" if conversational else "text"
+
+
+def _one_kind(loaded: dict[str, user_files.LoadedRows]) -> bool:
+    """Whether the run is conversational: all user files are, or none is (a policy trained on
+    one rendering and prompted with another learns nothing useful, so mixing is refused)."""
+    kinds = {option: rows.conversational for option, rows in loaded.items()}
+    if len(set(kinds.values())) > 1:
+        text = next(o for o, conv in kinds.items() if not conv)
+        conv = next(o for o, conv in kinds.items() if conv)
+        raise DataError(
+            f"{conv} holds message lists but {text} holds text; expected every data file of "
+            "a run in one kind, conversational or text"
+        )
+    return any(kinds.values())
+
+
+def _as_conversation(row: dict) -> dict:
+    """A synthetic text row as the conversational rows beside it: one user turn, one answer."""
+    return {
+        key: chat.user_message(value) if key == "prompt" else chat.assistant_message(value)
+        for key, value in row.items()
+    }
+
+
+def _check_chat_template(tok: PreTrainedTokenizerBase, limits: Limits, cfg: Config) -> None:
+    if limits.chat_template is None and not tok.chat_template:
+        source = "the embedded base model" if cfg.model.is_embedded else cfg.model.name_or_path
+        raise ConfigError(
+            f"the data is conversational (message lists) but the tokenizer of {source} has no "
+            "chat template; set data.chat_template to a Jinja template file (or --run.redo sft "
+            "to rebuild an embedded base model built before rlhf-ray had one)"
+        )
 
 
 def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
@@ -160,17 +215,26 @@ def _corpus(rows: dict, template: str):
     characters take seconds, 300,000 minutes)."""
     for name, dataset in rows.items():
         for row in dataset:
-            yield template.format(prompt=row["prompt"])[:_CORPUS_CHARS]
+            prompt = row["prompt"]
+            if isinstance(prompt, str):
+                yield template.format(prompt=prompt)[:_CORPUS_CHARS]
+            else:
+                yield from (f"{m['role']}: {m['content']}"[:_CORPUS_CHARS] for m in prompt)
             for key in _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ()):
-                yield (" " + row[key])[:_CORPUS_CHARS]
+                for text in chat.message_texts(row[key]):
+                    yield (" " + text)[:_CORPUS_CHARS]
 
 
 def _apply_limits(name, dataset, tokenizer, limits: Limits, action: str):
     """(rows kept, number of over-length rows); rejects them when `action` is 'reject'."""
     keys = _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ())
-    flags = [
-        is_overlong(tokenizer, r["prompt"], tuple(r[k] for k in keys), limits) for r in dataset
-    ]
+    flags = []
+    for r in dataset:
+        try:
+            flags.append(is_overlong(tokenizer, r["prompt"], tuple(r[k] for k in keys), limits))
+        except DataError as err:  # the chat template cannot render this row
+            prompt = chat.prompt_text(r["prompt"])[:80]
+            raise DataError(f"{name}: the row whose prompt is {prompt!r}: {err}") from err
     if action == "truncate":
         return dataset, sum(flags)
     kept = [row for row, long in zip(dataset, flags, strict=True) if not long]

@@ -11,11 +11,13 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from rlhf_ray.data.chat import EMBEDDED_CHAT_TEMPLATE
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style) with <pad>, <s>, </s> as ids 0, 1, 2."""
+    """Byte-level BPE (GPT-2 style) with <pad>, <s>, </s> as ids 0, 1, 2, and a chat template."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -26,13 +28,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token=PAD, bos_token=BOS, eos_token=EOS
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+    tok.chat_template = EMBEDDED_CHAT_TEMPLATE
+    return tok
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure its pad token exists and differs from EOS.
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure its pad token exists and differs from EOS; `chat_template`
+    (data.chat_template) replaces its own, so the directories it is saved to carry it.
 
     Llama/Mistral tokenizers ship no pad token; their <unk> is a safe distinct pad (it never
     appears in real text), so no embedding row has to be added.
@@ -46,4 +51,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
                 f"tokenizer at {path} has no pad token distinct from EOS and no <unk> to use"
             )
         tok.pad_token = tok.unk_token
+    if chat_template is not None:
+        tok.chat_template = chat_template
     return tok

@@ -27,6 +27,7 @@ from transformers import (
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import save_adapter
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,14 @@ def save_merged(
     reload_base: str | Path | None = None,
     model_cfg: ModelConfig | None = None,
 ) -> None:
-    """Save a standard model directory, with any LoRA adapter merged into the weights.
+    """Save a standard model directory, with any LoRA adapter merged into the weights and also
+    saved alone in `adapter/` (PEFT format).
 
     4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
     from `reload_base`, the adapter copied in, and that merged.
     """
+    if isinstance(model, PeftModel):
+        save_adapter(model, out_dir)
     adapter_dir = None
     if isinstance(model, PeftModel) and getattr(model, "is_loaded_in_4bit", False):
         adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-"))

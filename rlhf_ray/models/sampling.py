@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
 from rlhf_ray.ppo.arithmetic import logprobs_from_logits, truncate_after_eos
 from rlhf_ray.ppo.messages import Samples
@@ -95,7 +96,7 @@ class _SampledTokenLogprobs(LogitsProcessor):
 def sample(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[Prompt],
     limits: Limits,
     temperature: float,
 ) -> tuple[Samples, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 from peft import TaskType
 
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.models.adapters import ADAPTER_DIR, stack_onto
 from rlhf_ray.models.forward import response_logits, response_values
 from rlhf_ray.models.loading import (
     add_lora,
@@ -256,10 +257,14 @@ class PPOLearner:
         return stats
 
     def export(self, out_dir: str, run_metrics: dict) -> None:
-        """The policy as a standard model directory (LoRA merged), written atomically."""
+        """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
+        original base model where SFT was LoRA too), written atomically."""
         with atomic_dir(Path(out_dir)) as tmp:
             policy = self.settings.policy
             save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model)
+            sft_adapter = Path(policy.sft_path) / ADAPTER_DIR
+            if sft_adapter.is_dir() and (tmp / ADAPTER_DIR).is_dir():
+                stack_onto(sft_adapter, tmp / ADAPTER_DIR)
             write_metrics(tmp, run_metrics)
 
 

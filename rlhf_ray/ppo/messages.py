@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ray.data.chat import Prompt
+
 
 @dataclass
 class Samples:
@@ -31,7 +33,7 @@ class RolloutBatch(Samples):
     # prompt. Ids are unique within a step, so a group split over several generators is whole
     # again in the learner's concatenation of the step's batches (estimators.py).
     group: torch.Tensor
-    prompts: list[str]  # B raw prompts as the data gave them (for reward functions)
+    prompts: list[Prompt]  # B raw prompts as the data gave them: text or message lists
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
 

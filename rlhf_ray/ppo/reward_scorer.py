@@ -4,7 +4,10 @@
 
 The reward model reads its score at the last real token of prompt + response. Reward functions
 (`reward_functions.py`) get a whole step's rollouts in one call, so the samples of one prompt
-are scored together even when several rollout generators sampled them.
+are scored together even when several rollout generators sampled them. With synthetic prompts
+the gold judge watches too, at weight 0: its score is logged (rewards/gold_judge), so the
+reward model's score and the true one can be set side by side as KL grows (the
+over-optimisation picture of Gao et al. 2022), and never trained on.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ray.data.chat import assistant_message, is_conversational, prompt_text
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import prompt_response, sequence_scores
 from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_scalar_model
 from rlhf_ray.models.sampling import decode_responses
 from rlhf_ray.ppo.messages import RolloutBatch, Scores
 from rlhf_ray.ppo.reward_functions import call_reward_function, import_reward_function
+from rlhf_ray.world.gold_judge import GoldJudge, gold_reward
 
 REWARD_MODEL = "reward_model"  # the name of the reward model's component in `Scores`
+GOLD_JUDGE = "gold_judge"  # the watching gold judge's component (weight 0)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class ScorerSettings:
     function_weights: tuple[float, ...]  # one per function
     tokenizer_path: str  # the SFT model's directory: decodes completions for the functions
     trust_remote_code: bool
+    watch_gold: bool = False  # also score with the gold judge, at weight 0 (synthetic prompts)
 
 
 class RewardScorer:
@@ -40,9 +47,10 @@ class RewardScorer:
             load_frozen_scalar_model(settings.reward_model) if settings.reward_model else None
         )
         self.functions = [(spec, import_reward_function(spec)) for spec in settings.functions]
+        self.judge = GoldJudge()
         self.tok = (
             load_tokenizer(settings.tokenizer_path, settings.trust_remote_code)
-            if self.functions
+            if self.functions or settings.watch_gold
             else None
         )
 
@@ -52,15 +60,22 @@ class RewardScorer:
         components = {}
         if self.model is not None:
             components[REWARD_MODEL] = torch.cat([self._reward_model(b) for b in batches])
-        if self.functions:
+        if self.tok is not None:
             prompts = [p for b in batches for p in b.prompts]
-            completions = [text for b in batches for text in decode_responses(self.tok, b)]
+            texts = [text for b in batches for text in decode_responses(self.tok, b)]
+            # As TRL gives them: a conversation's completion is an assistant message list.
+            completions = [
+                assistant_message(t) if is_conversational(p) else t
+                for p, t in zip(prompts, texts, strict=True)
+            ]
             ids = [row[mask.bool()].tolist() for b in batches for row, mask in _rows(b)]
             for spec, function in self.functions:
                 components[spec] = call_reward_function(spec, function, prompts, completions, ids)
+            if self.settings.watch_gold and all(self.judge.knows(prompt_text(p)) for p in prompts):
+                components[GOLD_JUDGE] = torch.tensor(gold_reward(prompts, completions))
         weights = dict(zip(self.settings.functions, self.settings.function_weights, strict=True))
         weights[REWARD_MODEL] = self.settings.reward_model_weight
-        total = sum(weights[name] * values for name, values in components.items())
+        total = sum(weights.get(name, 0.0) * values for name, values in components.items())
         return Scores(total=total.float(), components=components)
 
     def _reward_model(self, batch: RolloutBatch) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from peft import TaskType
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
+from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import (
@@ -62,7 +63,7 @@ class RolloutGenerator:
         self.version = weights.version
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], group: list[int]) -> RolloutBatch:
+    def generate(self, prompts: list[Prompt], group: list[int]) -> RolloutBatch:
         """One response per entry of `prompts` (a prompt appears once per sample), each row
         tagged with its prompt group id from `group`."""
         if self.version < 0:

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.config import EvalConfig
+from rlhf_ray.data.chat import Prompt, prompt_text
 from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import FrozenModelSettings, load_frozen_causal_lm
 from rlhf_ray.models.sampling import decode_responses, sample
+from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.world import assistant_world
 from rlhf_ray.world.gold_judge import GoldJudge
 
@@ -29,8 +31,9 @@ class EvalSettings:
     seed: int  # the same for every model: differences in the samples come from the model
 
 
-def generate_eval_responses(settings: EvalSettings, prompts: list[str]) -> list[list[str]]:
+def generate_eval_responses(settings: EvalSettings, prompts: list[Prompt]) -> list[list[str]]:
     """`eval.samples_per_prompt` sampled responses per prompt: -> [prompt][sample] text."""
+    quiet_libraries()
     model = load_frozen_causal_lm(settings.model)
     torch.manual_seed(settings.seed)
     tok = load_tokenizer(settings.model.path, settings.model.model.trust_remote_code)
@@ -45,18 +48,21 @@ def generate_eval_responses(settings: EvalSettings, prompts: list[str]) -> list[
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def ideal_responses(prompts: list[str]) -> list[list[str]]:
+def ideal_responses(prompts: list[Prompt]) -> list[list[str]]:
     """The world's ideal response for each prompt the judge knows (empty list otherwise)."""
     specs = {s.text: s for s in assistant_world.all_prompts()}
-    return [[assistant_world.ideal_response(specs[p])] if p in specs else [] for p in prompts]
+    texts = [prompt_text(p) for p in prompts]
+    return [[assistant_world.ideal_response(specs[t])] if t in specs else [] for t in texts]
 
 
-def gold_scores(judge: GoldJudge, prompts: list[str], responses: list[list[str]]):
-    """[prompt][sample] gold totals, for the prompts the judge knows (others are skipped)."""
+def gold_scores(judge: GoldJudge, prompts: list[Prompt], responses: list[list[str]]):
+    """[prompt][sample] gold totals, for the prompts the judge knows (others are skipped); a
+    conversation is judged by its last user message."""
+    texts = [prompt_text(p) for p in prompts]
     return [
-        [judge.score(p, r).total for r in rs]
-        for p, rs in zip(prompts, responses, strict=True)
-        if judge.knows(p)
+        [judge.score(t, r).total for r in rs]
+        for t, rs in zip(texts, responses, strict=True)
+        if judge.knows(t)
     ]
 
 
@@ -79,7 +85,7 @@ def win_rate(challenger: list[list[float]], baseline: list[list[float]]) -> floa
     return wins / len(pairs)
 
 
-def write_samples(path: Path, prompts: list[str], responses: dict[str, list[list[str]]]) -> None:
+def write_samples(path: Path, prompts: list[Prompt], responses: dict[str, list[list[str]]]) -> None:
     """One JSON line per prompt with every model's responses, for reading by eye."""
     write_jsonl(
         path,

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from rlhf_ray.config import Config
+from rlhf_ray.data import chat
 from rlhf_ray.errors import ConfigError
 
 SETTINGS_DIR = "phase_settings"
@@ -62,6 +63,7 @@ def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
         **_section(cfg, "model"),
         **_section(cfg, "quantization"),
         **{f"data.{k}": getattr(cfg.data, k) for k in _DATA_LIMITS},
+        "data.chat_template": chat.read_template(cfg.data.chat_template),  # the text, not a path
         "run.seed": cfg.run.seed,
     }
     lora = _section(cfg, "lora")

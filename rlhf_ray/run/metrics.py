@@ -1,8 +1,9 @@
-"""Every metric name in one place (TRL's names where TRL has one), and the TensorBoard writer."""
+"""Every metric name in one place (TRL's names where TRL has one); rlhf_ray.run.trackers writes
+them."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 # Supervised fine-tuning
 SFT_LOSS = "sft/loss"  # completion-only cross-entropy, per optimizer step
@@ -73,19 +74,26 @@ def role_busy(role: str) -> str:
     return f"roles/{role}_busy"
 
 
-class MetricWriter:
-    """Scalars to TensorBoard under `log_dir` (SummaryWriter is created lazily, once)."""
+# The PPO metrics the Ray dashboard's Metrics view (and any Prometheus/Grafana scraping the
+# cluster) shows, as gauges named by `dashboard_name`; Ray prefixes "ray_" when exporting.
+DASHBOARD = (
+    SCORES,
+    KL,
+    RLHF_REWARD,
+    RESPONSE_LENGTH,
+    POLICY_LAG,
+    TOKENS_PER_S,
+    GENERATORS,
+    *(stage_time(stage) for stage in STAGES),
+)
+DASHBOARD_STEP = "ppo/step"  # the last PPO step done
 
-    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
-        """`purge_step`: on resume, the first step written again; TensorBoard hides what an
-        earlier process wrote in this directory from that step on, so each step shows once."""
-        from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            self._writer.add_scalar(name, float(value), step)
-
-    def close(self) -> None:
-        self._writer.close()
+def dashboard_name(name: str) -> str:
+    """`rlhf_<name>` with every character Prometheus does not allow as "_":
+    objective/kl -> rlhf_objective_kl; rollout/<generator>/<stat> -> rlhf_rollout_<stat> (the
+    generator goes in a tag)."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "rollout":
+        name = f"rollout/{parts[2]}"
+    return "rlhf_" + re.sub(r"[^A-Za-z0-9_]", "_", name)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rlhf_ray.config import Config
+from rlhf_ray.data.chat import prompt_text, response_text
 from rlhf_ray.data.jsonl import read_jsonl
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.run import metrics
@@ -26,7 +27,7 @@ def write_summary(
     summary = {f"gold_reward_{name}": _round(mean_gold(scores)) for name, scores in gold.items()}
     summary.update(
         eval_prompts=len(prompts),
-        eval_prompts_judged=sum(judge.knows(p) for p in prompts),
+        eval_prompts_judged=sum(judge.knows(prompt_text(p)) for p in prompts),
         eval_samples_per_prompt=cfg.eval.samples_per_prompt,
     )
     if "policy" in gold and "sft" in gold:
@@ -66,17 +67,19 @@ def _reward_model_summary(cfg: Config, out: Path, data_dir: Path, judge: GoldJud
     pairs = read_rows(data_dir, "preferences_eval")
     scores = read_jsonl(reward_dir / EVAL_SCORES_FILE)
     agree = [
-        (s["chosen"] > s["rejected"])
-        == (
-            judge.score(p["prompt"], p["chosen"]).total
-            > judge.score(p["prompt"], p["rejected"]).total
-        )
+        (s["chosen"] > s["rejected"]) == _gold_prefers_chosen(judge, p)
         for p, s in zip(pairs, scores, strict=True)
-        if judge.knows(p["prompt"])
+        if judge.knows(prompt_text(p["prompt"]))
     ]
     if agree:
         result["rm_accuracy_gold"] = _round(sum(agree) / len(agree))
     return result
+
+
+def _gold_prefers_chosen(judge: GoldJudge, pair: dict) -> bool:
+    prompt = prompt_text(pair["prompt"])
+    chosen, rejected = (response_text(pair[k]) for k in ("chosen", "rejected"))
+    return judge.score(prompt, chosen).total > judge.score(prompt, rejected).total
 
 
 def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:

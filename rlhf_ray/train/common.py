@@ -10,7 +10,6 @@ import math
 import random
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import PreTrainedModel
 from rlhf_ray.config import LoraConfig, ResourcesConfig
 from rlhf_ray.errors import RoleFailed
 from rlhf_ray.models.loading import add_lora, use_cpus
+from rlhf_ray.run.console import Lines, quiet_libraries, ray_train_log_level
 from rlhf_ray.run.resources import bundle
 
 TRAIN_STORAGE = "ray_train"  # under output_dir: Ray Train's runs and epoch checkpoints
@@ -50,6 +50,7 @@ def launch(
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
+        LoggingConfig,
         RunConfig,
         ScalingConfig,
         TrainingFailedError,
@@ -71,6 +72,7 @@ def launch(
             failure_config=FailureConfig(max_failures=res.train_worker_restarts),
             # Ray Train deletes an old checkpoint only after a newer one is recorded.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),
         ),
     )
     try:
@@ -106,6 +108,7 @@ def worker_setup(cpus: float, seed: int) -> Worker:
     import ray.train
     import ray.train.torch
 
+    quiet_libraries()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cpus(cpus)
@@ -198,22 +201,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
 
 
 class Progress:
-    """Progress lines from the chief worker, about every 10% of the steps.
+    """Progress lines from the chief worker, about every 10% of the steps, with time left.
 
-    Ray forwards worker stdout to the driver's console line by line, so plain lines stay
-    readable where a redrawn bar would interleave with other output.
+    Straight to the process's stdout: Ray Train's patched `print` would send a line both there
+    and through its logger, and the console would show it twice.
     """
 
-    def __init__(self, name: str, total: int, worker: Worker) -> None:
-        self.name, self.total, self.enabled = name, total, worker.is_chief
-        self.every = max(1, total // 10)
-        self.start = time.time()
+    def __init__(self, name: str, total: int, worker: Worker, done: int = 0) -> None:
+        self.lines = Lines(name, total, done, enabled=worker.is_chief)
 
     def update(self, step: int, **values: float) -> None:
-        if self.enabled and (step % self.every == 0 or step == self.total):
-            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-            elapsed = time.time() - self.start
-            line = f"[{self.name}] step {step}/{self.total} {shown} ({elapsed:.0f}s)"
-            # Straight to the process's stdout: Ray Train's patched `print` would send the line
-            # both there and through its logger, and the console would show it twice.
+        line = self.lines.line(step, **{k: f"{v:.4f}" for k, v in values.items()})
+        if line:
             print(line, file=sys.__stdout__, flush=True)

@@ -107,16 +107,25 @@ def _save_chief_part(loop: LoopState, position: Position, folder: Path) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
-def restore_latest(loop: LoopState, worker: Worker) -> Position:
+def restore_latest(phase: str, loop: LoopState, worker: Worker) -> Position:
     """Load Ray Train's newest checkpoint of this run into `loop`, if there is one; returns
-    where to continue. Call after the model, optimizer and schedule are built as for a new run."""
+    where to continue. Call after the model, optimizer and schedule are built as for a new run.
+    The chief says so on the console: after a worker failed, this is where the group went on."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Position()
     with checkpoint.as_directory() as tmp:
-        return _load(loop, worker, Path(tmp))
+        position = _load(loop, worker, Path(tmp))
+    if worker.is_chief:
+        print(
+            f"[{phase}] continuing from the checkpoint of epoch {position.epochs_done} (step "
+            f"{position.step}): the workers restarted after a failure, or the run resumed",
+            file=sys.__stdout__,
+            flush=True,
+        )
+    return position
 
 
 def _load(loop: LoopState, worker: Worker, folder: Path) -> Position:

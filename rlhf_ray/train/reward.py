@@ -19,6 +19,7 @@ from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.loading import load_scalar_model, save_merged
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
+from rlhf_ray.run.trackers import MetricWriter, TrackingSettings
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -41,7 +42,7 @@ class RewardWorkerSettings:
     sft_path: str
     data_dir: Path
     out_dir: Path
-    tb_dir: Path
+    tracking: TrackingSettings  # where step metrics go
     model: ModelConfig
     quantization: QuantizationConfig
     lora: LoraConfig
@@ -57,10 +58,10 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 
 def encode_pair(tok, row: dict, limits: Limits) -> tuple[list[int], list[int]]:
-    p = prompt_ids(tok, row["prompt"], limits)
-    return p + completion_ids(tok, row["chosen"], limits), p + completion_ids(
-        tok, row["rejected"], limits
-    )
+    prompt = row["prompt"]
+    p = prompt_ids(tok, prompt, limits)
+    chosen, rejected = (completion_ids(tok, prompt, row[k], limits) for k in ("chosen", "rejected"))
+    return p + chosen, p + rejected
 
 
 def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
@@ -117,10 +118,10 @@ def reward_worker_loop(config: dict) -> None:
     loop = LoopState(
         model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
     )
-    start_at = restore_latest(loop, worker)
-    bar = Progress("reward", total, worker)
+    start_at = restore_latest("reward", loop, worker)
+    bar = Progress("reward", total, worker, done=start_at.step)
     writer = (
-        metrics.MetricWriter(settings.tb_dir, purge_step=start_at.step + 1)
+        MetricWriter(settings.tracking, "reward", purge_step=start_at.step + 1)
         if worker.is_chief
         else None
     )

@@ -19,6 +19,7 @@ from rlhf_ray.models.forward import causal_logits
 from rlhf_ray.models.loading import load_causal_lm, save_merged
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
+from rlhf_ray.run.trackers import MetricWriter, TrackingSettings
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -41,7 +42,7 @@ class SFTWorkerSettings:
     base_path: str
     data_dir: Path
     out_dir: Path
-    tb_dir: Path
+    tracking: TrackingSettings  # where step metrics go
     model: ModelConfig
     quantization: QuantizationConfig
     lora: LoraConfig
@@ -86,7 +87,9 @@ def sft_worker_loop(config: dict) -> None:
     if is_complete(settings.out_dir):  # a restart after the chief saved the finished phase
         return
     worker = worker_setup(settings.worker_cpus, settings.seed)
-    tok = load_tokenizer(settings.base_path, settings.model.trust_remote_code)
+    tok = load_tokenizer(
+        settings.base_path, settings.model.trust_remote_code, settings.limits.chat_template
+    )
     rows = shard(read_rows(settings.data_dir, "sft"), worker.rank, worker.world)
     examples = [sft_example(tok, r["prompt"], r["completion"], settings.limits) for r in rows]
     model = build_sft_model(settings, worker)
@@ -96,10 +99,10 @@ def sft_worker_loop(config: dict) -> None:
     loop = LoopState(
         model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
     )
-    start_at = restore_latest(loop, worker)
-    bar = Progress("sft", total, worker)
+    start_at = restore_latest("sft", loop, worker)
+    bar = Progress("sft", total, worker, done=start_at.step)
     writer = (
-        metrics.MetricWriter(settings.tb_dir, purge_step=start_at.step + 1)
+        MetricWriter(settings.tracking, "sft", purge_step=start_at.step + 1)
         if worker.is_chief
         else None
     )

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+from rlhf_ray.data.chat import Prompt, prompt_text, response_text
 from rlhf_ray.world import assistant_world
 from rlhf_ray.world.assistant_world import PromptSpec
 
@@ -64,14 +65,18 @@ def _judge() -> GoldJudge:
     return GoldJudge()
 
 
-def gold_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+def gold_reward(prompts: list[Prompt], completions: list[Prompt], **kwargs) -> list[float]:
     """The gold judge as a reward function (TRL's `reward_funcs` signature), for an oracle run:
         --scoring.reward_model_weight 0 --scoring.functions rlhf_ray.world.gold_judge:gold_reward
     trains on the true objective, so its result next to a run on the learned reward model shows
     how much of the gap to the ideal the reward model loses. A prompt that is not the synthetic
-    world's raises KeyError naming it."""
+    world's raises KeyError naming it. Conversational prompts and completions (message lists, as
+    TRL passes them) are judged by the last user message and the assistant's answer."""
     judge = _judge()
-    return [judge.score(p, c).total for p, c in zip(prompts, completions, strict=True)]
+    return [
+        judge.score(prompt_text(p), response_text(c)).total
+        for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def _has(text: str, phrase: str) -> bool:

@@ -1,0 +1,76 @@
+"""LoRA adapters saved alone, in PEFT format, beside each merged model: what a 7B user ships.
+
+`<phase dir>/adapter/` loads with `PeftModel.from_pretrained(base, dir)` onto the model named in
+its adapter_config.json. The policy's PPO adapter was trained on the merged SFT model; when SFT
+was LoRA too, the two are stacked into one adapter on the original base model:
+
+    W_policy = W_base + s1 * B1 @ A1 + s2 * B2 @ A2 = W_base + [s1*B1, s2*B2] @ [A1; A2]
+
+a rank r1 + r2 adapter with scaling 1 (alpha = r1 + r2), exact up to float rounding, so the
+policy ships as megabytes on the public base model instead of gigabytes of merged weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+ADAPTER_DIR = "adapter"
+_CONFIG = "adapter_config.json"
+_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """The adapter alone (and any head PEFT trains beside it) into `out_dir/adapter`."""
+    model.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
+
+
+def stack_onto(first: Path, second: Path) -> bool:
+    """Replace adapter `second` (trained on the model `first` was merged into) by one adapter
+    on `first`'s base model. False (and `second` kept as it is) when they cannot be stacked:
+    other target modules, or parts that are not LoRA matrices (a trained head)."""
+    config1, config2 = (json.loads((d / _CONFIG).read_text()) for d in (first, second))
+    if not _stackable(config1, config2):
+        return False
+    weights1, weights2 = (load_file(str(d / _WEIGHTS)) for d in (first, second))
+    lora_only = all(".lora_A." in k or ".lora_B." in k for k in weights1)
+    if weights1.keys() != weights2.keys() or not lora_only:
+        return False
+    s1, s2 = _scaling(config1), _scaling(config2)
+    stacked = {}
+    for name, a_or_b in weights1.items():
+        if ".lora_A." in name:  # (r, in): rows stack
+            stacked[name] = torch.cat([a_or_b, weights2[name]], dim=0)
+        else:  # lora_B (out, r): columns stack, each scaled by its own alpha / r
+            stacked[name] = torch.cat([s1 * a_or_b, s2 * weights2[name]], dim=1)
+    rank = config1["r"] + config2["r"]
+    config = dict(config2, r=rank, lora_alpha=rank, use_rslora=False)
+    config["base_model_name_or_path"] = config1["base_model_name_or_path"]
+    shutil.rmtree(second)
+    second.mkdir()
+    save_file({k: v.contiguous() for k, v in stacked.items()}, str(second / _WEIGHTS))
+    (second / _CONFIG).write_text(json.dumps(config, indent=2))
+    return True
+
+
+def _stackable(config1: dict, config2: dict) -> bool:
+    def plain(c: dict) -> bool:
+        return (
+            c.get("peft_type") == "LORA"
+            and not c.get("modules_to_save")
+            and not c.get("rank_pattern")
+            and not c.get("alpha_pattern")
+        )
+
+    same_targets = sorted(config1["target_modules"]) == sorted(config2["target_modules"])
+    return plain(config1) and plain(config2) and same_targets
+
+
+def _scaling(config: dict) -> float:
+    root = config["r"] ** 0.5 if config.get("use_rslora") else config["r"]
+    return config["lora_alpha"] / root

@@ -1,0 +1,108 @@
+"""A console a person can read: rlhf-ray's own lines, each once; library noise (weight loading
+and saving bars, load reports, deprecation and kernel warnings, Ray Train's per-checkpoint
+lines) only with `run.verbose`.
+
+Every process of a run (the driver, Ray Train workers, the PPO actors, evaluation tasks) calls
+`quiet_libraries()` first. The driver records the choice in RLHF_RAY_VERBOSE before it starts a
+local Ray, whose workers inherit it; on a cluster, quiet is the default (set RLHF_RAY_VERBOSE=1
+in the job's runtime_env env_vars to see everything).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+VERBOSE_ENV = "RLHF_RAY_VERBOSE"
+# Libraries whose warnings are advice to their own developers or about their own deprecations.
+_NOISY_MODULES = r"(transformers|peft|bitsandbytes|torch|accelerate|datasets|huggingface_hub)"
+
+
+def set_verbose(verbose: bool) -> None:
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_libraries() -> None:
+    if is_verbose():
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # load reports, "MISSING" head weights
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing shards"
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the CPU kernel warning
+    _quiet_ray_train_worker()
+
+
+def _quiet_ray_train_worker() -> None:
+    """ "Reporting training result ..." on every epoch: Ray Train (2.5x-2.6x) logs it from a
+    logger named by its file path, outside "ray.train", so LoggingConfig does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet, or another name
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's own lines ("Reporting training result", "Checkpoint successfully created")."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+class Lines:
+    """A phase's progress as plain lines, about every 10% of its steps: `[name] step i/n
+    values (elapsed, ~left)`. Lines stay readable in logs and under Ray, where a redrawn bar
+    turns into a run of carriage returns."""
+
+    def __init__(self, name: str, total: int, done: int = 0, enabled: bool = True) -> None:
+        self.name, self.total, self.done_at_start = name, total, done
+        self.every = max(1, total // 10)
+        self.start, self.enabled = time.time(), enabled
+
+    def line(self, step: int, **shown: str) -> str | None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return None
+        elapsed = time.time() - self.start
+        rate = elapsed / max(1, step - self.done_at_start)
+        left = rate * (self.total - step)
+        values = " ".join(f"{k} {v}" for k, v in shown.items())
+        return (
+            f"[{self.name}] step {step}/{self.total} {values} ({elapsed:.0f}s, ~{left:.0f}s left)"
+        )
+
+
+class StepDisplay:
+    """The driver's progress display for a phase: a tqdm bar on a terminal, `Lines` otherwise
+    (a log file, `ray job logs`)."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(initial=done, total=total, desc=name)
+        self.lines = Lines(name, total, done, enabled=enabled and self.bar is None)
+
+    def update(self, step: int, **shown: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(shown)
+            self.bar.update(1)
+        elif line := self.lines.line(step, **shown):
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

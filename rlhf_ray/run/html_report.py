@@ -1,0 +1,224 @@
+"""`DIR/report.html`: the run on one page, for a person. Written at the end of every run and by
+`rlhf-ray report DIR`, from what the run left in DIR (nothing is recomputed):
+
+  PPO score, KL and rewards over steps      DIR/metrics/ppo.jsonl
+  time per phase and per PPO stage          DIR/summary.json (phase_seconds, ppo_stage_seconds)
+  gold reward of base, SFT, policy, ideal   DIR/summary.json
+  over-optimisation (Gao et al. 2022)       DIR/metrics/ppo.jsonl: the reward model's score and
+                                            the watching gold judge's, against KL, step by step
+  SFT and policy answers to the same prompts  DIR/eval_samples.jsonl
+
+Plots are PNG files in DIR/report/ and embedded in the page, so report.html alone can be sent.
+A section whose source is missing (a run without PPO or evaluation) says so instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from rlhf_ray.data.chat import prompt_text
+from rlhf_ray.data.jsonl import read_jsonl
+from rlhf_ray.run import metrics
+from rlhf_ray.run.trackers import read_metrics_log
+from rlhf_ray.world.gold_judge import GoldJudge
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "report"
+SAMPLES_SHOWN = 8
+_GOLD = metrics.reward_source("gold_judge")
+_RM = metrics.reward_source("reward_model")
+
+
+def write_report(out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen: draw to files
+    summary = _read_json(out / "summary.json")
+    ppo = read_metrics_log(out, "ppo")
+    sections = [
+        _section("PPO over steps", _plot(out, "ppo_steps", _ppo_steps, ppo), _why_not(ppo)),
+        _section("Time", _plot(out, "time", _time, summary), _why_not(summary, "summary.json")),
+        _section(
+            "Gold reward", _plot(out, "gold", _gold, summary), _why_not(summary, "summary.json")
+        ),
+        _section(
+            "Over-optimisation: reward model vs gold judge against KL",
+            _plot(out, "overoptimisation", _overoptimisation, ppo),
+            _why_not([r for r in ppo if _GOLD in r and _RM in r], "steps scored by both"),
+        ),
+        _samples(out),
+    ]
+    page = _page(out, summary, sections)
+    (out / REPORT_FILE).write_text(page, encoding="utf-8")
+    return out / REPORT_FILE
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _plot(out: Path, name: str, draw, data) -> str | None:
+    """An <img> of the figure `draw(data)` makes (also saved as DIR/report/<name>.png)."""
+    if not data:
+        return None
+    import matplotlib.pyplot as plt
+
+    figure = draw(data)
+    if figure is None:
+        return None
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    (out / PLOTS_DIR).mkdir(exist_ok=True)
+    (out / PLOTS_DIR / f"{name}.png").write_bytes(buffer.getvalue())
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{name}" src="data:image/png;base64,{encoded}">'
+
+
+def _ppo_steps(rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("score (reward model)", [metrics.SCORES]),
+        ("KL to the reference", [metrics.KL]),
+        ("rewards", [metrics.RLHF_REWARD, _RM, _GOLD]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (title, names) in zip(axes, panels, strict=True):
+        for name in names:
+            points = [(r["step"], r[name]) for r in rows if name in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=name)
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.legend(fontsize=8)
+    return figure
+
+
+def _time(summary: dict):
+    import matplotlib.pyplot as plt
+
+    phases = summary.get("phase_seconds") or {}
+    stages = summary.get("ppo_stage_seconds") or {}
+    if not phases and not stages:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    for ax, values, title in (
+        (axes[0], phases, "seconds per phase"),
+        (axes[1], stages, "PPO seconds per stage"),
+    ):
+        ax.barh(list(values), list(values.values()))
+        ax.set_title(title)
+        ax.set_xlabel("seconds")
+    return figure
+
+
+def _gold(summary: dict):
+    import matplotlib.pyplot as plt
+
+    models = [
+        m for m in ("base", "sft", "policy", "ideal") if summary.get(f"gold_reward_{m}") is not None
+    ]
+    if not models:
+        return None
+    figure, ax = plt.subplots(figsize=(6, 3.2))
+    values = [summary[f"gold_reward_{m}"] for m in models]
+    ax.bar(models, values, color=["#999", "#69c", "#d62", "#4a4"][: len(models)])
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=9)
+    ax.set_title("mean gold reward on held-out prompts")
+    ax.axhline(0, color="black", linewidth=0.5)
+    return figure
+
+
+def _overoptimisation(rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if _GOLD in r and _RM in r]
+    if not rows:
+        return None
+    kl = [r[metrics.KL] for r in rows]
+    figure, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.scatter(kl, [r[_RM] for r in rows], s=12, label="reward model score (proxy)")
+    ax.scatter(kl, [r[_GOLD] for r in rows], s=12, label="gold judge score (true)")
+    ax.set_xlabel("KL(policy || reference) of the step's rollouts")
+    ax.set_ylabel("mean score")
+    ax.legend(fontsize=8)
+    return figure
+
+
+# --- page ----------------------------------------------------------------------------------------
+
+
+def _samples(out: Path) -> str:
+    path = out / "eval_samples.jsonl"
+    if not path.is_file():
+        return _section("Sample responses", None, "no eval_samples.jsonl (evaluation skipped)")
+    rows = [r for r in read_jsonl(path) if r.get("sft") and r.get("policy")][:SAMPLES_SHOWN]
+    if not rows:
+        return _section("Sample responses", None, "no prompt was answered by both SFT and policy")
+    judge = GoldJudge()
+    cells = ["<tr><th>prompt</th><th>SFT</th><th>policy (PPO)</th></tr>"]
+    for row in rows:
+        text = prompt_text(row["prompt"])
+        answers = "".join(_answer(judge, text, row[m][0]) for m in ("sft", "policy"))
+        cells.append(f"<tr><td>{html.escape(text)}</td>{answers}</tr>")
+    table = f'<table class="samples">{"".join(cells)}</table>'
+    return _section("Sample responses (held-out prompts, first sample each)", table, None)
+
+
+def _answer(judge: GoldJudge, prompt: str, response: str) -> str:
+    score = (
+        f"<br><small>gold {judge.score(prompt, response).total:.2f}</small>"
+        if judge.knows(prompt)
+        else ""
+    )
+    return f"<td>{html.escape(response)}{score}</td>"
+
+
+def _section(title: str, body: str | None, missing: str | None) -> str:
+    content = (
+        body
+        if body is not None
+        else f'<p class="missing">Not available: {html.escape(missing or "no data")}.</p>'
+    )
+    return f"<section><h2>{html.escape(title)}</h2>{content}</section>"
+
+
+def _why_not(data, source: str = "metrics/ppo.jsonl") -> str | None:
+    return None if data else f"no {source} in this run directory"
+
+
+def _page(out: Path, summary: dict, sections: list[str]) -> str:
+    headline = [
+        (key, summary[key])
+        for key in (
+            "gold_reward_policy",
+            "win_rate_vs_sft",
+            "gap_closed",
+            "kl_final",
+            "rm_accuracy",
+        )
+        if summary.get(key) is not None
+    ]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in headline)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>rlhf-ray report: {html.escape(out.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px;
+text-align: left; vertical-align: top; }} img {{ max-width: 100%; }}
+.missing {{ color: #a00; }} table.samples td {{ width: 33%; }}
+</style></head><body>
+<h1>rlhf-ray run: {html.escape(str(out))}</h1>
+<table class="headline">{rows}</table>
+{"".join(sections)}
+</body></html>
+"""
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

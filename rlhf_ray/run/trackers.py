@@ -1,0 +1,190 @@
+"""Where each phase's step metrics go: `DIR/metrics/<phase>.jsonl` always (the run's own record,
+which report.html plots), and the experiment trackers `run.report_to` names, as TRL users
+expect: tensorboard (`DIR/tb/<phase>`, the default), wandb, mlflow.
+
+wandb and mlflow read their usual environment (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI,
+MLFLOW_EXPERIMENT_NAME, ...); the driver captures those variables and every writer applies them
+in its own process, so Ray Train workers on other nodes log where the driver was told to. Each
+phase is one tracker run named `<output dir name>-<phase>`; a resumed phase continues the same
+run (wandb id, mlflow tag), and a writer opened at `purge_step` drops what an earlier process
+logged from that step on, so every step shows once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_ray.config import Config
+from rlhf_ray.errors import ConfigError
+
+_ENV_PREFIXES = ("WANDB_", "MLFLOW_")
+METRICS_DIR = "metrics"
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    output_dir: Path  # absolute
+    report_to: tuple[str, ...]
+    config: dict = field(default_factory=dict)  # the resolved config, "section.key" -> value
+    env: dict = field(default_factory=dict)  # WANDB_* / MLFLOW_* of the driver's environment
+
+    @property
+    def run_name(self) -> str:
+        return self.output_dir.name
+
+    def run_id(self, phase: str) -> str:
+        """Stable per output directory and phase: a resumed phase continues its tracker run."""
+        digest = hashlib.sha1(str(self.output_dir).encode()).hexdigest()[:8]
+        return f"{self.run_name}-{phase}-{digest}"
+
+
+def tracking_of(cfg: Config) -> TrackingSettings:
+    """The run's tracking settings, with the driver's WANDB_* / MLFLOW_* environment."""
+    flat = {f"{name}.{k}": v for name, section in asdict(cfg).items() for k, v in section.items()}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    return TrackingSettings(Path(cfg.run.output_dir).resolve(), cfg.run.report_to, flat, env)
+
+
+def check_trackers(report_to: tuple[str, ...]) -> None:
+    """Before any phase: every tracker named can be used here."""
+    for name in report_to:
+        if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"run.report_to includes {name}, but the {name} package is not installed; "
+                f"pip install {name} (or leave {name} out of run.report_to)"
+            )
+
+
+def metrics_log(output_dir: Path, phase: str) -> Path:
+    return output_dir / METRICS_DIR / f"{phase}.jsonl"
+
+
+def read_metrics_log(output_dir: Path, phase: str) -> list[dict]:
+    """[{"step": n, name: value, ...}] in step order (empty when the phase logged nothing)."""
+    path = metrics_log(output_dir, phase)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricWriter:
+    """Scalars of one phase to its metrics log and to every tracker of `run.report_to`."""
+
+    def __init__(self, settings: TrackingSettings, phase: str, purge_step: int = 1) -> None:
+        os.environ.update(settings.env)
+        self._log = _MetricLog(metrics_log(settings.output_dir, phase), purge_step)
+        opened = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
+        self._trackers = [opened[name](settings, phase, purge_step) for name in settings.report_to]
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        values = {name: float(value) for name, value in values.items()}
+        self._log.write(values, step)
+        for tracker in self._trackers:
+            tracker.write(values, step)
+
+    def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.close()
+
+
+class _MetricLog:
+    def __init__(self, path: Path, purge_step: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in _lines(path) if json.loads(line)["step"] < purge_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.path = path
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+class _TensorBoard:
+    def __init__(self, settings: TrackingSettings, phase: str, purge_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard hides what an earlier process wrote here from that step on
+        log_dir = settings.output_dir / "tb" / phase
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _Wandb:
+    def __init__(self, settings: TrackingSettings, phase: str, purge_step: int) -> None:
+        import wandb
+
+        self._run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "rlhf-ray"),
+            name=f"{settings.run_name}-{phase}",
+            group=settings.run_name,
+            id=settings.run_id(phase),
+            resume="allow",
+            dir=str(settings.output_dir),
+            config=settings.config,
+            reinit="create_new",
+        )
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class _Mlflow:
+    def __init__(self, settings: TrackingSettings, phase: str, purge_step: int) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # a file store in the run directory (which MLflow 3 keeps only on request)
+            uri = (settings.output_dir / "mlruns").as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self._client = client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "rlhf-ray")
+        found = client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else client.create_experiment(name)
+        run_id = settings.run_id(phase)
+        earlier = client.search_runs([experiment], f"tags.rlhf_ray_run = '{run_id}'")
+        if earlier:
+            self._run_id = earlier[0].info.run_id
+            client.update_run(self._run_id, status="RUNNING")
+        else:
+            tags = {"rlhf_ray_run": run_id, "mlflow.runName": f"{settings.run_name}-{phase}"}
+            self._run_id = client.create_run(experiment, tags=tags).info.run_id
+            params = [(k, str(v)[:6000]) for k, v in settings.config.items()]
+            for start in range(0, len(params), 100):  # mlflow takes 100 params per batch
+                client.log_batch(
+                    self._run_id, params=[_param(k, v) for k, v in params[start : start + 100]]
+                )
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, value, now, step) for name, value in values.items()]
+        self._client.log_batch(self._run_id, metrics=batch)
+
+    def close(self) -> None:
+        self._client.set_terminated(self._run_id)
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)

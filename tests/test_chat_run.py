@@ -1,0 +1,296 @@
+"""Conversational data through every phase, outputs that load where users use them, and the
+run seen where users look.
+
+One smoke run on chat-formatted files (SFT `messages`, HH-shaped implicit-prompt pairs, prompts
+as message lists), LoRA in every phase, a chat template of the user's own, and every tracker
+(wandb offline, an mlflow file store); then each phase directory is read back with transformers
+and peft alone, the trackers and the Ray metrics endpoint are read back, and report.html is
+rendered in a headless browser.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from jobs import rlhf
+from rlhf_ray.data import chat
+from rlhf_ray.data.encoding import Limits, completion_ids, prompt_ids, sft_example
+from rlhf_ray.data.jsonl import write_jsonl
+from rlhf_ray.data.prepare import gather_rows, prepare_run
+from rlhf_ray.data.tokenizer import train_bpe_tokenizer
+from rlhf_ray.errors import ConfigError, DataError
+from rlhf_ray.models.forward import prompt_response, sequence_scores
+from rlhf_ray.models.loading import FrozenModelSettings, load_frozen_scalar_model
+from rlhf_ray.run import metrics
+from rlhf_ray.run.trackers import read_metrics_log
+from tests.conftest import raises_with, render_in_browser, smoke_config, wandb_offline_run
+
+# The embedded template with other role names: a template of the user's own, from a file.
+USER_TEMPLATE = chat.EMBEDDED_CHAT_TEMPLATE.replace("'User: '", "'Human: '")
+CONVERSATION = [
+    {"role": "user", "content": "How do I boil an egg?"},
+    {"role": "assistant", "content": "Put it in boiling water for eight minutes."},
+]
+
+
+def _chat_files(tmp: Path) -> dict[str, str]:
+    """The smoke preset's synthetic rows rewritten in TRL's conversational formats."""
+    rows, _ = gather_rows(smoke_config(tmp / "unused").data, 0.1, 0)
+    user, answer = chat.user_message, chat.assistant_message
+    sft = [{"messages": user(r["prompt"]) + answer(r["completion"])} for r in rows["sft"]]
+    pairs = [
+        {k: user(r["prompt"]) + answer(r[k]) for k in ("chosen", "rejected")}
+        for r in rows["preferences"] + rows["preferences_eval"]
+    ]
+    system = {"role": "system", "content": "Be helpful."}
+    prompts = [{"prompt": [system, *user(rows["prompts"][0]["prompt"])]}]
+    prompts += [{"prompt": user(r["prompt"])} for r in rows["prompts"][1:]]
+    paths = {}
+    for name, data in (("sft", sft), ("preference", pairs), ("prompt", prompts)):
+        write_jsonl(tmp / f"{name}.jsonl", data)
+        paths[f"data.{name}_path"] = str(tmp / f"{name}.jsonl")
+    (tmp / "template.jinja").write_text(USER_TEMPLATE)
+    paths["data.chat_template"] = str(tmp / "template.jinja")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def chat_run(local_ray, tmp_path_factory) -> tuple[Path, int]:
+    tmp = tmp_path_factory.mktemp("chat-run")
+    argv = ["--config", "smoke", "--output_dir", str(tmp / "out")]
+    for key, value in _chat_files(tmp).items():
+        argv += [f"--{key}", value]
+    argv += ["--sft.method", "lora", "--reward.method", "lora", "--lora.r", "4"]
+    argv += ["--run.report_to", "tensorboard", "wandb", "mlflow"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")  # no account, no network: files under DIR/wandb
+        env.setenv("WANDB_SILENT", "true")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a file store in DIR
+        return tmp / "out", rlhf.main(argv)
+
+
+def test_conversational_files_run_every_phase_and_are_judged(chat_run):
+    out, code = chat_run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["sft"]["format"] == "conversational messages"
+    assert summary["data"]["preferences"]["format"] == "conversational implicit prompt"
+    assert summary["data"]["eval_prompts"]["format"] == "conversational"  # synthetic, as chat
+    assert summary["eval_prompts_judged"] == summary["eval_prompts"] == 8
+    for name in ("sft", "policy", "ideal"):
+        assert summary[f"gold_reward_{name}"] is not None
+    assert summary["rm_accuracy_gold"] is not None
+
+
+@pytest.mark.parametrize("folder", ["sft", "reward", "policy"])
+def test_every_phase_directory_carries_the_chat_template_and_a_card(chat_run, folder):
+    out, _ = chat_run
+    assert AutoTokenizer.from_pretrained(out / folder).chat_template == USER_TEMPLATE
+    card = (out / folder / "README.md").read_text()
+    for part in ("tags: [rlhf-ray", "## Load", "## Data", "## Settings", "## Metrics"):
+        assert part in card
+    assert "conversational" in card and "LoRA r=4" in card
+
+
+def test_policy_card_has_the_gold_judge_numbers(chat_run):
+    out, _ = chat_run
+    card = (out / "policy" / "README.md").read_text()
+    assert "| gold_reward_policy |" in card and "| win_rate_vs_sft |" in card
+
+
+def test_policy_adapter_on_the_base_model_equals_the_merged_policy(chat_run):
+    """SFT and PPO adapters stacked into one on the original base: the policy in megabytes."""
+    out, _ = chat_run
+    config = json.loads((out / "policy" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["base_model_name_or_path"] == str(out / "base")
+    tok = AutoTokenizer.from_pretrained(out / "policy")
+    ids = tok.apply_chat_template(CONVERSATION, return_tensors="pt", return_dict=True)
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy")
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+        out / "policy" / "adapter",
+    )
+    with torch.no_grad():
+        expected = merged(input_ids=ids["input_ids"]).logits
+        got = adapted(input_ids=ids["input_ids"]).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    with torch.no_grad():  # and the adapter does change the model
+        assert not torch.allclose(base(input_ids=ids["input_ids"]).logits, expected, atol=1e-3)
+
+
+def test_reward_model_loads_in_transformers_and_scores_as_rlhf_ray(chat_run):
+    out, _ = chat_run
+    tok = AutoTokenizer.from_pretrained(out / "reward")
+    ids = tok.apply_chat_template(CONVERSATION, return_tensors="pt", return_dict=True)["input_ids"]
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reward").eval()
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits[0, 0]
+    # rlhf-ray's scorer: prompt ids + response ids, read at the last real token
+    cfg = smoke_config(out)
+    limits = Limits(cfg.data.prompt_template, 64, 64, USER_TEMPLATE)
+    query = prompt_ids(tok, CONVERSATION[:1], limits)
+    response = completion_ids(tok, CONVERSATION[:1], CONVERSATION[1:], limits)
+    assert query + response == ids[0].tolist()
+    frozen = FrozenModelSettings(str(out / "reward"), cfg.model, cfg.quantization, 1, 0)
+    scorer = load_frozen_scalar_model(frozen)
+    seq, mask = prompt_response(
+        torch.tensor([query]),
+        torch.ones(1, len(query)),
+        torch.tensor([response]),
+        torch.ones(1, len(response)),
+    )
+    ours = sequence_scores(scorer, seq, mask.long())[0]
+    assert abs(float(ours) - float(theirs)) < 1e-4
+
+
+# --- the template's tokens, without a run ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(["User: hi there\nAssistant: hello there friend"] * 4, 300)
+
+
+def test_embedded_template_gives_the_text_format_s_tokens(tok):
+    limits = Limits("User: {prompt}\nAssistant:", 64, 64)
+    text = sft_example(tok, "hi there", "hello there", limits)
+    conv = sft_example(
+        tok, chat.user_message("hi there"), chat.assistant_message("hello there"), limits
+    )
+    assert conv == text
+
+
+def test_a_completion_ends_at_eos_whatever_the_template_adds_after_it(tok):
+    chatml = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+    )
+    limits = Limits("{prompt}", 64, 64, chatml)
+    ids = completion_ids(tok, chat.user_message("hi"), chat.assistant_message("hello"), limits)
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+
+
+def test_a_template_that_rewrites_the_prompt_is_refused(tok):
+    rewrites = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ANSWER:' }}{% endif %}"
+    )
+    limits = Limits("{prompt}", 64, 64, rewrites)
+    with raises_with("renders the prompt differently", "data.chat_template", exc=DataError):
+        completion_ids(tok, chat.user_message("hi"), chat.assistant_message("yo"), limits)
+
+
+# --- refused before Ray ------------------------------------------------------------------------
+
+
+def test_text_and_conversational_files_in_one_run_are_refused(tmp_path):
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "completion": "Hello."}])
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": chat.user_message("Hi")}])
+    cfg = smoke_config(
+        tmp_path / "out",
+        **{
+            "data.sft_path": str(tmp_path / "sft.jsonl"),
+            "data.prompt_path": str(tmp_path / "p.jsonl"),
+        },
+    )
+    with raises_with(
+        "data.prompt_path holds message lists", "data.sft_path holds text", exc=DataError
+    ):
+        prepare_run(cfg)
+
+
+def test_a_model_without_a_chat_template_needs_one_for_chat_data(tmp_path):
+    base = Path(prepare_run(smoke_config(tmp_path / "first")).base_path)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": chat.user_message("Hi")}])
+    cfg = smoke_config(
+        tmp_path / "out",
+        **{"model.name_or_path": str(base), "data.prompt_path": str(tmp_path / "p.jsonl")},
+    )
+    with raises_with("has no chat template", "data.chat_template", exc=ConfigError):
+        prepare_run(cfg)
+    cfg = smoke_config(
+        tmp_path / "out2",
+        **{
+            "model.name_or_path": str(base),
+            "data.prompt_path": str(tmp_path / "p.jsonl"),
+            "data.chat_template": USER_TEMPLATE,
+        },
+    )
+    assert prepare_run(cfg).report["prompts"]["format"] == "conversational"
+
+
+# --- the run, seen where users look ------------------------------------------------------------
+
+
+def _last(out: Path, phase: str, name: str) -> tuple[int, float]:
+    rows = [r for r in read_metrics_log(out, phase) if name in r]
+    return rows[-1]["step"], rows[-1][name]
+
+
+def test_mlflow_file_store_holds_every_phase_s_metrics(chat_run):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = chat_run
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("rlhf-ray").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert set(runs) == {"out-sft", "out-reward", "out-ppo"}
+    history = client.get_metric_history(runs["out-ppo"].info.run_id, metrics.KL)
+    logged = {r["step"]: r[metrics.KL] for r in read_metrics_log(out, "ppo") if metrics.KL in r}
+    assert {m.step: m.value for m in history} == pytest.approx(logged)
+    sft_loss = client.get_metric_history(runs["out-sft"].info.run_id, metrics.SFT_LOSS)
+    assert len(sft_loss) == len([r for r in read_metrics_log(out, "sft") if metrics.SFT_LOSS in r])
+    assert runs["out-ppo"].data.params["ppo.steps"] == "2"
+
+
+def test_wandb_offline_runs_hold_every_step(chat_run):
+    out, _ = chat_run
+    runs = dict(wandb_offline_run(p) for p in (out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert set(runs) == {"out-sft", "out-reward", "out-ppo"}
+    for phase, name in (("ppo", metrics.KL), ("sft", metrics.SFT_LOSS)):
+        logged = {r["step"]: r[name] for r in read_metrics_log(out, phase) if name in r}
+        tracked = {r["_step"]: r[name] for r in runs[f"out-{phase}"] if name in r}
+        assert tracked == pytest.approx(logged) and logged
+
+
+def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run, local_ray):
+    """The dashboard's Metrics view reads what this endpoint exports (and so does Prometheus)."""
+    out, _ = chat_run
+    wanted = {
+        "ray_rlhf_objective_kl": _last(out, "ppo", metrics.KL)[1],
+        "ray_rlhf_objective_scores": _last(out, "ppo", metrics.SCORES)[1],
+        "ray_rlhf_rollout_generators": 1.0,
+        "ray_rlhf_ppo_step": 2.0,
+    }
+    deadline, found = time.time() + 30, {}
+    while time.time() < deadline and set(found) != set(wanted):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{local_ray}/metrics", timeout=10).read()
+        for line in body.decode().splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and 'run="out"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    assert found == pytest.approx(wanted)
+    assert "ray_rlhf_rollout_completions_per_s{" in body.decode()
+
+
+def test_report_renders_in_a_browser_with_every_plot(chat_run):
+    out, _ = chat_run
+    shown = render_in_browser(out / "report.html", out / "report.png")
+    assert {"ppo_steps", "time", "gold", "overoptimisation"} <= set(shown["images"])
+    assert all(width > 100 for width in shown["images"].values()), shown
+    assert shown["sample_rows"] == 8  # the smoke preset's held-out prompts, SFT and policy each
+    assert "Not available" not in shown["text"]
