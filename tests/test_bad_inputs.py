@@ -22,6 +22,7 @@ from jobs import rlhf
 from rlhf_ray.data.prepare import prepare_run
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.source import check_model_source
+from rlhf_ray.run.trackers import wandb_can_log
 from tests.conftest import smoke_config
 
 
@@ -218,3 +219,15 @@ def test_weights_on_disk_are_never_unpickled_by_the_check(tmp_path, model_dir):
     save_file({"w": torch.ones(1)}, mixed / "extra.safetensors")
     assert check_model_source(str(mixed), False, "model.name_or_path") is None
     assert not marker.exists()
+
+
+def test_wandb_without_a_key_stops_the_run_before_ray(tmp_path, capsys, monkeypatch):
+    """Found in a Ray Train worker, this would cost every restart of the SFT phase."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    err = _run(capsys, tmp_path / "out", "--run.report_to", "tensorboard", "wandb")
+    assert "run.report_to includes wandb" in err and "WANDB_MODE=offline" in err
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_can_log()

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import netrc
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rlhf_ray.config import Config
 from rlhf_ray.errors import ConfigError
@@ -52,13 +54,32 @@ def tracking_of(cfg: Config) -> TrackingSettings:
 
 
 def check_trackers(report_to: tuple[str, ...]) -> None:
-    """Before any phase: every tracker named can be used here."""
+    """Before any phase (a tracker that fails in a Ray Train worker costs restarts): every
+    tracker named is installed, and wandb has a key unless it logs offline."""
     for name in report_to:
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
             raise ConfigError(
                 f"run.report_to includes {name}, but the {name} package is not installed; "
                 f"pip install {name} (or leave {name} out of run.report_to)"
             )
+    if "wandb" in report_to and not wandb_can_log():
+        raise ConfigError(
+            "run.report_to includes wandb, but wandb has no API key here (WANDB_API_KEY, or "
+            "`wandb login` in ~/.netrc) and WANDB_MODE is not offline; log in, or set "
+            "WANDB_MODE=offline to keep the runs in DIR/wandb (`wandb sync` uploads them later)"
+        )
+
+
+def wandb_can_log() -> bool:
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 def metrics_log(output_dir: Path, phase: str) -> Path:
