@@ -98,6 +98,9 @@ def test_every_phase_directory_carries_the_chat_template_and_a_card(chat_run, fo
     for part in ("tags: [rlhf-ray", "## Load", "## Data", "## Settings", "## Metrics"):
         assert part in card
     assert "conversational" in card and "LoRA r=4" in card
+    adapter = out / folder / "adapter"  # LoRA in every phase here: each ships its adapter
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "README.md").exists()  # PEFT's blank template; the card above covers it
 
 
 def test_policy_card_has_the_gold_judge_numbers(chat_run):

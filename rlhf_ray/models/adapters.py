@@ -26,8 +26,10 @@ _WEIGHTS = "adapter_model.safetensors"
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """The adapter alone (and any head PEFT trains beside it) into `out_dir/adapter`."""
+    """The adapter alone (and any head PEFT trains beside it) into `out_dir/adapter`. PEFT's
+    blank card template is removed: the phase directory's own README.md describes the adapter."""
     model.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
+    (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
 
 
 def stack_onto(first: Path, second: Path) -> bool:

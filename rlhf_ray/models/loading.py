@@ -7,8 +7,6 @@ with `from_pretrained`. LoRA adapters are merged before saving.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from transformers import (
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.models.adapters import save_adapter
+from rlhf_ray.models.adapters import ADAPTER_DIR, save_adapter
 
 
 @dataclass(frozen=True)
@@ -168,29 +166,23 @@ def save_merged(
     saved alone in `adapter/` (PEFT format).
 
     4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
-    from `reload_base`, the adapter copied in, and that merged.
+    from `reload_base`, the saved adapter loaded onto it, and that merged.
     """
     if isinstance(model, PeftModel):
         save_adapter(model, out_dir)
-    adapter_dir = None
-    if isinstance(model, PeftModel) and getattr(model, "is_loaded_in_4bit", False):
-        adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-"))
-        model.save_pretrained(adapter_dir)
-        inner = model.get_base_model()
-        base = type(inner).from_pretrained(
-            str(reload_base),
-            num_labels=inner.config.num_labels,
-            dtype=DTYPES[model_cfg.dtype],
-            use_safetensors=True,
-        )
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    if isinstance(model, PeftModel):
+        if getattr(model, "is_loaded_in_4bit", False):
+            inner = model.get_base_model()
+            base = type(inner).from_pretrained(
+                str(reload_base),
+                num_labels=inner.config.num_labels,
+                dtype=DTYPES[model_cfg.dtype],
+                use_safetensors=True,
+            )
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, out_dir / ADAPTER_DIR)
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    if adapter_dir is not None:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 def use_cpus(cpus: float) -> None:
