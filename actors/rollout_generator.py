@@ -7,7 +7,7 @@ import time
 
 import ray
 
-from rlhf_ray.ppo import rollout_generator
+from rlhf_ray.ppo import rollout_generator, vllm_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
@@ -17,10 +17,19 @@ from rlhf_ray.run.saved_state import rng_state, set_rng_state
 @ray.remote
 class RolloutGenerator:
     def __init__(
-        self, settings: rollout_generator.PolicySettings, rank: int, learner, timeout_s: float
+        self,
+        settings: rollout_generator.PolicySettings,
+        engine: vllm_generator.EngineSettings | None,  # None: Hugging Face generate
+        rank: int,
+        learner,
+        timeout_s: float,
     ) -> None:
         quiet_libraries()  # before any library loads a model
-        self.generator = rollout_generator.RolloutGenerator(settings, rank)
+        self.generator = (
+            rollout_generator.RolloutGenerator(settings, rank)
+            if engine is None
+            else vllm_generator.VllmRolloutGenerator(settings, engine, rank)
+        )
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
         # restarted generator never samples from a stale policy.

@@ -9,6 +9,7 @@ import ray
 
 from rlhf_ray.config import PHASES, Config, DataConfig
 from rlhf_ray.config.loading import config_to_yaml
+from rlhf_ray.config.rollout import check_engine_installed
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
@@ -58,9 +59,11 @@ def unused_settings(cfg: Config) -> list[str]:
 
 def check_phase_inputs(cfg: Config, out: Path) -> None:
     """Every selected phase's inputs exist already or are made earlier in this run, and the
-    reward functions PPO will call and the trackers named can be imported."""
+    reward functions PPO will call, its rollout engine and the trackers named can be
+    imported."""
     trackers.check_trackers(cfg.run.report_to)
     if "ppo" in cfg.run.phases:
+        check_engine_installed(cfg.rollout_engine)
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
     for phase in cfg.run.phases:

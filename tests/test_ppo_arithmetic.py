@@ -10,6 +10,7 @@ from rlhf_ray.ppo.arithmetic import (
     entropy_from_logits,
     gae_advantages,
     last_token_index,
+    logprob_gap,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -17,6 +18,7 @@ from rlhf_ray.ppo.arithmetic import (
     per_token_rewards,
     policy_loss,
     truncate_after_eos,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -203,3 +205,25 @@ def test_value_loss_clipped_and_unclipped():
     loss, stats = value_loss(values, old, returns, mask, clip_range=10.0)
     close(loss, 0.195)
     close(stats["value_clipfrac"], 0.0)
+
+
+def test_policy_loss_weights_scale_each_tokens_clipped_term():
+    # ratios 1.1 and 1.5 with A = +1 (clip 0.2): per-token max terms -1.1 and -1.2 (see above)
+    logprobs = torch.log(t([[1.1, 1.5, 1.0]]))
+    old, adv, mask = t([[0.0, 0.0, 0.0]]), t([[1.0, 1.0, 9.0]]), t([[1, 1, 0]])
+    loss, _ = policy_loss(logprobs, old, adv, mask, clip_range=0.2, weights=t([[2.0, 0.5, 7.0]]))
+    # (2 * -1.1 + 0.5 * -1.2) / 2 = (-2.2 - 0.6) / 2 = -1.4 ; padding's weight never counts
+    close(loss, -1.4)
+
+
+def test_logprob_gap_and_truncated_importance_weights():
+    learner = t([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]])
+    sampler = t([[-1.5, -1.0, -3.0], [-0.5, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    gap = logprob_gap(learner, sampler, mask)
+    # |diff| on real tokens: 0.5, 1.0, 0, 0 -> mean 1.5 / 4 = 0.375, max 1.0
+    close(gap["mean"], 0.375)
+    close(gap["max"], 1.0)
+    weights = truncated_importance_weights(learner, sampler, mask, cap=1.5)
+    # exp(0.5) = 1.6487 -> 1.5 ; exp(-1) = 0.3679 ; exp(0) = 1 ; padding 0
+    close(weights, t([[1.5, 0.3678794, 1.0], [1.0, 0.0, 0.0]]))

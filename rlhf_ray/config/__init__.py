@@ -1,6 +1,7 @@
 """Settings: one frozen, validated dataclass per concern (`sections`), loaded from a YAML preset
 plus command-line overrides (`loading`)."""
 
+from rlhf_ray.config.rollout import RolloutConfig
 from rlhf_ray.config.sections import (
     DTYPES,
     EMBEDDED_MODEL,
@@ -32,6 +33,7 @@ __all__ = [
     "QuantizationConfig",
     "ResourcesConfig",
     "RewardConfig",
+    "RolloutConfig",
     "RunConfig",
     "ScoringConfig",
     "SFTConfig",

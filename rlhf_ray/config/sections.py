@@ -13,6 +13,8 @@ import string
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES, RolloutConfig
+from rlhf_ray.config.section import Section
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.world.assistant_world import max_eval_prompts
 
@@ -31,51 +33,6 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _FUNCTION_SPEC = re.compile(
     r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
 )
-
-
-class Section:
-    """What every section checks before its own rules: finite numbers and encodable text."""
-
-    section: ClassVar[str]  # the YAML section / command-line prefix, e.g. "sft"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                self.fail(f.name, value, "a finite number")
-            for text in value if isinstance(value, tuple) else (value,):
-                if isinstance(text, str) and not _is_utf8(text):
-                    self.fail(f.name, text, "text that is valid UTF-8")
-        self.validate()
-
-    def validate(self) -> None:
-        """The section's own rules; raise with `self.fail`."""
-
-    def fail(self, key: str, value: object, allowed: str) -> None:
-        raise ConfigError(f"{self.section}.{key}={value!r}: expected {allowed}")
-
-    def check(self, ok: bool, key: str, allowed: str) -> None:
-        if not ok:
-            self.fail(key, getattr(self, key), allowed)
-
-    def positive(self, *keys: str) -> None:
-        for key in keys:
-            self.check(getattr(self, key) > 0, key, "a number > 0")
-
-    def non_negative(self, *keys: str) -> None:
-        for key in keys:
-            self.check(getattr(self, key) >= 0, key, "a number >= 0")
-
-    def one_of(self, key: str, allowed: tuple[str, ...]) -> None:
-        self.check(getattr(self, key) in allowed, key, f"one of {', '.join(allowed)}")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # command-line bytes that are not UTF-8 arrive as surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -544,11 +501,19 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def rollout_engine(self) -> str:
+        """The engine the rollout generators use: "hf" or "vllm" (`rollout.engine` resolved)."""
+        return self.rollout.resolved_engine(self.resources.rollout_gpus)
+
     def __post_init__(self) -> None:
+        if self.rollout_engine == "vllm":
+            self._check_vllm_fits()
         if self.quantization.load_in_4bit:
             for phase in (self.sft, self.reward):
                 if phase.method != "lora":
@@ -561,3 +526,25 @@ class Config:
                     f"model.hidden_size={self.model.hidden_size}: expected a multiple of 64 "
                     "when quantization.load_in_4bit is true (bitsandbytes 4-bit blocks)"
                 )
+
+    def _check_vllm_fits(self) -> None:
+        """What the vLLM engine cannot do with the other sections, said before any work starts."""
+        rollout, model = self.rollout, self.model
+        where = f"rollout.engine={rollout.engine!r} (vllm)"
+        gpus = self.resources.rollout_gpus
+        if self.quantization.load_in_4bit and gpus == 0:
+            raise ConfigError(
+                f"{where} with quantization.load_in_4bit: vLLM loads bitsandbytes 4-bit weights on "
+                "GPUs only; set resources.rollout_gpus, or rollout.engine: hf"
+            )
+        head_dim = model.hidden_size // model.num_heads
+        if model.is_embedded and gpus == 0 and head_dim not in VLLM_CPU_HEAD_SIZES:
+            raise ConfigError(
+                f"{where}: model.hidden_size / model.num_heads = {head_dim}, a head size vLLM's "
+                f"CPU attention does not support (it does {list(VLLM_CPU_HEAD_SIZES)})"
+            )
+        if 0 < gpus < 1 and rollout.gpu_memory_utilization > gpus:
+            raise ConfigError(
+                f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization}: expected at "
+                f"most resources.rollout_gpus={gpus}, the share of a GPU each engine is given"
+            )

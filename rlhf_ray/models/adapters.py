@@ -17,8 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType
 from safetensors.torch import load_file, save_file
+
+from rlhf_ray.config import LoraConfig
 
 ADAPTER_DIR = "adapter"
 _CONFIG = "adapter_config.json"
@@ -30,6 +33,35 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
     blank card template is removed: the phase directory's own README.md describes the adapter."""
     model.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
     (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+
+
+def peft_lora_config(lora: LoraConfig, task: TaskType, base: str | None = None) -> PeftLoraConfig:
+    """PEFT's LoRA settings for our `lora` section (`base`: the model it applies to)."""
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task,
+        base_model_name_or_path=base,
+    )
+
+
+def write_adapter(
+    tensors: dict[str, torch.Tensor], lora: LoraConfig, base: str, out_dir: Path
+) -> None:
+    """A policy's trainable LoRA tensors, named as in `model.named_parameters()` of the PEFT
+    model, as the PEFT adapter directory `save_pretrained` would write (which vLLM loads):
+    the same names less the adapter's name ("...q_proj.lora_A.default.weight" is saved as
+    "...q_proj.lora_A.weight")."""
+    saved = {}
+    for name, tensor in tensors.items():
+        if ".lora_A.default." not in name and ".lora_B.default." not in name:
+            raise ValueError(f"{name}: expected only the LoRA matrices of the default adapter")
+        saved[name.replace(".default.", ".")] = tensor.contiguous()
+    out_dir.mkdir(parents=True)
+    save_file(saved, str(out_dir / _WEIGHTS))
+    peft_lora_config(lora, TaskType.CAUSAL_LM, base).save_pretrained(str(out_dir))
 
 
 def stack_onto(first: Path, second: Path) -> bool:

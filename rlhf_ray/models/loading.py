@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
@@ -25,7 +24,7 @@ from transformers import (
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.models.adapters import ADAPTER_DIR, save_adapter
+from rlhf_ray.models.adapters import ADAPTER_DIR, peft_lora_config, save_adapter
 
 
 @dataclass(frozen=True)
@@ -121,14 +120,7 @@ def add_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    peft_cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type=task,
-    )
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_lora_config(lora, task))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -165,12 +165,15 @@ def policy_loss(
     mask: Tensor,
     clip_range: float,
     per_sequence: bool = False,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate [PPO] eq. 7, as a loss to minimise, over the masked tokens.
 
     logprobs (B, T) float with grad (current policy); old_logprobs, advantages (B, T) float
     from the rollout; mask (B, T). The loss is the mean over tokens, or with `per_sequence`
     the mean over responses of each one's token mean (`sequence_mean`, as GRPO defines it).
+    `weights` (B, T) float, no grad: each token's clipped loss is multiplied by its weight
+    (truncated importance weights of the sampler/learner mismatch), as in Yao et al. 2025.
     Returns (scalar loss, detached scalar stats "clipfrac",
     "approxkl", "ratio"). The log-ratio is zeroed on padding so exp() cannot overflow there.
     [lm-hp] `loss`; [N-impl] "Policy loss" (clipfrac, approxkl = 0.5 * mean(logratio^2)).
@@ -181,7 +184,8 @@ def policy_loss(
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     aggregate = sequence_mean if per_sequence else masked_mean
-    loss = aggregate(torch.maximum(pg_loss1, pg_loss2), mask)
+    per_token = torch.maximum(pg_loss1, pg_loss2)
+    loss = aggregate(per_token if weights is None else per_token * weights, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
@@ -189,6 +193,22 @@ def policy_loss(
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def logprob_gap(logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the learner's logprobs (B, T) are from the sampler's (B, T) on the masked
+    tokens: "mean" and "max" of |difference|, scalars."""
+    gap = torch.where(mask.bool(), (logprobs - sampler_logprobs).abs(), 0)
+    return {"mean": masked_mean(gap, mask), "max": gap.max()}
+
+
+def truncated_importance_weights(
+    logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, cap: float
+) -> Tensor:
+    """min(pi_learner / pi_sampler, cap) per token: (B, T) float, 0 on padding. The tokens were
+    sampled by the sampler; the PPO loss assumes the learner's policy ("TIS", Yao et al. 2025)."""
+    log_ratio = torch.where(mask.bool(), logprobs - sampler_logprobs, 0)
+    return torch.where(mask.bool(), torch.exp(log_ratio).clamp(max=cap), 0)
 
 
 def value_loss(

@@ -15,6 +15,11 @@ a constant factor on the critic's gradient would be normalised away by Adam. The
 learning rate, `ppo.critic_lr`, sets how hard it trains.
 `val/ratio_first` is the ratio of each iteration's first minibatch, before any update: 1 when
 the rollout's logprobs match the learner's own forward pass.
+With the vLLM engine the old logprobs (for the ratio and the KL) are the learner's own, from one
+no-grad pass over the batch before the update: the sampler's travel with the batch, and their
+gap is logged (`rollout/logprob_gap_*`). `rollout.logprob_correction: tis` also weights each
+token's policy loss by min(pi_learner / pi_sampler, tis_cap), truncated importance sampling
+("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", Yao et al. 2025).
 Every dropout is off (`models.disable_dropout`), so the logprobs match the rollout's; the
 models stay in train mode only so that gradient checkpointing, when configured, applies.
 """
@@ -27,9 +32,9 @@ from pathlib import Path
 import torch
 from peft import TaskType
 
-from rlhf_ray.config import PPOConfig
+from rlhf_ray.config import PPOConfig, RolloutConfig
 from rlhf_ray.models.adapters import ADAPTER_DIR, stack_onto
-from rlhf_ray.models.forward import response_logits, response_values
+from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
     add_lora,
     disable_dropout,
@@ -63,6 +68,13 @@ class LearnerSettings:
     critic_path: str
     critic_method: str  # "full" or "lora", as the reward model is trained
     ppo: PPOConfig
+    engine: str = "hf"  # the generators' engine, "hf" or "vllm" (Config.rollout_engine)
+    rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap, for vllm
+
+    @property
+    def recomputes_logprobs(self) -> bool:
+        """Old logprobs from the learner's own pass: the sampler is another implementation."""
+        return self.engine == "vllm"
 
 
 class PPOLearner:
@@ -132,15 +144,57 @@ class PPOLearner:
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
         ref = concat_padded(refs, batch.response.shape[1]).to(device)
+        # with vllm: batch.logprobs become the learner's own
+        sampler, loss_weights = self._own_old_logprobs(batch)
         targets = self._targets(batch, scores.total.to(device), ref)
-        stats = self._update(batch, targets)
+        stats = self._update(batch, targets, loss_weights)
         self.version += 1
         return {
             **stats,
+            **sampler,
             **_rollout_stats(batch, targets, self.cfg.kl_coef),
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
+
+    def _own_old_logprobs(self, batch: RolloutBatch) -> tuple[dict, torch.Tensor | None]:
+        """With vLLM: replace the sampler's logprobs by the learner's own (in place) -> (the
+        gap stats, under tis the (B, R) importance weights of the policy loss, else None)."""
+        if not self.settings.recomputes_logprobs:
+            return {}, None
+        sampler_logprobs = batch.logprobs
+        batch.logprobs = self._own_logprobs(batch)
+        out = arithmetic.logprob_gap(batch.logprobs, sampler_logprobs, batch.response_mask)
+        stats = {
+            metrics.LOGPROB_GAP_MEAN: out["mean"].item(),
+            metrics.LOGPROB_GAP_MAX: out["max"].item(),
+        }
+        rollout = self.settings.rollout
+        if rollout.logprob_correction != "tis":
+            return stats, None
+        weights = arithmetic.truncated_importance_weights(
+            batch.logprobs, sampler_logprobs, batch.response_mask, rollout.tis_cap
+        )
+        stats[metrics.TIS_WEIGHT] = arithmetic.masked_mean(weights, batch.response_mask).item()
+        return stats, weights
+
+    @torch.no_grad()
+    def _own_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, R) logprobs of the response tokens under the policy as it is, before the update,
+        in minibatches; 0 on padding."""
+        parts = []
+        for idx in torch.arange(batch.response.shape[0]).split(self.cfg.minibatch_size):
+            parts.append(
+                response_logprobs(
+                    self.policy,
+                    batch.query[idx],
+                    batch.query_mask[idx],
+                    batch.response[idx],
+                    batch.response_mask[idx],
+                    self.settings.policy.temperature,
+                )
+            )
+        return torch.cat(parts) * batch.response_mask
 
     def _check_groups(self, group: torch.Tensor) -> None:
         """Every prompt group of the step is whole: samples_per_prompt rows each."""
@@ -189,15 +243,20 @@ class PPOLearner:
             whiten_rewards=cfg.whiten_rewards,
         )
 
-    def _update(self, batch: RolloutBatch, targets: Targets) -> dict[str, float]:
+    def _update(
+        self, batch: RolloutBatch, targets: Targets, weights: torch.Tensor | None
+    ) -> dict[str, float]:
         """`epochs` passes over shuffled minibatches -> each stat averaged over all minibatch
-        steps, plus RATIO_FIRST: the ratio of the very first step, before any update."""
+        steps, plus RATIO_FIRST: the ratio of the very first step, before any update.
+        `weights`: (B, R) per-token weights of the policy loss (tis), or None."""
         sums: dict[str, float] = {}
         first_ratio, count = None, 0
         for _ in range(self.cfg.epochs):
             order = torch.randperm(batch.response.shape[0], device=batch.response.device)
             for idx in order.split(self.cfg.minibatch_size):
-                step = self._minibatch_step(batch, targets, idx)
+                step = self._minibatch_step(
+                    batch, targets, idx, None if weights is None else weights[idx]
+                )
                 first_ratio = step[metrics.RATIO] if first_ratio is None else first_ratio
                 for name, value in step.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -208,7 +267,11 @@ class PPOLearner:
         }
 
     def _minibatch_step(
-        self, batch: RolloutBatch, targets: Targets, idx: torch.Tensor
+        self,
+        batch: RolloutBatch,
+        targets: Targets,
+        idx: torch.Tensor,
+        weights: torch.Tensor | None,
     ) -> dict[str, float]:
         cfg, mask = self.cfg, targets.mask[idx]
         query, query_mask, response = batch.query[idx], batch.query_mask[idx], batch.response[idx]
@@ -222,6 +285,7 @@ class PPOLearner:
             mask,
             cfg.clip_range,
             per_sequence=cfg.loss_per_sequence,
+            weights=weights,
         )
         stats = {
             metrics.POLICY_LOSS: loss.item(),

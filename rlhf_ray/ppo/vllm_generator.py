@@ -1,0 +1,194 @@
+"""The rollout generator's work on vLLM, Ray-free: the SFT model in a vLLM engine, the policy's
+LoRA adapter served as a versioned `LoRARequest`.
+
+Adapter-only sync: the learner's LoRA tensors (the same `Weights` the Hugging Face engine loads)
+are written as a PEFT adapter directory and served under a new LoRA id per policy version; the
+previous version's adapter is removed from the engine and its directory deleted. The base model
+stays loaded as it is (4-bit through vLLM's bitsandbytes loading in the QLoRA preset), never
+merged or re-quantised. Every batch carries the version of the adapter that sampled it.
+
+Sampling is plain ancestral sampling at the temperature (no top-k/top-p, no repetition
+penalty, the model's generation_config.json ignored), and the logprobs vLLM returns are those of
+softmax(logits / temperature) (`logprobs_mode="processed_logprobs"`), what PPO assumes. The
+learner still recomputes them with its own forward pass (rollout/logprob_gap_* says how far
+apart they are), since two implementations of one model never agree to the last bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from rlhf_ray.config import RolloutConfig
+from rlhf_ray.data.chat import Prompt
+from rlhf_ray.data.encoding import pad_left, prompt_ids
+from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import write_adapter
+from rlhf_ray.models.loading import use_cpus
+from rlhf_ray.ppo.arithmetic import truncate_after_eos
+from rlhf_ray.ppo.messages import RolloutBatch, Weights
+from rlhf_ray.ppo.rollout_generator import PolicySettings
+
+# LoRA ranks vLLM can be configured for (vllm.config.lora.MaxLoRARanks)
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The vLLM engine's share of a generator: its settings and where it runs."""
+
+    rollout: RolloutConfig
+    max_model_len: int  # prompt + completion tokens of the longest rollout
+
+
+def _set_engine_environment(settings: EngineSettings, cpus: float) -> None:
+    """Environment vLLM reads when the engine starts. Inside a Ray actor the engine runs in this
+    process (vLLM's engine subprocess needs a script's `__main__` guard), and on CPUs it uses
+    this role's threads without pinning them to cores other roles use."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.rollout.cpu_kv_cache_gib)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(cpus))))
+
+
+def _engine_dtype(settings: PolicySettings) -> str:
+    quant = settings.quantization
+    return quant.compute_dtype if quant.load_in_4bit else settings.model.dtype
+
+
+def _model_len(policy: PolicySettings, rollout_len: int) -> int:
+    """Tokens per sequence the engine plans for: a rollout's, within the model's positions."""
+    config = AutoConfig.from_pretrained(
+        policy.sft_path, trust_remote_code=policy.model.trust_remote_code
+    )
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(rollout_len, positions) if positions else rollout_len
+
+
+def build_engine(policy: PolicySettings, engine: EngineSettings, seed: int):
+    """A vLLM engine on the SFT model that serves one LoRA adapter at a time. In this process
+    vLLM seeds the global RNGs with `seed`."""
+    _set_engine_environment(engine, policy.cpus)
+    use_cpus(policy.cpus)
+    from vllm import LLM  # imported here: vLLM is an optional install
+
+    rollout = engine.rollout
+    on_gpu = policy.gpus > 0 and torch.cuda.is_available()
+    options = {
+        "model": policy.sft_path,
+        "skip_tokenizer_init": True,  # prompts arrive as token ids
+        "trust_remote_code": policy.model.trust_remote_code,
+        "dtype": _engine_dtype(policy),
+        "seed": seed,
+        "max_model_len": rollout.max_model_len or _model_len(policy, engine.max_model_len),
+        "enable_lora": True,
+        "max_loras": 1,
+        "max_lora_rank": min(r for r in _VLLM_LORA_RANKS if r >= policy.lora.r),
+        "logprobs_mode": "processed_logprobs",  # of softmax(logits / temperature)
+        "generation_config": "vllm",  # not the model's sampling defaults
+        "enforce_eager": rollout.enforce_eager or not on_gpu,
+    }
+    if policy.quantization.load_in_4bit:
+        options["quantization"] = "bitsandbytes"
+    if on_gpu:
+        options["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    return LLM(**options)
+
+
+class VllmRolloutGenerator:
+    """The same interface as `rollout_generator.RolloutGenerator`, sampling with vLLM."""
+
+    def __init__(self, settings: PolicySettings, engine: EngineSettings, rank: int) -> None:
+        self.settings, self.rank = settings, rank
+        self.tok = load_tokenizer(settings.sft_path, settings.model.trust_remote_code)
+        # the learner uses the base seed itself; torch's RNG draws each request's sampling seed
+        self.llm = build_engine(settings, engine, seed=settings.seed + rank + 1)
+        torch.manual_seed(settings.seed + rank + 1)
+        self.adapters = Path(tempfile.mkdtemp(prefix=f"rlhf-ray-rollout-{rank}-adapters-"))
+        self.version = -1  # no learner weights loaded yet
+        self.lora = None  # the LoRARequest of `version`
+
+    def load_weights(self, weights: Weights) -> None:
+        """Serve the learner's adapter of `weights.version`; the previous one is dropped."""
+        from vllm.lora.request import LoRARequest
+
+        path = self.adapters / f"v{weights.version}"
+        write_adapter(weights.tensors, self.settings.lora, self.settings.sft_path, path)
+        # ids start at 1 and are unique per version, so vLLM never serves a cached older one
+        lora = LoRARequest(f"policy-v{weights.version}", weights.version + 1, str(path))
+        if not self.llm.llm_engine.add_lora(lora):
+            raise RuntimeError(f"vLLM did not load the adapter of policy version {weights.version}")
+        if self.lora is not None and self.lora.lora_int_id != lora.lora_int_id:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            shutil.rmtree(self.lora.lora_path, ignore_errors=True)
+        self.lora, self.version = lora, weights.version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], group: list[int]) -> RolloutBatch:
+        """One response per entry of `prompts`, tagged with its prompt group from `group`."""
+        if self.version < 0:
+            raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
+        from vllm import SamplingParams, TokensPrompt
+
+        limits, tok = self.settings.limits, self.tok
+        ids = [prompt_ids(tok, p, limits) for p in prompts]
+        # one seed per request, drawn from torch's RNG: the RNG a checkpoint saves
+        seeds = torch.randint(0, 2**31 - 1, (len(ids),)).tolist()
+        params = [
+            SamplingParams(
+                temperature=self.settings.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_tokens=limits.max_completion_tokens,
+                stop_token_ids=[tok.eos_token_id],
+                logprobs=0,  # the sampled token's own logprob
+                detokenize=False,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in ids],
+            params,
+            lora_request=self.lora,
+            use_tqdm=False,
+        )
+        return self._batch(ids, [o.outputs[0] for o in outputs], prompts, group)
+
+    def _batch(self, ids: list[list[int]], completions, prompts, group) -> RolloutBatch:
+        tok = self.tok
+        query, query_mask = pad_left(ids, tok.pad_token_id)
+        width = max(1, max(len(c.token_ids) for c in completions))
+        generated = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.int64)
+        logprobs = torch.zeros((len(ids), width), dtype=torch.float32)
+        for row, completion in enumerate(completions):
+            tokens = list(completion.token_ids)
+            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+            logprobs[row, : len(tokens)] = torch.tensor(
+                [
+                    step[token].logprob
+                    for step, token in zip(completion.logprobs, tokens, strict=True)
+                ]
+            )
+        response, mask, has_eos = truncate_after_eos(generated, tok.eos_token_id, tok.pad_token_id)
+        return RolloutBatch(
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            response_mask=mask,
+            has_eos=has_eos,
+            logprobs=logprobs * mask,
+            group=torch.tensor(group, dtype=torch.int64),
+            prompts=list(prompts),
+            policy_version=self.version,
+            generator_rank=self.rank,
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self.adapters, ignore_errors=True)

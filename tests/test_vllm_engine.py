@@ -1,0 +1,165 @@
+"""The vLLM rollout engine on CPU (vLLM's CPU build, in .venv-vllm: `make test-vllm`).
+
+The engine's one job beyond sampling is to sample with the adapter it was last sent: each test
+checks numbers, the sampler's logprobs against the learner's own forward pass of the same
+version, not that a call returned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from jobs.roles import engine_settings, policy_settings
+from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.models.forward import response_logprobs
+from rlhf_ray.models.loading import load_trainable_state
+from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+from rlhf_ray.run import metrics
+from tests.conftest import make_tiny_run, smoke_config
+from tests.test_actors import TIMEOUT, _loop, _running_roles
+
+pytestmark = pytest.mark.vllm
+
+# The smoke model with heads of 32 dimensions (vLLM's CPU attention has no 16)
+VLLM_MODEL = {"model.hidden_size": "64", "model.num_heads": "2", "rollout.engine": "vllm"}
+# |sampler - learner| logprob of one token allowed: both run the same float32 model on the same
+# CPU, with different kernels (measured: 5e-7 at most)
+SAME_VERSION_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("vllm-run"), **VLLM_MODEL)
+
+
+def _config(out: Path, **overrides: str):
+    return smoke_config(out, **{**VLLM_MODEL, **overrides})
+
+
+def _learner_logprobs(learner: PPOLearner, batch) -> torch.Tensor:
+    with torch.no_grad():
+        logprobs = response_logprobs(
+            learner.policy,
+            batch.query,
+            batch.query_mask,
+            batch.response,
+            batch.response_mask,
+            learner.settings.policy.temperature,
+        )
+    return logprobs * batch.response_mask
+
+
+def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
+    out, prepared = vllm_run
+    cfg = _config(out)
+    settings = policy_settings(cfg, out)
+    learner = PPOLearner(
+        LearnerSettings(settings, str(out / "reward"), "full", cfg.ppo, engine="vllm")
+    )
+    generator = VllmRolloutGenerator(settings, engine_settings(cfg), rank=0)
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")][:8]
+    groups = list(range(len(prompts)))
+    with pytest.raises(RuntimeError, match="no policy weights yet"):
+        generator.generate(prompts, groups)
+
+    generator.load_weights(learner.weights())
+    batch0 = generator.generate(prompts, groups)
+    assert batch0.policy_version == 0
+    assert batch0.response_mask.sum() > 0
+    own0 = _learner_logprobs(learner, batch0)
+    torch.testing.assert_close(batch0.logprobs, own0, atol=SAME_VERSION_ATOL, rtol=0)
+
+    # One real update (the learner recomputes the old logprobs: the gap is its stat)
+    scores = torch.linspace(-1, 1, len(prompts))
+    ref = own0.clone()  # the reference is the SFT model, the policy at version 0
+    stats = learner.train([batch0], Scores(scores, {"reward_model": scores}), [ref])
+    assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-6)
+    # ... and a large second one, so that the versions are far apart
+    weights = learner.weights()
+    for name, tensor in weights.tensors.items():
+        if "lora_B" in name:
+            tensor.add_(torch.randn_like(tensor) * 0.3)
+    load_trainable_state(learner.policy, weights.tensors)
+    assert learner.version == 1 == weights.version
+
+    generator.load_weights(weights)
+    batch1 = generator.generate(prompts, groups)
+    assert batch1.policy_version == 1
+    own1 = _learner_logprobs(learner, batch1)
+    torch.testing.assert_close(batch1.logprobs, own1, atol=SAME_VERSION_ATOL, rtol=0)
+    # the same tokens under version 0 (the first update moved little; this one a lot)
+    # (LoRA's B starts at zero: version 0's adapter)
+    version0 = {n: torch.zeros_like(t) if "lora_B" in n else t for n, t in weights.tensors.items()}
+    load_trainable_state(learner.policy, version0)
+    stale = _learner_logprobs(learner, batch1)
+    assert (stale - batch1.logprobs).abs().max() > 100 * SAME_VERSION_ATOL
+
+    # the engine holds the newest adapter only; the older one's files are gone
+    assert generator.llm.llm_engine.list_loras() == {2}
+    assert [p.name for p in generator.adapters.iterdir()] == ["v1"]
+    generator.close()
+    assert not generator.adapters.exists()
+
+
+def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray, vllm_run):
+    out, prepared = vllm_run
+    cfg = _config(out, **{"ppo.steps": "2", "rollout.logprob_correction": "tis"})
+    with _running_roles(cfg, out) as roles:
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        for step in (1, 2):
+            pending, stats, _ = loop._step(pending, more=step < 2)
+            assert stats[metrics.POLICY_LAG] == 0
+            assert stats[metrics.LOGPROB_GAP_MEAN] <= stats[metrics.LOGPROB_GAP_MAX]
+            assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
+            # sampler and learner agree, so the truncated importance weights are all ~1
+            assert stats[metrics.TIS_WEIGHT] == pytest.approx(1.0, abs=1e-3)
+            assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
+        weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+        assert weights.version == 2
+        assert stats[metrics.SYNC_BYTES] >= _adapter_bytes(weights)
+
+
+def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(local_ray, vllm_run):
+    out, prepared = vllm_run
+    cfg = _config(out, **{"ppo.steps": "2"})
+    with _running_roles(cfg, out) as roles:
+        generator = roles.generators[0]
+        first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
+        loop = _loop(cfg, roles, prepared)
+        pending = loop._dispatch()
+        pending, _, _ = loop._step(pending, more=True)  # trains version 1, syncs it, dispatches
+        ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
+        _, stats, _ = loop._step(pending, more=False)  # the retried call, on the restarted one
+        assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
+        # the restarted engine loaded the learner's adapter (version 1) before it sampled the
+        # retried batch: its logprobs are the learner's own of version 1
+        assert stats[metrics.POLICY_LAG] == 0
+        assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
+
+
+def _adapter_bytes(weights) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.tensors.values())
+
+
+def test_vllm_settings_the_engine_cannot_run_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="bitsandbytes 4-bit weights on GPUs only"):
+        _config(tmp_path, **{"quantization.load_in_4bit": "true"})
+    head_16 = {**VLLM_MODEL, "model.hidden_size": "32"}
+    with pytest.raises(ConfigError, match="head size vLLM's CPU attention does not support"):
+        smoke_config(tmp_path, **head_16)
+    assert 16 not in VLLM_CPU_HEAD_SIZES
+    with pytest.raises(ConfigError, match="at most resources.rollout_gpus=0.5"):
+        _config(tmp_path, **{"resources.rollout_gpus": "0.5"})
+    # auto picks vLLM only where the generators have GPUs; on CPUs it is a choice
+    assert smoke_config(tmp_path).rollout_engine == "hf"
+    assert _config(tmp_path).rollout_engine == "vllm"
