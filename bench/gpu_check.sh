@@ -7,12 +7,14 @@
 # MODEL: a Hugging Face model id or local directory of a small causal LM whose head size vLLM
 # supports (default: Qwen/Qwen2.5-0.5B, 896 wide, 14 heads of 64; any Mistral or Llama-family
 # model works; Mistral-7B itself fits one 24 GB GPU in 4-bit too). It runs the preset's
-# settings (4-bit nf4 base with bf16 compute, LoRA r=8 alpha=32 on q_proj/v_proj, the QLoRA
-# base kept 4-bit in vLLM, adapter-only sync) with every role sharing the one GPU, on a short
-# schedule, then checks what the run wrote:
+# settings (4-bit nf4 base with bf16 compute, LoRA r=8 alpha=32 on q_proj/v_proj, adapter-only
+# sync; vLLM holds the base in 4-bit where it has bitsandbytes, else in bf16: vLLM 0.32 dropped
+# it) with every role sharing the one GPU, on a short schedule, with truncated importance
+# sampling on, then checks what the run wrote:
 #   - the rollouts came from vLLM, and every synced adapter reached it: per step, the learner's
-#     logprobs of the sampled tokens are within bf16/4-bit rounding of vLLM's
-#     (rollout/logprob_gap_mean), and the policy version lag is 0;
+#     logprobs of the sampled tokens are close to vLLM's (rollout/logprob_gap_mean: the
+#     difference of two precisions of one model, far below what a stale or missing adapter
+#     gives), and the policy version lag is 0;
 #   - each sync moved the LoRA adapter only (perf/sync_bytes, against the policy's adapter file);
 #   - the gold judge's summary (win rate, gap closed) and the stage seconds.
 # Needs: pip install "torch" "rlhf-ray[vllm]" on a CUDA machine, and the model in the Hugging
@@ -27,7 +29,7 @@ print(f"torch {torch.__version__}, vLLM {vllm.__version__}, {torch.cuda.get_devi
 EOF
 rlhf-ray run --config mistral-7b-qlora \
   --model.name_or_path "$MODEL" --run.output_dir "$OUT" \
-  --rollout.engine vllm --rollout.gpu_memory_utilization 0.3 \
+  --rollout.engine vllm --rollout.gpu_memory_utilization 0.3 --rollout.logprob_correction tis \
   --resources.train_workers 1 --resources.train_worker_cpus 2 --resources.train_worker_gpus 1 \
   --resources.rollout_cpus 1 --resources.rollout_gpus 0.4 \
   --resources.reward_cpus 1 --resources.reward_gpus 0.2 \
@@ -59,6 +61,6 @@ print(f"bytes per sync: {sorted(synced)} (the policy's stacked adapter holds {st
 for key in ("win_rate_vs_sft", "gap_closed", "kl_final", "ppo_stage_seconds", "phase_seconds"):
     print(f"{key}: {summary.get(key)}")
 assert lag == 0, "a batch was sampled with an older adapter than the learner's"
-assert gap_mean < 0.05, "vLLM's logprobs are far from the learner's: did the adapter reach it?"
+assert gap_mean < 0.1, "vLLM's logprobs are far from the learner's: did the adapter reach it?"
 print("OK")
 EOF

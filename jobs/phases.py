@@ -15,6 +15,7 @@ from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.ppo.reward_functions import import_reward_function
+from rlhf_ray.ppo.vllm_generator import engine_quantization
 from rlhf_ray.run import evaluation, fingerprints, trackers
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
@@ -51,7 +52,7 @@ def unused_settings(cfg: Config) -> list[str]:
     for, so the run names them instead of dropping them silently."""
     if "ppo" not in cfg.run.phases:
         return []
-    unused = cfg.ppo.unused_settings()
+    unused = cfg.ppo.unused_settings() + cfg.rollout.unused_settings(cfg.rollout_engine)
     if not cfg.scoring.uses_reward_model and cfg.resources.reward_gpus > 0:
         unused.append(f"resources.reward_gpus={cfg.resources.reward_gpus} (no reward model)")
     return unused
@@ -64,6 +65,8 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
     trackers.check_trackers(cfg.run.report_to)
     if "ppo" in cfg.run.phases:
         check_engine_installed(cfg.rollout_engine)
+        if cfg.rollout_engine == "vllm":
+            say_how_vllm_holds_the_base(cfg)
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
     for phase in cfg.run.phases:
@@ -78,6 +81,19 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
                 )
             where = f"{phase_dir(out, needed)} (the {needed} phase of an earlier run)"
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
+
+
+def say_how_vllm_holds_the_base(cfg: Config) -> None:
+    """Checks `rollout.vllm_quantization` against the vLLM installed, and says when a 4-bit
+    policy's base is served otherwise (vLLM 0.32 dropped bitsandbytes)."""
+    quantization = engine_quantization(cfg.rollout, cfg.quantization.load_in_4bit)
+    if cfg.quantization.load_in_4bit and quantization != "bitsandbytes":
+        held = quantization or cfg.quantization.compute_dtype
+        print(
+            f"[ppo] the vLLM rollout engine holds the base model in {held}, the learner in 4-bit "
+            "(this vLLM has no bitsandbytes loading): rollout/logprob_gap_* shows how far apart "
+            "their logprobs are; rollout.logprob_correction tis corrects for it"
+        )
 
 
 def phases_to_redo(cfg: Config) -> tuple[str, ...]:

@@ -393,7 +393,9 @@ class PPOLoop:
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
         self._on_generators("load_weights", (weights,), "loading new weights into the generators")
         times["sync"] = time.perf_counter() - t
-        stats[metrics.SYNC_BYTES] = object_bytes(weights)
+        synced = object_bytes(weights, self.timeout)
+        if synced is not None:
+            stats[metrics.SYNC_BYTES] = synced
         self.scaler.release_retired()  # their last batch has trained
         if not self.ppo.overlap and more:
             pending = self._dispatch()
@@ -437,9 +439,11 @@ class PPOLoop:
         return False
 
 
-def object_bytes(ref) -> int:
-    """The size of `ref`'s object in the object store: the bytes each generator fetched."""
-    return ray.experimental.get_object_locations([ref])[ref]["object_size"]
+def object_bytes(ref, timeout_s: float) -> int | None:
+    """The size of `ref`'s object in the object store: the bytes each generator fetched (None
+    if Ray does not know it)."""
+    found = ray.experimental.get_object_locations([ref], timeout_ms=int(timeout_s * 1000))
+    return found.get(ref, {}).get("object_size")
 
 
 def _failed(ref) -> bool:

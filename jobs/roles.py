@@ -20,7 +20,7 @@ from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerSettings
 from rlhf_ray.ppo.reward_scorer import ScorerSettings
 from rlhf_ray.ppo.rollout_generator import PolicySettings
-from rlhf_ray.ppo.vllm_generator import EngineSettings
+from rlhf_ray.ppo.vllm_generator import EngineSettings, engine_quantization
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 from rlhf_ray.world.gold_judge import GoldJudge
@@ -50,23 +50,27 @@ class Roles:
         return [LEARNER, SCORER, REFERENCE, *map(generator_name, self.generators)]
 
     def start_generators(self, ranks: list[int]) -> dict[int, ray.actor.ActorHandle]:
-        """New generators (not yet waited for); each loads the learner's current weights in its
-        constructor, before it can sample."""
+        """New generators (not yet waited for, except vLLM engines that share a GPU: each
+        measures the GPU's free memory as it starts, so they start one after another); each
+        loads the learner's current weights in its constructor, before it can sample."""
+        res = self.cfg.resources
         settings = replace(
-            policy_settings(self.cfg, self.out),
-            cpus=self.cfg.resources.rollout_cpus,
-            gpus=self.cfg.resources.rollout_gpus,
+            policy_settings(self.cfg, self.out), cpus=res.rollout_cpus, gpus=res.rollout_gpus
         )
         timeout = self.cfg.run.ray_timeout_s
         engine = engine_settings(self.cfg)
-        started = {
-            rank: RolloutGenerator.options(
+        one_by_one = engine is not None and 0 < res.rollout_gpus < 1
+        started = {}
+        for rank in ranks:
+            started[rank] = RolloutGenerator.options(
                 name=generator_name(rank),
                 **generator_restarts(self.cfg),
-                **actor_options(self.cfg.resources.rollout_cpus, self.cfg.resources.rollout_gpus),
+                **actor_options(res.rollout_cpus, res.rollout_gpus),
             ).remote(settings, engine, rank, self.learner, timeout)
-            for rank in ranks
-        }
+            if one_by_one:
+                get_results(
+                    started[rank].ready.remote(), timeout, f"starting {generator_name(rank)}"
+                )
         self.generators = dict(sorted({**self.generators, **started}.items()))
         return started
 
@@ -92,7 +96,10 @@ def engine_settings(cfg: Config) -> EngineSettings | None:
     if cfg.rollout_engine != "vllm":
         return None
     data = cfg.data
-    return EngineSettings(cfg.rollout, data.max_prompt_tokens + data.max_completion_tokens)
+    quantization = engine_quantization(cfg.rollout, cfg.quantization.load_in_4bit)
+    return EngineSettings(
+        cfg.rollout, data.max_prompt_tokens + data.max_completion_tokens, quantization
+    )
 
 
 def role_restarts(cfg: Config) -> dict:

@@ -24,7 +24,9 @@ from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import smoke_config
 
 TIMEOUT = 120
-SYNC_OVERHEAD_BYTES = 8192  # a synced adapter's names and version, as pickled beside it
+# What a synced adapter carries beside its tensors' bytes: each tensor's name and metadata as
+# pickled (measured: 10,396 bytes for the default preset's 28 tensors)
+SYNC_BYTES_PER_NAME = 512
 
 
 def _loop(cfg, roles, prepared) -> PPOLoop:
@@ -69,7 +71,8 @@ def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_r
         # pickled names and version around them
         adapter = sum(t.numel() * t.element_size() for t in learner_weights.tensors.values())
         print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
-        assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_OVERHEAD_BYTES
+        names = len(learner_weights.tensors)
+        assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_BYTES_PER_NAME * names
 
 
 def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny_run):

@@ -604,3 +604,25 @@ def test_rollout_settings_are_checked_and_auto_resolves_by_where_vllm_can_run(tm
     # a config naming vLLM is valid (and can be shown) where vLLM is not installed
     named = {"rollout.engine": "vllm", "model.hidden_size": "64", "model.num_heads": "2"}
     assert smoke_config(tmp_path, **named).rollout.engine == "vllm"
+
+
+def test_vllm_settings_that_cannot_work_are_refused_before_any_work(tmp_path):
+    heads_of_32 = {"model.hidden_size": "64", "model.num_heads": "2", "rollout.engine": "vllm"}
+
+    def vllm(**more: str):
+        return smoke_config(tmp_path, **heads_of_32, **more)
+
+    with raises_with("ppo.overlap", "rollout.logprob_correction tis"):
+        vllm(**{"ppo.overlap": "true"})
+    assert vllm(**{"ppo.overlap": "true", "rollout.logprob_correction": "tis"}).ppo.overlap
+    with raises_with("rollout.max_model_len=40", "at least 48"):  # smoke: 32 + 16 tokens
+        vllm(**{"rollout.max_model_len": "40"})
+    with raises_with("rollout.gpu_memory_utilization=0.5", "less than resources.rollout_gpus"):
+        vllm(**{"resources.rollout_gpus": "0.5", "rollout.gpu_memory_utilization": "0.5"})
+    with raises_with("lora.r=1024", "at most 512"):
+        vllm(**{"lora.r": "1024"})
+    # vLLM-only settings with the hf engine are named, not dropped silently
+    hf = smoke_config(tmp_path, **{"rollout.logprob_correction": "tis"})
+    assert hf.rollout.unused_settings(hf.rollout_engine) == [
+        "rollout.logprob_correction=tis (rollout engine hf)"
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -200,3 +201,22 @@ def test_with_vllm_the_learner_trains_on_its_own_logprobs_and_logs_the_samplers_
     # the Hugging Face engine's logprobs are the learner's own: none of these stats
     plain = PPOLearner(settings).train(shards, scores, refs)
     assert metrics.LOGPROB_GAP_MAX not in plain and metrics.TIS_WEIGHT not in plain
+
+
+def test_tis_weights_reach_the_policy_loss(rollouts):
+    """Sampler logprobs ln 2 below the learner's on the first shard's tokens: their truncated
+    weights are min(2, cap 3) = 2, the other shard's 1. At ratio 1 the first minibatch's loss is
+    -mean(weight * advantage); advantages are whitened (mean 0), so without weights it is ~0,
+    and with them it is -(the first shard's advantage sum) / tokens, which is not."""
+    settings, shards, scores, refs = rollouts
+    first = shards[0]
+    skewed = [replace(first, logprobs=first.logprobs - math.log(2) * first.response_mask)]
+    rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=3.0)
+    weighted = PPOLearner(replace(settings, engine="vllm", rollout=rollout))
+    stats = weighted.train([*skewed, shards[1]], scores, refs)
+    plain = PPOLearner(settings).train(shards, scores, refs)
+    tokens = [int(s.response_mask.sum()) for s in shards]
+    mean_weight = (2 * tokens[0] + tokens[1]) / sum(tokens)
+    assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-4)
+    assert abs(plain[metrics.POLICY_LOSS]) < 1e-5  # whitened advantages, ratio 1
+    assert abs(stats[metrics.POLICY_LOSS]) > 1e-3  # the weights reached the loss

