@@ -85,17 +85,29 @@ def test_the_library_source_never_names_jobs_or_actors():
             assert not bad, f"{name} imports {bad}"
 
 
-def test_importing_every_library_module_loads_nothing_from_jobs_or_actors():
-    library = sorted(name for name in project_modules() if name.startswith("rlhf_ray"))
+def _assert_imports_load_none_of(modules: list[str], packages: tuple[str, ...]) -> None:
+    """Import `modules` in a fresh Python; none of `packages` (or their submodules) may load."""
     code = (
         "import importlib, sys\n"
-        f"for name in {library!r}:\n"
+        f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jobs', 'actors'))\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_importing_every_library_module_loads_nothing_from_jobs_or_actors():
+    library = sorted(name for name in project_modules() if name.startswith("rlhf_ray"))
+    _assert_imports_load_none_of(library, ("jobs", "actors"))
+
+
+def test_roles_that_build_no_adapter_do_not_import_peft():
+    """peft imports bitsandbytes, which imports torch's compiler: ~2 s of CPU in every process
+    that imports it. The reference model, the reward scorer and evaluation never need it."""
+    frozen = ["actors.reference_model", "actors.reward_scorer", "rlhf_ray.run.evaluation"]
+    _assert_imports_load_none_of(frozen, ("peft", "bitsandbytes"))
 
 
 def test_presets_are_package_data_found_from_any_directory(tmp_path):

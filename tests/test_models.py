@@ -15,14 +15,12 @@ from transformers import AutoModelForCausalLM, MistralForCausalLM, PreTrainedTok
 
 from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from rlhf_ray.models.adapters import write_adapter
+from rlhf_ray.models.adapters import add_lora, save_merged, write_adapter
 from rlhf_ray.models.loading import (
-    add_lora,
     build_embedded_model,
     load_causal_lm,
     load_scalar_model,
     load_trainable_state,
-    save_merged,
     trainable_state,
 )
 

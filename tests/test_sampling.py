@@ -12,8 +12,9 @@ from transformers import GenerationConfig
 
 from rlhf_ray.data.prepare import limits_of
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.forward import response_logits
-from rlhf_ray.models.loading import add_lora, load_causal_lm
+from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.sampling import sample
 from rlhf_ray.ppo.arithmetic import logprobs_from_logits
 from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator

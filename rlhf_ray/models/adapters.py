@@ -1,4 +1,6 @@
-"""LoRA adapters saved alone, in PEFT format, beside each merged model: what a 7B user ships.
+"""LoRA adapters: added to a model for training, merged into it when saved, and saved alone in
+PEFT format beside the merged model: what a 7B user ships. The one module of the library that
+imports peft at the top (rlhf_ray/models/loading.py says why the others don't).
 
 `<phase dir>/adapter/` loads with `PeftModel.from_pretrained(base, dir)` onto the model named in
 its adapter_config.json. The policy's PPO adapter was trained on the merged SFT model; when SFT
@@ -18,14 +20,60 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType
+from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_ray.config import LoraConfig
+from rlhf_ray.config import LoraConfig, ModelConfig
+from rlhf_ray.models.loading import DTYPES
 
 ADAPTER_DIR = "adapter"
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
+
+
+def add_lora(
+    model: PreTrainedModel, lora: LoraConfig, task: TaskType, gradient_checkpointing: bool
+) -> PeftModel:
+    """Wrap a model with a trainable LoRA adapter (and the k-bit preparation QLoRA needs)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_lora_config(lora, task))
+
+
+def save_merged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    reload_base: str | Path | None = None,
+    model_cfg: ModelConfig | None = None,
+) -> None:
+    """Save a standard model directory, with any LoRA adapter merged into the weights and also
+    saved alone in `adapter/` (PEFT format).
+
+    4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
+    from `reload_base`, the saved adapter loaded onto it, and that merged.
+    """
+    if isinstance(model, PeftModel):
+        save_adapter(model, out_dir)
+        if getattr(model, "is_loaded_in_4bit", False):
+            inner = model.get_base_model()
+            base = type(inner).from_pretrained(
+                str(reload_base),
+                num_labels=inner.config.num_labels,
+                dtype=DTYPES[model_cfg.dtype],
+                use_safetensors=True,
+            )
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, out_dir / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:

@@ -7,9 +7,9 @@ padding (training) give every real token the same position (DESIGN section 4).
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel
 
+from rlhf_ray.models.loading import without_adapter
 from rlhf_ray.ppo.arithmetic import last_token_index, logprobs_from_logits
 
 
@@ -23,7 +23,7 @@ def token_scalars(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor)
 
     For a reward model this is the score of every prefix; for a critic, the value of every state.
     """
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = without_adapter(model)
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     return inner.score(hidden.last_hidden_state).squeeze(-1).float()

@@ -1,17 +1,21 @@
-"""Loading, building, adapting and saving the models of every phase.
+"""Loading and building the models of every phase (LoRA adapters: rlhf_ray/models/adapters.py).
 
 Every phase directory (`base/`, `sft/`, `reward/`, `policy/`) is a standard Hugging Face model
 directory with safetensors weights and the tokenizer, so any phase can start from any of them
-with `from_pretrained`. LoRA adapters are merged before saving.
+with `from_pretrained`.
+
+peft is not imported here: importing it costs ~2 s of CPU (it imports bitsandbytes, which
+imports torch's compiler), and the roles that never build an adapter (reference model, reward
+scorer, evaluation) start that much sooner without it (tests/test_layout.py keeps it so).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -22,9 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
+from rlhf_ray.config import ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.models.adapters import ADAPTER_DIR, peft_lora_config, save_adapter
 
 
 @dataclass(frozen=True)
@@ -109,20 +112,6 @@ def load_scalar_model(
     return model
 
 
-def add_lora(
-    model: PreTrainedModel, lora: LoraConfig, task: TaskType, gradient_checkpointing: bool
-) -> PeftModel:
-    """Wrap a model with a trainable LoRA adapter (and the k-bit preparation QLoRA needs)."""
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    return get_peft_model(model, peft_lora_config(lora, task))
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors only (the LoRA adapter, or all weights), detached on CPU."""
     return {
@@ -147,34 +136,11 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(tensor)
 
 
-def save_merged(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: Path,
-    reload_base: str | Path | None = None,
-    model_cfg: ModelConfig | None = None,
-) -> None:
-    """Save a standard model directory, with any LoRA adapter merged into the weights and also
-    saved alone in `adapter/` (PEFT format).
-
-    4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
-    from `reload_base`, the saved adapter loaded onto it, and that merged.
-    """
-    if isinstance(model, PeftModel):
-        save_adapter(model, out_dir)
-        if getattr(model, "is_loaded_in_4bit", False):
-            inner = model.get_base_model()
-            base = type(inner).from_pretrained(
-                str(reload_base),
-                num_labels=inner.config.num_labels,
-                dtype=DTYPES[model_cfg.dtype],
-                use_safetensors=True,
-            )
-            base.config.pad_token_id = tokenizer.pad_token_id
-            model = PeftModel.from_pretrained(base, out_dir / ADAPTER_DIR)
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+def without_adapter(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper, or `model` itself. A PeftModel exists only
+    where peft was imported, so this asks sys.modules instead of importing it."""
+    peft = sys.modules.get("peft")
+    return model.get_base_model() if peft and isinstance(model, peft.PeftModel) else model
 
 
 def use_cpus(cpus: float) -> None:

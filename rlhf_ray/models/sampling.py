@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from peft import PeftModel
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -17,6 +16,7 @@ from transformers import (
 
 from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
+from rlhf_ray.models.loading import without_adapter
 from rlhf_ray.ppo.arithmetic import logprobs_from_logits, truncate_after_eos
 from rlhf_ray.ppo.messages import Samples
 
@@ -47,7 +47,7 @@ def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
     distribution other than softmax(logits / temperature), the one PPO's logprobs assume.
     With an empty one in its place only our settings and the library's neutral defaults apply.
     """
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = without_adapter(model)
     saved = inner.generation_config
     inner.generation_config = GenerationConfig()
     try:

@@ -33,14 +33,12 @@ import torch
 from peft import TaskType
 
 from rlhf_ray.config import PPOConfig, RolloutConfig
-from rlhf_ray.models.adapters import ADAPTER_DIR, stack_onto
+from rlhf_ray.models.adapters import ADAPTER_DIR, add_lora, save_merged, stack_onto
 from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
-    add_lora,
     disable_dropout,
     load_scalar_model,
     load_trainable_state,
-    save_merged,
     to_device,
     trainable_state,
 )

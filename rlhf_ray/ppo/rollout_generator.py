@@ -11,8 +11,8 @@ from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.loading import (
-    add_lora,
     disable_dropout,
     load_causal_lm,
     load_trainable_state,

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 
 from rlhf_ray.config import LoraConfig, ResourcesConfig
 from rlhf_ray.errors import RoleFailed
-from rlhf_ray.models.loading import add_lora, use_cpus
+from rlhf_ray.models.adapters import add_lora
+from rlhf_ray.models.loading import use_cpus
 from rlhf_ray.run.console import Lines, quiet_libraries, ray_train_log_level
 from rlhf_ray.run.resources import bundle
 

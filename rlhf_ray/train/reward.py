@@ -15,8 +15,9 @@ from rlhf_ray.data.encoding import Limits, completion_ids, pad_right, prompt_ids
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import save_merged
 from rlhf_ray.models.forward import sequence_scores
-from rlhf_ray.models.loading import load_scalar_model, save_merged
+from rlhf_ray.models.loading import load_scalar_model
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
 from rlhf_ray.run.trackers import MetricWriter, TrackingSettings

@@ -15,8 +15,9 @@ from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig, SFTConf
 from rlhf_ray.data.encoding import IGNORE_INDEX, Limits, pad_right, sft_example
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.models.adapters import save_merged
 from rlhf_ray.models.forward import causal_logits
-from rlhf_ray.models.loading import load_causal_lm, save_merged
+from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
 from rlhf_ray.run.trackers import MetricWriter, TrackingSettings
