@@ -133,6 +133,34 @@ def finish(process: subprocess.Popen, timeout: float = DRIVER_TIMEOUT_S) -> int:
         process.kill()
 
 
+# Library output a person does not need (shown with --run.verbose true).
+CONSOLE_NOISE = (
+    "Writing model shards",
+    "Loading weights",
+    "LOAD REPORT",
+    "FutureWarning",
+    "DeprecationWarning",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "Started a local Ray instance",
+)
+
+
+def check_console(logs: str, phases: tuple[str, ...]) -> None:
+    """No library noise in a driver's output; for each of `phases`, progress lines
+    `[phase] step i/n ... (elapsed, ~left)`, each step shown once."""
+    for noise in CONSOLE_NOISE:
+        assert noise not in logs, f"{noise!r} on the console:\n{logs[-3000:]}"
+    for phase in phases:
+        shown = [
+            line.split(f"[{phase}] step ", 1)[1].split()[0]
+            for line in logs.splitlines()
+            if f"[{phase}] step " in line
+        ]
+        assert shown and len(shown) == len(set(shown)), (phase, shown)
+        assert all("s left)" in line for line in logs.splitlines() if f"[{phase}] step " in line)
+
+
 def run_scenario(module: str, *args: str) -> dict:
     """`python -m tests.<module> args` in its own process (it starts a Ray cluster of its own,
     which this session's Ray would clash with); -> the JSON line it printed last."""

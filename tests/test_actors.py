@@ -45,10 +45,31 @@ def _running_roles(cfg, out):
             ray.kill(actor, no_restart=True)
 
 
-def test_two_generators_both_produce_rollouts_and_receive_synced_weights(local_ray, tiny_run):
+def _check_version_zero(roles, out: Path) -> None:
+    """Before any update the policy is the SFT model, so the reference's logprobs of a sampled
+    batch are the generator's (KL ~0); the scorer scores it, the gold judge watching."""
+    prompts = [read_rows(out / "data", "prompts")[0]["prompt"]] * 3  # one the judge knows
+    batch_ref, _ = roles.generators[0].generate.remote(prompts, [0, 0, 0])
+    ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
+    batch = ray.get(batch_ref, timeout=TIMEOUT)
+    torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
+    scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
+    assert scores.total.shape == (3,) and torch.isfinite(scores.total).all()
+    # The gold judge watches (synthetic prompts) at weight 0: the total is the reward model's
+    assert list(scores.components) == ["reward_model", "gold_judge"]
+    assert torch.equal(scores.total, scores.components["reward_model"])
+    texts = decode_responses(load_tokenizer(str(out / "sft")), batch)
+    gold = gold_reward(prompts, texts)
+    assert scores.components["gold_judge"].tolist() == pytest.approx(gold)
+
+
+def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_weights(
+    local_ray, tiny_run
+):
     out, prepared = tiny_run
     cfg = smoke_config(out, **{"ppo.num_rollout_actors": "2"})
     with _running_roles(cfg, out) as roles:
+        _check_version_zero(roles, out)
         loop = _loop(cfg, roles, prepared)
         pending = loop._dispatch()
         batches = ray.get(pending.refs, timeout=TIMEOUT)
@@ -146,26 +167,6 @@ def test_roles_that_fit_alone_but_not_together_are_refused(local_ray):
     # 3 generators x 1 CPU + reward 0.25 + reference 0.25 + learner 0.25 = 3.75 > 2 CPUs.
     with pytest.raises(ResourceError, match=r"CPU=3\.75.*rollout generator 3x1.*cluster has CPU=2"):
         cluster.check_resources(ppo_requests(cfg.resources, 3), "the PPO phase")
-
-
-def test_reference_logprobs_match_the_generators_at_version_zero(local_ray, tiny_run):
-    """Before any update the policy is the SFT model, so KL to the reference is ~0."""
-    out, _ = tiny_run
-    cfg = smoke_config(out)
-    with _running_roles(cfg, out) as roles:
-        prompts = [read_rows(out / "data", "prompts")[0]["prompt"]] * 3  # one the judge knows
-        batch_ref, _ = roles.generators[0].generate.remote(prompts, [0, 0, 0])
-        ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
-        batch = ray.get(batch_ref, timeout=TIMEOUT)
-        torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
-        scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
-        assert scores.total.shape == (3,) and torch.isfinite(scores.total).all()
-        # The gold judge watches (synthetic prompts) at weight 0: the total is the reward model's
-        assert list(scores.components) == ["reward_model", "gold_judge"]
-        assert torch.equal(scores.total, scores.components["reward_model"])
-        texts = decode_responses(load_tokenizer(str(out / "sft")), batch)
-        gold = gold_reward(prompts, texts)
-        assert scores.components["gold_judge"].tolist() == pytest.approx(gold)
 
 
 def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):

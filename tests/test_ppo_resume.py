@@ -1,5 +1,5 @@
-"""Tier 2: a PPO phase stopped mid-run (SIGKILL; SIGTERM with `ppo.overlap`) and rerun, or
-whose learner is killed and rebuilt, equals one never stopped.
+"""Tier 2: a PPO phase stopped mid-run (SIGKILL; SIGTERM with `ppo.overlap`) and rerun, whose
+rerun also loses its learner (rebuilt from its checkpoint), equals one never stopped.
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -22,7 +22,7 @@ from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import complete_steps
 from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
 
-STEPS = 5  # stopped once step 2 is saved: steps 3..5 leave time for the signal to land
+STEPS = 6  # stopped once step 2 is saved: later steps leave time for the signal and a fault
 TIMEOUT = 300
 DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
@@ -97,15 +97,9 @@ def _assert_same_run(out: Path, uninterrupted) -> None:
         assert tensor.equal(expected_weights[name]), name
 
 
-@pytest.mark.parametrize(
-    ("stop_signal", "overlap"),
-    [(signal.SIGKILL, False), (signal.SIGTERM, True)],
-    ids=["kill", "term-overlap"],  # with overlap, the batch in flight is saved and used once
-)
-def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
-    local_ray, tiny_run, tmp_path, uninterrupted, stop_signal, overlap
-):
-    out = _run_dir(tmp_path, tiny_run, "stopped")
+def _stop_once_step_2_is_saved(out: Path, tmp_path: Path, stop_signal, overlap: bool) -> int:
+    """Start the driver on `out`, send `stop_signal` once step 2's checkpoint is complete, and
+    check how it ended; -> the last step saved."""
     first = start_driver(out, *_args(overlap))
     _wait_for_checkpoint(out, 2, first)
     first.send_signal(stop_signal)
@@ -117,27 +111,37 @@ def test_stopped_ppo_resumes_to_the_same_metrics_and_weights(
     else:
         assert code == -signal.SIGKILL
     stopped_at = max(complete_steps(out / "ppo_checkpoints"))
-    assert 2 <= stopped_at < STEPS, log[-3000:]
+    assert 2 <= stopped_at <= STEPS - 3, log[-3000:]  # room for a fault in the rerun
     assert not (out / "policy").exists()
-
-    assert finish(start_driver(out, *_args(overlap))) == 0, (tmp_path / "stopped.log").read_text()[
-        -3000:
-    ]
-    assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
-    _assert_same_run(out, uninterrupted(overlap))
+    return stopped_at
 
 
-def test_a_killed_learner_is_rebuilt_from_its_checkpoint_and_the_run_is_unchanged(
+def test_a_killed_driver_then_a_killed_learner_end_as_a_run_never_stopped(
     local_ray, tiny_run, tmp_path, uninterrupted
 ):
-    out = _run_dir(tmp_path, tiny_run, "learner-killed")
-    driver = start_driver(out, *_args(overlap=False))
-    _wait_for_checkpoint(out, 2, driver)
+    out = _run_dir(tmp_path, tiny_run, "stopped")
+    stopped_at = _stop_once_step_2_is_saved(out, tmp_path, signal.SIGKILL, overlap=False)
+    again = start_driver(out, *_args(overlap=False))
+    _wait_for_checkpoint(out, stopped_at + 1, again)
     learners = session_ray_processes("ray::PPOLearner")
     assert len(learners) == 1
     learners[0].kill()  # SIGKILL: the process and everything it held are gone
-    assert finish(driver) == 0, (tmp_path / "learner-killed.log").read_text()[-3000:]
-    log = (tmp_path / "learner-killed.log").read_text()
+    assert finish(again) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    log = (tmp_path / "stopped.log").read_text()
+    assert f"[ppo] resuming after step {stopped_at}" in log
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log
     _assert_same_run(out, uninterrupted(False))
+
+
+def test_a_stopped_overlapped_run_saves_the_batch_in_flight_and_ends_as_one_never_stopped(
+    local_ray, tiny_run, tmp_path, uninterrupted
+):
+    """With overlap, the batch in flight at SIGTERM is saved and trained once, on resume."""
+    out = _run_dir(tmp_path, tiny_run, "stopped")
+    stopped_at = _stop_once_step_2_is_saved(out, tmp_path, signal.SIGTERM, overlap=True)
+    assert finish(start_driver(out, *_args(overlap=True))) == 0, (
+        tmp_path / "stopped.log"
+    ).read_text()[-3000:]
+    assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
+    _assert_same_run(out, uninterrupted(True))
