@@ -41,13 +41,14 @@ def sft_only(tiny_run, tmp_path) -> Path:
 def test_grpo_oracle_run_skips_the_reward_phase_and_trains_on_the_gold_judge(
     local_ray, sft_only, capsys
 ):
-    """k = 4 samples per prompt over 4 generators: every group is split over two generators,
-    and the learner still finds each whole (it refuses a step with an incomplete group)."""
+    """k = 4 samples per prompt, 8 rollouts over 3 generators (rows 0-2, 3-5, 6-7): each group
+    is split over two generators, and the learner still finds each whole (it refuses a step
+    with an incomplete group)."""
     code = _run(
         sft_only,
         *ORACLE,
         *("--ppo.estimator", "grpo", "--ppo.samples_per_prompt", "4"),
-        *("--ppo.num_rollout_actors", "4", "--resources.rollout_cpus", "0.1"),
+        *("--ppo.num_rollout_actors", "3", "--resources.rollout_cpus", "0.1"),
         *("--ppo.lam", "0.9"),  # GAE's: named as unused, not silently dropped
     )
     printed = capsys.readouterr()
