@@ -1,16 +1,16 @@
 """The smoke PPO phase on a multi-node Ray on this machine (`ray.cluster_utils.Cluster`), losing
-the node that holds its rollout generator. Run by tests/test_multinode.py in its own process
-(the test session already holds a Ray of its own):
+the node that holds its rollout generator, twice. Run by tests/test_multinode.py in its own
+process (the test session already holds a Ray of its own):
 
     python -m tests.cluster_scenario SOURCE_RUN WORK_DIR
 
 The head node has no CPU, so only the driver and the roles asking for 0 CPUs live there; each
-worker node has 1 CPU, exactly what the rollout generator asks for. Three runs, one cluster:
-  spare     two worker nodes; the generator's node is removed at step 2 and the run goes on;
-  no_spare  one worker node left; it is removed at step 2 and nothing can hold the generator;
-  rerun     a node joins and the no_spare run's command is run again.
-Prints one JSON line: per run, the driver's exit code, the node removed, where the generator
-lived afterwards, and the seconds from the removal to the driver's exit.
+worker node has 1 CPU, exactly what the rollout generator asks for. Two runs, one cluster:
+  lost   two worker nodes; the generator's node is removed at step 2 and the generator restarts
+         on the spare one; that node is removed at step 4 and nothing can hold the generator;
+  rerun  a node joins and the same command is run again.
+Prints one JSON line: per run, the driver's exit code, per removal the node removed and where
+the generator lived afterwards, and the seconds from the last removal to the driver's exit.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jobs import rlhf
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from tests.conftest import copy_outputs
 
-STEPS, REMOVE_AT_STEP = 8, 2
+STEPS, REMOVE_AT_STEPS = 8, (2, 4)
 DRIVER_ARGS = (
     *("--config", "smoke", "--phases", "ppo", "--ppo.steps", str(STEPS)),
     *("--ppo.checkpoint_every", "1", "--run.evaluate", "false"),
@@ -70,28 +70,27 @@ def start_driver(
     return driver, stdout, stderr
 
 
-def drive(cluster: Cluster, out: Path, remove_generator_node: bool) -> dict:
-    """Run the driver in a thread; at step REMOVE_AT_STEP remove the node of the generator."""
-    result: dict = {}
+def drive(cluster: Cluster, out: Path, remove_at_steps: tuple[int, ...] = ()) -> dict:
+    """Run the driver in a thread; once each of `remove_at_steps` is saved, remove the node that
+    holds the generator, and watch where the generator lives until the next removal."""
+    result: dict = {"removals": []}
     driver, stdout, stderr = start_driver(["--output_dir", str(out), *DRIVER_ARGS], result)
-    if remove_generator_node:
-        deadline = time.time() + 300
-        while REMOVE_AT_STEP not in complete_steps(checkpoints_root(out)):
-            assert driver.is_alive() and time.time() < deadline, "PPO never reached the step"
-            time.sleep(0.1)
-        removed = generator_node()
-        node = next(n for n in cluster.worker_nodes if n.node_id == removed)
-        cluster.remove_node(node)
-        result |= {"removed": removed, "removed_at": time.time(), "generator_node_after": None}
-        while driver.is_alive():
-            now = generator_node()
-            if now not in (None, removed):  # where the restart landed
-                result["generator_node_after"] = now
-            time.sleep(0.1)
-    driver.join(timeout=400)
-    assert not driver.is_alive(), "the driver neither finished nor failed in 400 s"
-    if "removed_at" in result:
-        result["seconds_to_exit"] = round(result.pop("ended_at") - result.pop("removed_at"), 1)
+    pending, removals, deadline = list(remove_at_steps), result["removals"], time.time() + 300
+    while driver.is_alive():
+        now = generator_node()
+        if removals and now not in (None, removals[-1]["removed"]):  # where the restart landed
+            removals[-1]["generator_node_after"] = now
+        if pending and pending[0] in complete_steps(checkpoints_root(out)):
+            assert now is not None, f"no live generator at step {pending[0]}"
+            cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == now))
+            removals.append({"step": pending.pop(0), "removed": now, "at": time.time()})
+            removals[-1]["generator_node_after"] = None
+        assert time.time() < deadline, f"the run did not end in 300 s ({pending} not reached)"
+        time.sleep(0.1)
+    driver.join(timeout=10)
+    assert not pending, f"the run ended before steps {pending}: {stderr.getvalue()[-3000:]}"
+    if removals:
+        result["seconds_to_exit"] = round(result["ended_at"] - removals[-1]["at"], 1)
     return {**result, "stdout": stdout.getvalue()[-3000:], "stderr": stderr.getvalue()[-3000:]}
 
 
@@ -100,18 +99,14 @@ def main(source: Path, work: Path) -> dict:
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
-    outs = {name: work / name for name in ("spare", "no_spare")}
-    for out in outs.values():
-        copy_outputs(source, out, ("base", "sft", "reward"))
-    runs = {
-        "spare": drive(cluster, outs["spare"], remove_generator_node=True),
-        "no_spare": drive(cluster, outs["no_spare"], remove_generator_node=True),
-    }
+    out = work / "lost"
+    copy_outputs(source, out, ("base", "sft", "reward"))
+    runs = {"lost": drive(cluster, out, REMOVE_AT_STEPS)}
     cluster.add_node(num_cpus=1)
     # A rerun is a new driver: a new Ray job, whose actor names cannot clash with the old ones.
     ray.shutdown()
     ray.init(address=cluster.address, log_to_driver=False)
-    runs["rerun"] = drive(cluster, outs["no_spare"], remove_generator_node=False)
+    runs["rerun"] = drive(cluster, out)
     ray.shutdown()
     cluster.shutdown()
     return runs
