@@ -29,20 +29,47 @@ TIMEOUT = 120
 SYNC_BYTES_PER_NAME = 512
 
 
-def _loop(cfg, roles, prepared) -> PPOLoop:
+# Every role the tests below kill restarts (the scorer is killed 4 times), so the role set is
+# started once for all of them: a role start costs ~15 s of CPU on 2 cores.
+ROLE_RESTARTS = 8
+
+
+def _config(out: Path, **overrides: str):
+    """The shared roles' config (two generators), with the loop's `overrides`."""
+    shared = {"ppo.num_rollout_actors": "2", "ppo.max_role_restarts": str(ROLE_RESTARTS)}
+    return smoke_config(out, **shared, **overrides)
+
+
+def _loop(roles, prepared, **overrides: str) -> PPOLoop:
+    """A new PPO loop (new prompt stream, step 0) driving the shared roles."""
+    cfg = _config(roles.out, **overrides)
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
     return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
 
 
 @contextmanager
 def _running_roles(cfg, out):
-    """The four PPO roles for one test, killed at its end whatever happened."""
+    """The four PPO roles, killed at the end whatever happened."""
     roles = create_roles(cfg, out)
     try:
         yield roles
     finally:
         for actor in roles.all():
             ray.kill(actor, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def roles(local_ray, tiny_run):
+    """The four PPO roles with two generators, shared by this module's tests: each leaves them
+    alive, with the generators holding the learner's weights (a step ends with the sync), except
+    the last test, which kills the scorer for good."""
+    out, _ = tiny_run
+    with _running_roles(_config(out), out) as started:
+        yield started
+
+
+def _learner_version(roles) -> int:
+    return ray.get(roles.learner.weights.remote(), timeout=TIMEOUT).version
 
 
 def _check_version_zero(roles, out: Path) -> None:
@@ -64,86 +91,95 @@ def _check_version_zero(roles, out: Path) -> None:
 
 
 def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_weights(
-    local_ray, tiny_run
+    roles, tiny_run
 ):
     out, prepared = tiny_run
-    cfg = smoke_config(out, **{"ppo.num_rollout_actors": "2"})
-    with _running_roles(cfg, out) as roles:
-        _check_version_zero(roles, out)
-        loop = _loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        batches = ray.get(pending.refs, timeout=TIMEOUT)
-        # rollouts_per_step 8 over 2 generators: 4 rollouts each, sampled with version 0.
-        assert [b.generator_rank for b in batches] == [0, 1]
-        assert [b.response.shape[0] for b in batches] == [4, 4]
-        assert all(b.policy_version == 0 for b in batches)
-        assert all(b.response_mask[:, 0].all() for b in batches)  # every response has a token
-        pending, stats, times = loop._step(pending, more=True)
+    assert _learner_version(roles) == 0, "this test runs first, on roles that never trained"
+    _check_version_zero(roles, out)
+    loop = _loop(roles, prepared)
+    pending = loop._dispatch()
+    batches = ray.get(pending.refs, timeout=TIMEOUT)
+    # rollouts_per_step 8 over 2 generators: 4 rollouts each, sampled with version 0.
+    assert [b.generator_rank for b in batches] == [0, 1]
+    assert [b.response.shape[0] for b in batches] == [4, 4]
+    assert all(b.policy_version == 0 for b in batches)
+    assert all(b.response_mask[:, 0].all() for b in batches)  # every response has a token
+    pending, stats, times = loop._step(pending, more=True)
+    assert stats[metrics.POLICY_LAG] == 0
+    assert set(times) == set(metrics.STAGES)
+    after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
+    assert after_sync.policy_version == 1  # the learner's update reached the generators
+    learner_weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+    assert learner_weights.version == 1
+    assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
+    lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
+    assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it moved
+    # adapter-only sync: the object every generator fetched is the LoRA tensors, plus the
+    # pickled names and version around them
+    adapter = sum(t.numel() * t.element_size() for t in learner_weights.tensors.values())
+    print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
+    names = len(learner_weights.tensors)
+    assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_BYTES_PER_NAME * names
+    loop._step(pending, more=False)  # the batch in flight trains: the roles are left synced
+
+
+def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run):
+    _, prepared = tiny_run
+    generator = roles.generators[0]
+    first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
+    loop = _loop(roles, prepared)
+    pending = loop._dispatch()
+    ray.kill(generator, no_restart=False)  # dies with its generate task in flight
+    for step in range(1, 4):
+        pending, stats, _ = loop._step(pending, more=step < 3)
         assert stats[metrics.POLICY_LAG] == 0
-        assert set(times) == set(metrics.STAGES)
-        after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
-        assert after_sync.policy_version == 1  # the learner's update reached the generators
-        learner_weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
-        assert learner_weights.version == 1
-        assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
-        lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
-        assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it moved
-        # adapter-only sync: the object every generator fetched is the LoRA tensors, plus the
-        # pickled names and version around them
-        adapter = sum(t.numel() * t.element_size() for t in learner_weights.tensors.values())
-        print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
-        names = len(learner_weights.tensors)
-        assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_BYTES_PER_NAME * names
+    assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
+    version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
+    assert version == _learner_version(roles)  # the restarted generator follows the learner
 
 
-def test_killed_rollout_generator_restarts_and_the_run_completes(local_ray, tiny_run):
-    out, prepared = tiny_run
-    cfg = smoke_config(out, **{"ppo.steps": "3"})
-    with _running_roles(cfg, out) as roles:
-        generator = roles.generators[0]
-        first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
-        loop = _loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        ray.kill(generator, no_restart=False)  # dies with its generate task in flight
-        for step in range(1, cfg.ppo.steps + 1):
-            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
-            assert stats[metrics.POLICY_LAG] == 0
-        assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
-        version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
-        assert version == cfg.ppo.steps  # the restarted generator follows the learner
+def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, tiny_run):
+    _, prepared = tiny_run
+    loop = _loop(roles, prepared)
+    pending = loop._dispatch()
+    # A call in flight when its actor dies is retried on the restarted actor.
+    in_flight = roles.scorer.score.remote(pending.refs[0])
+    ray.kill(roles.scorer, no_restart=False)
+    rows = ray.get(pending.refs[0], timeout=TIMEOUT).response.shape[0]
+    assert ray.get(in_flight, timeout=TIMEOUT).total.shape == (rows,)
+    start, ledger = _learner_version(roles), []  # (step, learner versions gained after it)
+    for step in range(1, 4):
+        for role in (roles.scorer, roles.reference):
+            ray.kill(role, no_restart=False)  # killed before every step's calls reach it
+        pending, stats, _ = loop._step(pending, more=step < 3)
+        ledger.append((step, _learner_version(roles) - start))
+    assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
 
 
-def test_killed_scorer_and_reference_restart_and_every_step_trains_once(local_ray, tiny_run):
-    out, prepared = tiny_run
-    # The scorer is killed 4 times below, so it may restart 4 times.
-    cfg = smoke_config(out, **{"ppo.steps": "3", "ppo.max_role_restarts": "4"})
-    with _running_roles(cfg, out) as roles:
-        loop = _loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        # A call in flight when its actor dies is retried on the restarted actor.
-        in_flight = roles.scorer.score.remote(pending.refs[0])
-        ray.kill(roles.scorer, no_restart=False)
-        assert ray.get(in_flight, timeout=TIMEOUT).total.shape == (cfg.ppo.rollouts_per_step,)
-        ledger = []  # (step, learner version after it)
-        for step in range(1, cfg.ppo.steps + 1):
-            for role in (roles.scorer, roles.reference):
-                ray.kill(role, no_restart=False)  # killed before every step's calls reach it
-            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
-            ledger.append((step, ray.get(roles.learner.weights.remote(), timeout=TIMEOUT).version))
-        assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
+def test_overlap_generates_next_batch_during_the_update_one_version_behind(roles, tiny_run):
+    _, prepared = tiny_run
+    loop = _loop(roles, prepared, **{"ppo.overlap": "true"})
+    pending = loop._dispatch()
+    lags = []
+    for step in range(1, 4):
+        pending, stats, _ = loop._step(pending, more=step < 3)
+        lags.append(stats[metrics.POLICY_LAG])
+    # Step 1 trains on rollouts of the learner's version; every later batch was dispatched
+    # before the previous update finished, so it is one version behind.
+    assert lags == [0, 1, 1]
 
 
-def test_a_role_that_stays_dead_is_named_in_the_error(local_ray, tiny_run):
-    out, prepared = tiny_run
-    cfg = smoke_config(out, **{"ppo.max_role_restarts": "0"})
-    with _running_roles(cfg, out) as roles:
-        loop = _loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        ray.kill(roles.scorer, no_restart=True)
-        start = time.time()
-        with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
-            loop._step(pending, more=False)
-        assert time.time() - start < 60
+def test_a_role_that_stays_dead_is_named_in_the_error(roles, tiny_run):
+    """Runs last: the scorer is killed for good (restarts left or not, Ray will not restart an
+    actor killed with no_restart)."""
+    _, prepared = tiny_run
+    loop = _loop(roles, prepared)
+    pending = loop._dispatch()
+    ray.kill(roles.scorer, no_restart=True)
+    start = time.time()
+    with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
+        loop._step(pending, more=False)
+    assert time.time() - start < 60
 
 
 def test_impossible_resource_fails_fast_naming_role_and_resource(local_ray, tmp_path, capsys):
@@ -167,18 +203,3 @@ def test_roles_that_fit_alone_but_not_together_are_refused(local_ray):
     # 3 generators x 1 CPU + reward 0.25 + reference 0.25 + learner 0.25 = 3.75 > 2 CPUs.
     with pytest.raises(ResourceError, match=r"CPU=3\.75.*rollout generator 3x1.*cluster has CPU=2"):
         cluster.check_resources(ppo_requests(cfg.resources, 3), "the PPO phase")
-
-
-def test_overlap_generates_next_batch_during_the_update_one_version_behind(local_ray, tiny_run):
-    out, prepared = tiny_run
-    cfg = smoke_config(out, **{"ppo.overlap": "true", "ppo.steps": "3"})
-    with _running_roles(cfg, out) as roles:
-        loop = _loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        lags = []
-        for step in range(1, cfg.ppo.steps + 1):
-            pending, stats, _ = loop._step(pending, more=step < cfg.ppo.steps)
-            lags.append(stats[metrics.POLICY_LAG])
-        # Step 1 trains on version-0 rollouts with the learner at 0; every later batch was
-        # dispatched before the previous update finished, so it is one version behind.
-        assert lags == [0, 1, 1]
