@@ -1,5 +1,6 @@
-"""Tier 2: a PPO phase stopped mid-run (SIGKILL; SIGTERM with `ppo.overlap`) and rerun, whose
-rerun also loses its learner (rebuilt from its checkpoint), equals one never stopped.
+"""Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight) stopped by SIGTERM, its
+rerun SIGKILLed, and its second rerun losing its learner (rebuilt from its checkpoint), equals
+one never stopped.
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -14,7 +15,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,10 +22,11 @@ from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import complete_steps
 from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
 
-STEPS = 6  # stopped once step 2 is saved: later steps leave time for the signal and a fault
+STEPS = 8  # three faults, each once a step is saved: later steps leave room for the next
 TIMEOUT = 300
 DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
+    *("--ppo.overlap", "true"),  # every checkpoint then holds a batch sampled a version behind
     *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
 )
 # Differ between runs by nature: wall-clock figures, and the synced object's size (the pickled
@@ -63,85 +64,69 @@ def _policy_weights(out: Path) -> dict:
     return load_file(out / "policy" / "model.safetensors")
 
 
-def _args(overlap: bool) -> tuple[str, ...]:
-    return (*DRIVER_ARGS, "--ppo.overlap", str(overlap).lower())
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(local_ray, tiny_run, tmp_path_factory):
-    """overlap -> (per-step metrics, policy weights) of a run never stopped, made when first
-    asked for."""
-    made = {}
-
-    def outcome(overlap: bool):
-        if overlap not in made:
-            out = _run_dir(tmp_path_factory.mktemp("ppo-resume"), tiny_run, "uninterrupted")
-            code = finish(start_driver(out, *_args(overlap)))
-            assert code == 0, (out.parent / "uninterrupted.log").read_text()[-3000:]
-            made[overlap] = _per_step_metrics(out), _policy_weights(out)
-        return made[overlap]
-
-    return outcome
-
-
-def _assert_same_run(out: Path, uninterrupted) -> None:
-    expected_metrics, expected_weights = uninterrupted
+def _assert_same_run(out: Path, never_stopped: Path) -> None:
+    expected_metrics = _per_step_metrics(never_stopped)
     got = _per_step_metrics(out)
     assert got.keys() == expected_metrics.keys()
     for tag, points in got.items():
         assert [step for step, _ in points] == list(range(1, STEPS + 1)), tag  # each step once
         assert points == expected_metrics[tag], tag
-    weights = _policy_weights(out)
+    weights, expected_weights = _policy_weights(out), _policy_weights(never_stopped)
     assert weights.keys() == expected_weights.keys()
     for name, tensor in weights.items():
         assert tensor.equal(expected_weights[name]), name
 
 
-def _stop_once_step_2_is_saved(out: Path, tmp_path: Path, stop_signal, overlap: bool) -> int:
-    """Start the driver on `out`, send `stop_signal` once step 2's checkpoint is complete, and
-    check how it ended; -> the last step saved."""
-    first = start_driver(out, *_args(overlap))
-    _wait_for_checkpoint(out, 2, first)
-    first.send_signal(stop_signal)
-    code = finish(first)
-    log = (tmp_path / "stopped.log").read_text()
-    if stop_signal == signal.SIGTERM:  # checkpoints after the step in progress, says so
-        assert code == 143, log[-3000:]
-        assert "Run the same command again to continue" in log
-    else:
-        assert code == -signal.SIGKILL
-    stopped_at = max(complete_steps(out / "ppo_checkpoints"))
-    assert 2 <= stopped_at <= STEPS - 3, log[-3000:]  # room for a fault in the rerun
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "stopped.log").read_text()
+
+
+def _until_saved(out: Path, step: int) -> subprocess.Popen:
+    """The driver started on `out` (the same command every time), once `step` is saved."""
+    driver = start_driver(out, *DRIVER_ARGS)
+    _wait_for_checkpoint(out, step, driver)
+    return driver
+
+
+def _last_saved(out: Path, tmp_path: Path) -> int:
+    """The newest complete checkpoint, which must leave steps for the next fault."""
+    saved = max(complete_steps(out / "ppo_checkpoints"))
+    assert saved <= STEPS - 3, _log(tmp_path)[-3000:]
     assert not (out / "policy").exists()
-    return stopped_at
+    return saved
 
 
-def test_a_killed_driver_then_a_killed_learner_end_as_a_run_never_stopped(
-    local_ray, tiny_run, tmp_path, uninterrupted
+def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_end_as_one_never_stopped(
+    local_ray, tiny_run, tmp_path
 ):
+    never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
+    code = finish(start_driver(never_stopped, *DRIVER_ARGS))
+    assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     out = _run_dir(tmp_path, tiny_run, "stopped")
-    stopped_at = _stop_once_step_2_is_saved(out, tmp_path, signal.SIGKILL, overlap=False)
-    again = start_driver(out, *_args(overlap=False))
-    _wait_for_checkpoint(out, stopped_at + 1, again)
+
+    # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.
+    first = _until_saved(out, 2)
+    first.send_signal(signal.SIGTERM)
+    assert finish(first) == 143, _log(tmp_path)[-3000:]
+    assert "Run the same command again to continue" in _log(tmp_path)
+    stopped_at = _last_saved(out, tmp_path)
+
+    # 2. The same command, SIGKILLed once it has saved a step of its own.
+    second = _until_saved(out, stopped_at + 1)
+    second.kill()
+    assert finish(second) == -signal.SIGKILL
+    killed_at = _last_saved(out, tmp_path)
+
+    # 3. Once more; its learner is SIGKILLed (the process and everything it held are gone)
+    # once it has saved a step, and every role is rebuilt from the newest checkpoint.
+    third = _until_saved(out, killed_at + 1)
     learners = session_ray_processes("ray::PPOLearner")
     assert len(learners) == 1
-    learners[0].kill()  # SIGKILL: the process and everything it held are gone
-    assert finish(again) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
-    log = (tmp_path / "stopped.log").read_text()
-    assert f"[ppo] resuming after step {stopped_at}" in log
+    learners[0].kill()
+    assert finish(third) == 0, _log(tmp_path)[-3000:]
+    log = _log(tmp_path)
+    for resumed_at in (stopped_at, killed_at):
+        assert f"[ppo] resuming after step {resumed_at}" in log
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log
-    _assert_same_run(out, uninterrupted(False))
-
-
-def test_a_stopped_overlapped_run_saves_the_batch_in_flight_and_ends_as_one_never_stopped(
-    local_ray, tiny_run, tmp_path, uninterrupted
-):
-    """With overlap, the batch in flight at SIGTERM is saved and trained once, on resume."""
-    out = _run_dir(tmp_path, tiny_run, "stopped")
-    stopped_at = _stop_once_step_2_is_saved(out, tmp_path, signal.SIGTERM, overlap=True)
-    assert finish(start_driver(out, *_args(overlap=True))) == 0, (
-        tmp_path / "stopped.log"
-    ).read_text()[-3000:]
-    assert f"[ppo] resuming after step {stopped_at}" in (tmp_path / "stopped.log").read_text()
-    _assert_same_run(out, uninterrupted(True))
+    _assert_same_run(out, never_stopped)
