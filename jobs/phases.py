@@ -26,8 +26,8 @@ from rlhf_ray.run.resources import (
     ppo_requests,
     training_requests,
 )
-from rlhf_ray.train import reward, sft
-from rlhf_ray.train.common import launch, train_storage
+from rlhf_ray.train.launch import launch, reward_loop, sft_loop, train_storage
+from rlhf_ray.train.settings import RewardWorkerSettings, SFTWorkerSettings
 
 
 def phase_inputs(cfg: Config, phase: str) -> tuple[str, ...]:
@@ -177,9 +177,9 @@ def save_resolved_config(cfg: Config, out: Path) -> None:
     (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
 
 
-def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> sft.SFTWorkerSettings:
+def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> SFTWorkerSettings:
     out = Path(cfg.run.output_dir).resolve()
-    return sft.SFTWorkerSettings(
+    return SFTWorkerSettings(
         base_path=_abs_if_local(prepared.base_path),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "sft"),
@@ -194,9 +194,9 @@ def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> sft.SFTWorkerSett
     )
 
 
-def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> reward.RewardWorkerSettings:
+def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> RewardWorkerSettings:
     out = Path(cfg.run.output_dir).resolve()
-    return reward.RewardWorkerSettings(
+    return RewardWorkerSettings(
         sft_path=str(phase_dir(out, "sft")),
         data_dir=prepared.data_dir.resolve(),
         out_dir=phase_dir(out, "reward"),
@@ -213,12 +213,12 @@ def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> reward.RewardW
 
 def train_sft(cfg: Config, prepared: PreparedRun) -> None:
     settings = {"settings": sft_worker_settings(cfg, prepared)}
-    launch("sft", sft.sft_worker_loop, settings, cfg.resources, Path(cfg.run.output_dir))
+    launch("sft", sft_loop, settings, cfg.resources, Path(cfg.run.output_dir))
 
 
 def train_reward(cfg: Config, prepared: PreparedRun) -> None:
     settings = {"settings": reward_worker_settings(cfg, prepared)}
-    launch("reward", reward.reward_worker_loop, settings, cfg.resources, Path(cfg.run.output_dir))
+    launch("reward", reward_loop, settings, cfg.resources, Path(cfg.run.output_dir))
 
 
 def train_ppo(cfg: Config, prepared: PreparedRun) -> None:

@@ -23,7 +23,7 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import write_metrics
-from rlhf_ray.train.reward import EVAL_SCORES_FILE
+from rlhf_ray.train.settings import EVAL_SCORES_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER_TIMEOUT_S = 300

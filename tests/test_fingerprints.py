@@ -18,7 +18,7 @@ from rlhf_ray.errors import ConfigError
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import phase_dir, write_metrics
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root
-from rlhf_ray.train.common import train_storage
+from rlhf_ray.train.launch import train_storage
 from tests.conftest import raises_with, smoke_config
 
 

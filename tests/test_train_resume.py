@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import phase_dir, read_metrics
-from rlhf_ray.train.common import train_storage
+from rlhf_ray.train.launch import train_storage
 from tests.conftest import (
     check_console,
     copy_outputs,

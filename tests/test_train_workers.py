@@ -25,13 +25,9 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import causal_logits
 from rlhf_ray.models.loading import trainable_state
 from rlhf_ray.train import reward, sft
-from rlhf_ray.train.common import (
-    launch,
-    optimizer_step,
-    shard,
-    trainable_params,
-    worker_setup,
-)
+from rlhf_ray.train.common import optimizer_step, shard, trainable_params, worker_setup
+from rlhf_ray.train.launch import launch
+from rlhf_ray.train.settings import RewardWorkerSettings, SFTWorkerSettings
 from tests.conftest import smoke_config
 
 CASES = ("reward-full", "reward-lora", "sft-lora")
@@ -52,8 +48,8 @@ def _one_step(model, loss: torch.Tensor, worker) -> None:
 def _equal_weights_loop(config: dict) -> None:
     """Ray Train worker: build each model with the loops' own builders, save its trainable
     weights after set-up and after one step on this rank's rows."""
-    rm_settings: reward.RewardWorkerSettings = config["reward"]
-    sft_settings: sft.SFTWorkerSettings = config["sft"]
+    rm_settings: RewardWorkerSettings = config["reward"]
+    sft_settings: SFTWorkerSettings = config["sft"]
     out = Path(config["out"])
     worker = worker_setup(rm_settings.worker_cpus, rm_settings.seed)
     tok = load_tokenizer(rm_settings.sft_path)

@@ -10,23 +10,14 @@ instead (`chat`): the same truncation rules apply to the ids it gives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_ray.data import chat
 from rlhf_ray.data.chat import Prompt
+from rlhf_ray.data.limits import Limits
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
-
-
-@dataclass(frozen=True)
-class Limits:
-    template: str  # contains "{prompt}" once: how a text prompt is shown to the model
-    max_prompt_tokens: int
-    max_completion_tokens: int
-    chat_template: str | None = None  # Jinja for message lists; None = the tokenizer's own
 
 
 def _raw_prompt_ids(tok: PreTrainedTokenizerBase, prompt: Prompt, limits: Limits) -> list[int]:

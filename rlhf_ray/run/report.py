@@ -12,7 +12,7 @@ from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import is_complete, phase_dir, read_metrics
 from rlhf_ray.run.evaluation import gold_scores, mean_gold, win_rate
-from rlhf_ray.train.reward import EVAL_SCORES_FILE
+from rlhf_ray.train.settings import EVAL_SCORES_FILE
 from rlhf_ray.world.gold_judge import GoldJudge
 
 SUMMARY_FILE = "summary.json"

@@ -1,4 +1,4 @@
-"""What the SFT and reward-model loops share: Ray Train launch, sharding, gradient steps.
+"""What the SFT and reward-model loops share on their workers: sharding, gradient steps.
 
 Gradients are averaged with an explicit all-reduce rather than a DDP wrapper, so the loops can
 call the same forward functions (`forward.py`) that scoring and PPO use.
@@ -8,83 +8,18 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from peft import TaskType
 from transformers import PreTrainedModel
 
-from rlhf_ray.config import LoraConfig, ResourcesConfig
-from rlhf_ray.errors import RoleFailed
+from rlhf_ray.config import LoraConfig
 from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.loading import use_cpus
-from rlhf_ray.run.console import Lines, quiet_libraries, ray_train_log_level
-from rlhf_ray.run.resources import bundle
-
-TRAIN_STORAGE = "ray_train"  # under output_dir: Ray Train's runs and epoch checkpoints
-
-
-def train_storage(output_dir: Path, name: str) -> Path:
-    """Where Ray Train keeps phase `name`'s run and epoch checkpoints until the phase is done."""
-    return output_dir.resolve() / TRAIN_STORAGE / name
-
-
-def launch(
-    name: str,
-    loop: Callable[[dict], None],
-    loop_config: dict,
-    res: ResourcesConfig,
-    output_dir: Path,
-) -> None:
-    """Run `loop` on `res.train_workers` data-parallel Ray Train workers.
-
-    A worker that dies restarts the group from the newest epoch checkpoint, up to
-    `res.train_worker_restarts` times; past that, RoleFailed names the phase and the error. A
-    rerun with the same output_dir continues from that checkpoint; once the phase is complete,
-    its checkpoints are deleted.
-    """
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-        TrainingFailedError,
-    )
-    from ray.train.torch import TorchTrainer
-
-    storage = train_storage(output_dir, name)
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=res.train_workers,
-            use_gpu=res.train_worker_gpus > 0,
-            resources_per_worker=bundle(res.train_worker_cpus, res.train_worker_gpus),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage.parent),
-            failure_config=FailureConfig(max_failures=res.train_worker_restarts),
-            # Ray Train deletes an old checkpoint only after a newer one is recorded.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level=ray_train_log_level()),
-        ),
-    )
-    try:
-        trainer.fit()
-    except TrainingFailedError as err:
-        raise RoleFailed(
-            f"the {name} phase's Ray Train workers failed "
-            f"{res.train_worker_restarts + 1} time(s) (resources.train_worker_restarts="
-            f"{res.train_worker_restarts}); last error: {err}"
-        ) from err
-    shutil.rmtree(storage, ignore_errors=True)
+from rlhf_ray.run.console import Lines, quiet_libraries
 
 
 @dataclass(frozen=True)

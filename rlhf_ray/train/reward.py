@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import TaskType
 
-from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig, RewardConfig
 from rlhf_ray.data.encoding import Limits, completion_ids, pad_right, prompt_ids
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import read_rows
@@ -20,7 +17,7 @@ from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.loading import load_scalar_model
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
-from rlhf_ray.run.trackers import MetricWriter, TrackingSettings
+from rlhf_ray.run.trackers import MetricWriter
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -34,23 +31,7 @@ from rlhf_ray.train.common import (
     worker_setup,
 )
 from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
-
-EVAL_SCORES_FILE = "eval_scores.jsonl"  # per held-out pair: score of chosen and of rejected
-
-
-@dataclass(frozen=True)
-class RewardWorkerSettings:
-    sft_path: str
-    data_dir: Path
-    out_dir: Path
-    tracking: TrackingSettings  # where step metrics go
-    model: ModelConfig
-    quantization: QuantizationConfig
-    lora: LoraConfig
-    reward: RewardConfig
-    limits: Limits
-    worker_cpus: float
-    seed: int
+from rlhf_ray.train.settings import EVAL_SCORES_FILE, RewardWorkerSettings
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

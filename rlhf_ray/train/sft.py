@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import TaskType
 
-from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig, SFTConfig
-from rlhf_ray.data.encoding import IGNORE_INDEX, Limits, pad_right, sft_example
+from rlhf_ray.data.encoding import IGNORE_INDEX, pad_right, sft_example
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.adapters import save_merged
@@ -20,7 +17,7 @@ from rlhf_ray.models.forward import causal_logits
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
-from rlhf_ray.run.trackers import MetricWriter, TrackingSettings
+from rlhf_ray.run.trackers import MetricWriter
 from rlhf_ray.train.common import (
     Progress,
     Worker,
@@ -34,23 +31,7 @@ from rlhf_ray.train.common import (
     worker_setup,
 )
 from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
-
-
-@dataclass(frozen=True)
-class SFTWorkerSettings:
-    """What an SFT worker needs; picklable, sent to every Ray Train worker."""
-
-    base_path: str
-    data_dir: Path
-    out_dir: Path
-    tracking: TrackingSettings  # where step metrics go
-    model: ModelConfig
-    quantization: QuantizationConfig
-    lora: LoraConfig
-    sft: SFTConfig
-    limits: Limits
-    worker_cpus: float
-    seed: int
+from rlhf_ray.train.settings import SFTWorkerSettings
 
 
 def completion_only_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
