@@ -7,17 +7,21 @@ import os
 import ray
 
 from rlhf_ray.errors import RoleFailed, UserInputError
-from rlhf_ray.ppo import learner
 from rlhf_ray.ppo.messages import Weights
+from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
 
 
 @ray.remote
 class PPOLearner:
-    def __init__(self, settings: learner.LearnerSettings, timeout_s: float) -> None:
+    def __init__(self, settings: LearnerSettings, timeout_s: float) -> None:
         quiet_libraries()  # before any library loads a model
-        self.learner = learner.PPOLearner(settings)
+        # Imported here, in the role's process: the driver imports this module only to create
+        # the actor, and never needs the model libraries the core imports (~4 s of CPU).
+        from rlhf_ray.ppo.learner import PPOLearner
+
+        self.learner = PPOLearner(settings)
         self.timeout_s = timeout_s
         self.busy = BusyClock()  # the update itself, not the wait for its inputs
 

@@ -8,7 +8,6 @@ import ray
 import torch
 
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo import reference_model
 from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
@@ -18,7 +17,9 @@ from rlhf_ray.run.console import quiet_libraries
 class ReferenceModel:
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
         quiet_libraries()  # before any library loads a model
-        self.reference = reference_model.ReferenceModel(settings, temperature)
+        from rlhf_ray.ppo.reference_model import ReferenceModel  # in the role's process only
+
+        self.reference = ReferenceModel(settings, temperature)
         self.busy = BusyClock()
 
     def ready(self) -> int:

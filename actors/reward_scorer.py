@@ -6,17 +6,19 @@ import os
 
 import ray
 
-from rlhf_ray.ppo import reward_scorer
 from rlhf_ray.ppo.messages import RolloutBatch, Scores
+from rlhf_ray.ppo.settings import ScorerSettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
 
 
 @ray.remote
 class RewardScorer:
-    def __init__(self, settings: reward_scorer.ScorerSettings) -> None:
+    def __init__(self, settings: ScorerSettings) -> None:
         quiet_libraries()  # before any library loads a model
-        self.scorer = reward_scorer.RewardScorer(settings)
+        from rlhf_ray.ppo.reward_scorer import RewardScorer  # in the role's process only
+
+        self.scorer = RewardScorer(settings)
         self.busy = BusyClock()
 
     def ready(self) -> int:

@@ -7,8 +7,8 @@ import time
 
 import ray
 
-from rlhf_ray.ppo import rollout_generator, vllm_generator
 from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
+from rlhf_ray.ppo.settings import EngineSettings, PolicySettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
@@ -18,18 +18,23 @@ from rlhf_ray.run.saved_state import rng_state, set_rng_state
 class RolloutGenerator:
     def __init__(
         self,
-        settings: rollout_generator.PolicySettings,
-        engine: vllm_generator.EngineSettings | None,  # None: Hugging Face generate
+        settings: PolicySettings,
+        engine: EngineSettings | None,  # None: Hugging Face generate
         rank: int,
         learner,
         timeout_s: float,
     ) -> None:
         quiet_libraries()  # before any library loads a model
-        self.generator = (
-            rollout_generator.RolloutGenerator(settings, rank)
-            if engine is None
-            else vllm_generator.VllmRolloutGenerator(settings, engine, rank)
-        )
+        # Imported here, in the role's process: the driver imports this module only to create
+        # the actor, and never needs the model libraries the engines import (~4 s of CPU).
+        if engine is None:
+            from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+
+            self.generator = RolloutGenerator(settings, rank)
+        else:
+            from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+
+            self.generator = VllmRolloutGenerator(settings, engine, rank)
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
         # restarted generator never samples from a stale policy.

@@ -40,8 +40,9 @@ def measure(engine: str, models: Path, batches: int, threads: int) -> dict:
     from jobs.roles import engine_settings, policy_settings
     from rlhf_ray.config.command_line import parse_run_args
     from rlhf_ray.data.jsonl import read_jsonl
-    from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+    from rlhf_ray.ppo.learner import PPOLearner
     from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+    from rlhf_ray.ppo.settings import LearnerSettings
     from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
 
     argv = ["--config", "default", "--run.output_dir", str(models), "--rollout.engine", engine]

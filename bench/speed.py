@@ -178,7 +178,8 @@ def decode(models: Path, steps: int) -> dict:
     from rlhf_ray.data.encoding import pad_left, prompt_ids
     from rlhf_ray.data.jsonl import read_jsonl
     from rlhf_ray.data.prepare import limits_of
-    from rlhf_ray.ppo.rollout_generator import PolicySettings, RolloutGenerator
+    from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+    from rlhf_ray.ppo.settings import PolicySettings
 
     cfg = load_config("default")
     policy = PolicySettings(

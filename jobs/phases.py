@@ -15,7 +15,7 @@ from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.ppo.reward_functions import import_reward_function
-from rlhf_ray.ppo.vllm_generator import engine_quantization
+from rlhf_ray.ppo.settings import engine_quantization
 from rlhf_ray.run import evaluation, fingerprints, trackers
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps

@@ -17,10 +17,13 @@ from rlhf_ray.data.chat import prompt_text
 from rlhf_ray.data.jsonl import read_jsonl
 from rlhf_ray.data.prepare import limits_of
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import LearnerSettings
-from rlhf_ray.ppo.reward_scorer import ScorerSettings
-from rlhf_ray.ppo.rollout_generator import PolicySettings
-from rlhf_ray.ppo.vllm_generator import EngineSettings, engine_quantization
+from rlhf_ray.ppo.settings import (
+    EngineSettings,
+    LearnerSettings,
+    PolicySettings,
+    ScorerSettings,
+    engine_quantization,
+)
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 from rlhf_ray.world.gold_judge import GoldJudge

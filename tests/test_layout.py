@@ -86,12 +86,14 @@ def test_the_library_source_never_names_jobs_or_actors():
 
 
 def _assert_imports_load_none_of(modules: list[str], packages: tuple[str, ...]) -> None:
-    """Import `modules` in a fresh Python; none of `packages` (or their submodules) may load."""
+    """Import `modules` in a fresh Python; none of `packages` (dotted names: a package or a
+    module, with their submodules) may load."""
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})\n"
+        f"loaded = sorted(m for m in sys.modules if m.startswith({packages!r}) and any(\n"
+        f"    m == p or m.startswith(p + '.') for p in {packages!r}))\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -108,6 +110,16 @@ def test_roles_that_build_no_adapter_do_not_import_peft():
     that imports it. The reference model, the reward scorer and evaluation never need it."""
     frozen = ["actors.reference_model", "actors.reward_scorer", "rlhf_ray.run.evaluation"]
     _assert_imports_load_none_of(frozen, ("peft", "bitsandbytes"))
+
+
+def test_the_driver_imports_no_model_code():
+    """The driver creates the roles and hands Ray Train its loops, and never loads a model:
+    without peft, bitsandbytes, transformers' modeling code, datasets and Ray Train it starts
+    in ~4 s of CPU instead of ~8.5 s (measured). Roles import their cores in their own
+    processes (actors/), the workers' settings live in light modules (ppo/settings.py,
+    train/settings.py), and `datasets` loads only where user rows are read."""
+    heavy = ("peft", "bitsandbytes", "transformers.modeling_utils", "datasets", "ray.train")
+    _assert_imports_load_none_of(["jobs.rlhf", "jobs.scale"], heavy)
 
 
 def test_what_ray_train_unpickles_in_its_controller_imports_no_model_library():

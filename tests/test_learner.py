@@ -17,11 +17,12 @@ from rlhf_ray.data.encoding import prompt_ids
 from rlhf_ray.data.prepare import limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+from rlhf_ray.ppo.learner import PPOLearner
 from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.reference_model import ReferenceModel
-from rlhf_ray.ppo.reward_scorer import RewardScorer, ScorerSettings
-from rlhf_ray.ppo.rollout_generator import PolicySettings, RolloutGenerator
+from rlhf_ray.ppo.reward_scorer import RewardScorer
+from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+from rlhf_ray.ppo.settings import LearnerSettings, PolicySettings, ScorerSettings
 from rlhf_ray.run import metrics
 from tests.conftest import raises_with, smoke_config
 

@@ -19,8 +19,9 @@ from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import load_trainable_state
-from rlhf_ray.ppo.learner import LearnerSettings, PPOLearner
+from rlhf_ray.ppo.learner import PPOLearner
 from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
 from rlhf_ray.run import metrics
 from tests.conftest import make_tiny_run, smoke_config

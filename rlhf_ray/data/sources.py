@@ -18,11 +18,12 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from rlhf_ray.errors import DataError
+
+if TYPE_CHECKING:  # `datasets` (~1 s to import) loads only where a source needs it
+    import datasets
 
 # Files a `save_to_disk` directory always holds: a Dataset writes the first two, a
 # DatasetDict writes the third.
@@ -136,6 +137,8 @@ def _read_csv(data: bytes, where: str) -> Records:
 
 
 def _read_parquet(path: Path, option: str) -> Records:
+    import datasets
+
     where = f"{option}: {path}"
     try:
         dataset = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
@@ -193,6 +196,8 @@ def _read_directory(path: Path, option: str) -> Records:
     where += label
     if _saved_without_shards(split_dir):
         return Records([], None)  # the caller reports "no rows"
+    import datasets
+
     try:
         dataset = datasets.load_from_disk(str(split_dir))
     except (OSError, ValueError, KeyError) as e:  # corrupt or partial saves raise these
@@ -208,6 +213,8 @@ def _read_dataset_id(spec: str, option: str) -> Records:
 
 
 def _load_dataset(name: str, split: str, where: str, failed: str) -> Records:
+    import datasets
+
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - the hub, the network and the builders raise many kinds

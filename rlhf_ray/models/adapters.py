@@ -26,8 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.config import LoraConfig, ModelConfig
 from rlhf_ray.models.loading import DTYPES
+from rlhf_ray.models.source import ADAPTER_DIR
 
-ADAPTER_DIR = "adapter"
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
 

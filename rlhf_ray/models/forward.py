@@ -6,11 +6,15 @@ padding (training) give every real token the same position (DESIGN section 4).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel
 
 from rlhf_ray.models.loading import without_adapter
 from rlhf_ray.ppo.arithmetic import last_token_index, logprobs_from_logits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -21,10 +22,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     MistralConfig,
-    MistralForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+if TYPE_CHECKING:  # transformers' modeling code loads with the first model, not with this module
+    from transformers import MistralForCausalLM, PreTrainedModel
 
 from rlhf_ray.config import ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
@@ -48,6 +50,8 @@ def build_embedded_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int
 ) -> MistralForCausalLM:
     """A small, randomly initialised Mistral-architecture causal LM (the untrained base)."""
+    from transformers import MistralForCausalLM
+
     torch.manual_seed(seed)
     config = MistralConfig(
         vocab_size=len(tokenizer),

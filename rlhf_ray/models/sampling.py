@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -19,6 +19,9 @@ from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
 from rlhf_ray.models.loading import without_adapter
 from rlhf_ray.ppo.arithmetic import logprobs_from_logits, truncate_after_eos
 from rlhf_ray.ppo.messages import Samples
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def generation_config(

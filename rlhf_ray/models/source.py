@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf_ray.errors import ConfigError
 
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+ADAPTER_DIR = "adapter"  # a model directory's LoRA adapter, saved alone (models/adapters.py)
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_TIMEOUT_S = 10.0
 

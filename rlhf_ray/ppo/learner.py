@@ -26,14 +26,12 @@ models stay in train mode only so that gradient checkpointing, when configured, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import TaskType
 
-from rlhf_ray.config import PPOConfig, RolloutConfig
-from rlhf_ray.models.adapters import ADAPTER_DIR, add_lora, save_merged, stack_onto
+from rlhf_ray.models.adapters import add_lora, save_merged, stack_onto
 from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
     disable_dropout,
@@ -42,9 +40,11 @@ from rlhf_ray.models.loading import (
     to_device,
     trainable_state,
 )
+from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.ppo import arithmetic, estimators
 from rlhf_ray.ppo.messages import RolloutBatch, Scores, Weights, concat_batches, concat_padded
-from rlhf_ray.ppo.rollout_generator import PolicySettings, build_policy
+from rlhf_ray.ppo.rollout_generator import build_policy
+from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
@@ -56,23 +56,6 @@ from rlhf_ray.run.saved_state import (
     under_prefix,
     with_prefix,
 )
-
-
-@dataclass(frozen=True)
-class LearnerSettings:
-    policy: PolicySettings
-    # the critic starts from the trained reward model, or from the SFT model with a new value
-    # head when the run uses no reward model; unused when the estimator has no critic
-    critic_path: str
-    critic_method: str  # "full" or "lora", as the reward model is trained
-    ppo: PPOConfig
-    engine: str = "hf"  # the generators' engine, "hf" or "vllm" (Config.rollout_engine)
-    rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap, for vllm
-
-    @property
-    def recomputes_logprobs(self) -> bool:
-        """Old logprobs from the learner's own pass: the sampler is another implementation."""
-        return self.engine == "vllm"
 
 
 class PPOLearner:

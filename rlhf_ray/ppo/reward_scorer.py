@@ -12,32 +12,20 @@ over-optimisation picture of Gao et al. 2022), and never trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from rlhf_ray.data.chat import assistant_message, is_conversational, prompt_text
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import prompt_response, sequence_scores
-from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_scalar_model
+from rlhf_ray.models.loading import device_of, load_frozen_scalar_model
 from rlhf_ray.models.sampling import decode_responses
 from rlhf_ray.ppo.messages import RolloutBatch, Scores
 from rlhf_ray.ppo.reward_functions import call_reward_function, import_reward_function
+from rlhf_ray.ppo.settings import ScorerSettings
 from rlhf_ray.world.gold_judge import GoldJudge, gold_reward
 
 REWARD_MODEL = "reward_model"  # the name of the reward model's component in `Scores`
 GOLD_JUDGE = "gold_judge"  # the watching gold judge's component (weight 0)
-
-
-@dataclass(frozen=True)
-class ScorerSettings:
-    reward_model: FrozenModelSettings | None  # None when scoring.reward_model_weight is 0
-    reward_model_weight: float
-    functions: tuple[str, ...]  # module:function
-    function_weights: tuple[float, ...]  # one per function
-    tokenizer_path: str  # the SFT model's directory: decodes completions for the functions
-    trust_remote_code: bool
-    watch_gold: bool = False  # also score with the gold judge, at weight 0 (synthetic prompts)
 
 
 class RewardScorer:

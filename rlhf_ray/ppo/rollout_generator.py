@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from peft import TaskType
 
-from rlhf_ray.config import LoraConfig, ModelConfig, QuantizationConfig
 from rlhf_ray.data.chat import Prompt
-from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.loading import (
@@ -21,21 +17,7 @@ from rlhf_ray.models.loading import (
 )
 from rlhf_ray.models.sampling import sample
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
-
-
-@dataclass(frozen=True)
-class PolicySettings:
-    """What it takes to build the policy (SFT model + LoRA adapter), in a generator or learner."""
-
-    sft_path: str
-    model: ModelConfig
-    quantization: QuantizationConfig
-    lora: LoraConfig
-    limits: Limits
-    temperature: float
-    cpus: float  # the CPUs this process may use: its torch threads
-    gpus: float
-    seed: int
+from rlhf_ray.ppo.settings import PolicySettings
 
 
 def build_policy(settings: PolicySettings):

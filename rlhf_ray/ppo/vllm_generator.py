@@ -22,53 +22,23 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 from transformers import AutoConfig
 
-from rlhf_ray.config import RolloutConfig
 from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import pad_left, prompt_ids
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.adapters import write_adapter
 from rlhf_ray.models.loading import use_cpus
 from rlhf_ray.ppo.arithmetic import truncate_after_eos
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
-from rlhf_ray.ppo.rollout_generator import PolicySettings
+from rlhf_ray.ppo.settings import EngineSettings, PolicySettings
 
 # LoRA ranks vLLM can be configured for (vllm.config.lora.MaxLoRARanks)
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """The vLLM engine's share of a generator: its settings and where it runs."""
-
-    rollout: RolloutConfig
-    max_model_len: int  # prompt + completion tokens of the longest rollout
-    quantization: str | None  # vLLM's name of the base's quantization; None: its dtype
-
-
-def engine_quantization(rollout: RolloutConfig, base_in_4bit: bool) -> str | None:
-    """What `rollout.vllm_quantization` means with the vLLM installed here (the driver's
-    check, before any work): a name vLLM knows, or None (the base in its dtype)."""
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-
-    choice = rollout.vllm_quantization
-    if choice == "auto":
-        return "bitsandbytes" if base_in_4bit and "bitsandbytes" in QUANTIZATION_METHODS else None
-    if choice == "none":
-        return None
-    if choice not in QUANTIZATION_METHODS:
-        raise ConfigError(
-            f"rollout.vllm_quantization={choice!r}: this vLLM has no such quantization; "
-            f"expected auto, none or one of {', '.join(QUANTIZATION_METHODS)}"
-        )
-    return choice
 
 
 def _set_engine_environment(settings: EngineSettings, cpus: float) -> None:

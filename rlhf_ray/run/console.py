@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 VERBOSE_ENV = "RLHF_RAY_VERBOSE"
 # Libraries whose warnings are advice to their own developers or about their own deprecations.
@@ -38,27 +39,31 @@ def quiet_libraries() -> None:
     # about settings it does not use here (the chat-template warm-up of a tokenizer it never
     # loads: rollouts arrive as token ids)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    import datasets
+    # datasets reads these when it is imported: only processes that read user rows import it
+    # (~1 s of CPU), so it is not imported here to quiet it
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # load reports, "MISSING" head weights
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing shards"
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    if "datasets" in sys.modules:  # imported before this ran: its environment came too late
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the CPU kernel warning
-    _quiet_ray_train_worker()
-
-
-def _quiet_ray_train_worker() -> None:
-    """ "Reporting training result ..." on every epoch: Ray Train (2.5x-2.6x) logs it from a
-    logger named by its file path, outside "ray.train", so LoggingConfig does not reach it."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: nothing to quiet, or another name
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(_ray_train_context_logger()).setLevel(logging.WARNING)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+
+
+def _ray_train_context_logger() -> str:
+    """ "Reporting training result ..." on every epoch: Ray Train (2.5x-2.6x) logs it from a
+    logger named by its file's path, outside "ray.train", so LoggingConfig does not reach it.
+    The path is worked out, not imported: ray.train takes ~0.5 s to import, in every process
+    that calls quiet_libraries (a Ray version without that file has no such logger to quiet)."""
+    import ray
+
+    return str(Path(ray.__file__).parent / "train/v2/_internal/execution/context.py")
 
 
 def ray_train_log_level() -> str:

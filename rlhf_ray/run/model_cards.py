@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from rlhf_ray.config import Config
-from rlhf_ray.models.adapters import ADAPTER_DIR
+from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import is_complete, phase_dir, read_metrics
 

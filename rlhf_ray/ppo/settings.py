@@ -1,0 +1,91 @@
+"""What the driver sends each PPO role to build itself from (picklable, frozen).
+
+No model code is imported here: the driver builds these and creates the roles but never loads
+a model, so it need not import what the roles do (peft, bitsandbytes, transformers' modeling
+code; tests/test_layout.py keeps it so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_ray.config import (
+    LoraConfig,
+    ModelConfig,
+    PPOConfig,
+    QuantizationConfig,
+    RolloutConfig,
+)
+from rlhf_ray.data.limits import Limits
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.models.loading import FrozenModelSettings
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """What it takes to build the policy (SFT model + LoRA adapter), in a generator or learner."""
+
+    sft_path: str
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    limits: Limits
+    temperature: float
+    cpus: float  # the CPUs this process may use: its torch threads
+    gpus: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    policy: PolicySettings
+    # the critic starts from the trained reward model, or from the SFT model with a new value
+    # head when the run uses no reward model; unused when the estimator has no critic
+    critic_path: str
+    critic_method: str  # "full" or "lora", as the reward model is trained
+    ppo: PPOConfig
+    engine: str = "hf"  # the generators' engine, "hf" or "vllm" (Config.rollout_engine)
+    rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap, for vllm
+
+    @property
+    def recomputes_logprobs(self) -> bool:
+        """Old logprobs from the learner's own pass: the sampler is another implementation."""
+        return self.engine == "vllm"
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    reward_model: FrozenModelSettings | None  # None when scoring.reward_model_weight is 0
+    reward_model_weight: float
+    functions: tuple[str, ...]  # module:function
+    function_weights: tuple[float, ...]  # one per function
+    tokenizer_path: str  # the SFT model's directory: decodes completions for the functions
+    trust_remote_code: bool
+    watch_gold: bool = False  # also score with the gold judge, at weight 0 (synthetic prompts)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The vLLM engine's share of a generator: its settings and where it runs."""
+
+    rollout: RolloutConfig
+    max_model_len: int  # prompt + completion tokens of the longest rollout
+    quantization: str | None  # vLLM's name of the base's quantization; None: its dtype
+
+
+def engine_quantization(rollout: RolloutConfig, base_in_4bit: bool) -> str | None:
+    """What `rollout.vllm_quantization` means with the vLLM installed here (the driver's
+    check, before any work): a name vLLM knows, or None (the base in its dtype)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    choice = rollout.vllm_quantization
+    if choice == "auto":
+        return "bitsandbytes" if base_in_4bit and "bitsandbytes" in QUANTIZATION_METHODS else None
+    if choice == "none":
+        return None
+    if choice not in QUANTIZATION_METHODS:
+        raise ConfigError(
+            f"rollout.vllm_quantization={choice!r}: this vLLM has no such quantization; "
+            f"expected auto, none or one of {', '.join(QUANTIZATION_METHODS)}"
+        )
+    return choice
