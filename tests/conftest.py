@@ -10,23 +10,28 @@ import socket
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import ray
 
+from jobs.ppo import PPOLoop
+from jobs.roles import create_roles
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import prepare_run, read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
+from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import write_metrics
 from rlhf_ray.train.settings import EVAL_SCORES_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER_TIMEOUT_S = 300
+ROLE_TIMEOUT = 120  # seconds a test waits for a PPO role's answer
 
 
 def raises_with(*parts, exc: type[Exception]):
@@ -111,6 +116,24 @@ def session_ray_processes(*titles: str) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+@contextmanager
+def running_roles(cfg, out: Path):
+    """The four PPO roles of `cfg` on `out`, killed at the end whatever happened."""
+    roles = create_roles(cfg, out)
+    try:
+        yield roles
+    finally:
+        for actor in roles.all():
+            ray.kill(actor, no_restart=True)
+
+
+def ppo_loop(cfg, roles, prepared) -> PPOLoop:
+    """A new PPO loop of `cfg` (new prompt stream, step 0) driving `roles`, which a test steps
+    itself (`_dispatch`, `_step`)."""
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
+    return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
 
 
 def start_driver(out: Path, *args: str) -> subprocess.Popen:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,16 @@ import torch
 
 from jobs import cluster, rlhf
 from jobs.ppo import PPOLoop
-from jobs.roles import create_roles
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.errors import ResourceError, RoleFailed
 from rlhf_ray.models.sampling import decode_responses
-from rlhf_ray.ppo.progress import PromptStream
 from rlhf_ray.run import metrics
 from rlhf_ray.run.resources import ppo_requests
 from rlhf_ray.world.gold_judge import gold_reward
-from tests.conftest import smoke_config
+from tests.conftest import ROLE_TIMEOUT as TIMEOUT
+from tests.conftest import ppo_loop, running_roles, smoke_config
 
-TIMEOUT = 120
 # What a synced adapter carries beside its tensors' bytes: each tensor's name and metadata as
 # pickled (measured: 10,396 bytes for the default preset's 28 tensors)
 SYNC_BYTES_PER_NAME = 512
@@ -42,20 +39,7 @@ def _config(out: Path, **overrides: str):
 
 def _loop(roles, prepared, **overrides: str) -> PPOLoop:
     """A new PPO loop (new prompt stream, step 0) driving the shared roles."""
-    cfg = _config(roles.out, **overrides)
-    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
-    return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
-
-
-@contextmanager
-def _running_roles(cfg, out):
-    """The four PPO roles, killed at the end whatever happened."""
-    roles = create_roles(cfg, out)
-    try:
-        yield roles
-    finally:
-        for actor in roles.all():
-            ray.kill(actor, no_restart=True)
+    return ppo_loop(_config(roles.out, **overrides), roles, prepared)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +48,7 @@ def roles(local_ray, tiny_run):
     alive, with the generators holding the learner's weights (a step ends with the sync), except
     the last test, which kills the scorer for good."""
     out, _ = tiny_run
-    with _running_roles(_config(out), out) as started:
+    with running_roles(_config(out), out) as started:
         yield started
 
 

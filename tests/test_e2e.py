@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ray.run.checkpoints import read_metrics
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
@@ -40,15 +41,6 @@ SUMMARY_KEYS = (
     "kl_final",
     "ppo_tokens_per_s",
 )
-LOAD_AND_GENERATE = """
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], use_safetensors=True)
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-ids = tok("User: What is the capital of Peru?\\nAssistant:", return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-print("generated", out.shape[1] - ids.shape[1], "tokens")
-"""
 
 
 def check_run_outputs(out: Path, timed: tuple[str, ...]) -> dict:
@@ -247,12 +239,12 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tiny_run, tmp_pat
     assert summary["eval_prompts"] == summary["eval_prompts_judged"] == 8
     assert read_metrics(out / "policy")["steps"] == STOPPED_RUN_STEPS
 
-    # The exported policy is a plain Hugging Face model directory: a fresh process loads it.
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, str(out / "policy")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    # The exported policy is a plain Hugging Face model directory: transformers' Auto classes
+    # load it and it generates.
+    model = AutoModelForCausalLM.from_pretrained(out / "policy", use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(out / "policy")
+    ids = tok("User: What is the capital of Peru?\nAssistant:", return_tensors="pt").input_ids
+    generated = model.generate(
+        ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id
     )
-    assert "generated 5 tokens" in done.stdout
+    assert generated.shape[1] - ids.shape[1] == 5

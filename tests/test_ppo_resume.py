@@ -35,9 +35,9 @@ WALL_CLOCK = ("time/", "roles/", metrics.TOKENS_PER_S, metrics.SYNC_BYTES)
 
 
 def _run_dir(tmp_path: Path, tiny_run, name: str) -> Path:
-    """An output directory whose SFT and reward phases are complete (the tiny run's)."""
+    """An output directory holding the tiny run's base model and complete SFT and reward phases."""
     out = tmp_path / name
-    copy_outputs(tiny_run[0], out, ("sft", "reward"))
+    copy_outputs(tiny_run[0], out, ("base", "sft", "reward"))
     return out
 
 

@@ -24,8 +24,8 @@ from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
 from rlhf_ray.run import metrics
-from tests.conftest import make_tiny_run, smoke_config
-from tests.test_actors import TIMEOUT, _loop, _running_roles
+from tests.conftest import ROLE_TIMEOUT as TIMEOUT
+from tests.conftest import make_tiny_run, ppo_loop, running_roles, smoke_config
 
 pytestmark = pytest.mark.vllm
 
@@ -120,8 +120,8 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
 def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray, vllm_run):
     out, prepared = vllm_run
     cfg = _config(out, **{"ppo.steps": "2", "rollout.logprob_correction": "tis"})
-    with _running_roles(cfg, out) as roles:
-        loop = _loop(cfg, roles, prepared)
+    with running_roles(cfg, out) as roles:
+        loop = ppo_loop(cfg, roles, prepared)
         pending = loop._dispatch()
         for step in (1, 2):
             pending, stats, _ = loop._step(pending, more=step < 2)
@@ -139,10 +139,10 @@ def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray
 def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(local_ray, vllm_run):
     out, prepared = vllm_run
     cfg = _config(out, **{"ppo.steps": "2"})
-    with _running_roles(cfg, out) as roles:
+    with running_roles(cfg, out) as roles:
         generator = roles.generators[0]
         first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
-        loop = _loop(cfg, roles, prepared)
+        loop = ppo_loop(cfg, roles, prepared)
         pending = loop._dispatch()
         pending, _, _ = loop._step(pending, more=True)  # trains version 1, syncs it, dispatches
         ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
