@@ -13,8 +13,9 @@ ARGS ?=
 .PHONY: run test test-vllm lint
 
 # The rest is installed by uv (into the venv, from PyPI), which keeps that torch and is faster
-# than pip (measured: the dev extra in 38 s vs 76 s; both venvs built at once in 91 s, where pip
-# took about 3 minutes); --compile-bytecode writes the .pyc files pip would write.
+# than pip (measured: the dev extra in 38 s with uv's cache empty, 76 s with pip; both venvs at
+# once in 85-91 s, where pip took about 3 minutes); --compile-bytecode writes the .pyc files pip
+# would write.
 UV_INSTALL = bin/uv pip install -q --compile-bytecode
 
 $(VENV)/.installed: pyproject.toml
