@@ -92,8 +92,8 @@ def _assert_imports_load_none_of(modules: list[str], packages: tuple[str, ...]) 
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        f"loaded = sorted(m for m in sys.modules if m.startswith({packages!r}) and any(\n"
-        f"    m == p or m.startswith(p + '.') for p in {packages!r}))\n"
+        f"loaded = sorted(m for m in sys.modules\n"
+        f"    if any(m == p or m.startswith(p + '.') for p in {packages!r}))\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
