@@ -75,6 +75,10 @@ def _load_kwargs(model_cfg: ModelConfig, quant: QuantizationConfig) -> dict:
         "use_safetensors": True,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": DTYPES[model_cfg.dtype],
+        # transformers 5 swaps layers for kernels it downloads from the hub where a GPU is seen,
+        # and again on every train()/eval(): a download no cluster without the hub survives, and
+        # other numerics for the policy (train mode) than for the reference (eval mode)
+        "use_kernels": False,
     }
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -28,14 +28,12 @@ GRPO_STD_EPS = 1e-4  # added to each group's std, as in TRL's GRPOTrainer
 
 def group_stats(values: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (sum, count, unbiased std) of the row's group: values (B,) float, group (B,)
-    int64 -> three (B,) tensors. A group of one has std 0."""
+    int64 -> three (B,) tensors on their device. A group of one has std 0."""
     size = int(group.max()) + 1
-    sums = torch.zeros(size, dtype=values.dtype).index_add_(0, group, values)
+    sums = values.new_zeros(size).index_add_(0, group, values)
     counts = torch.bincount(group, minlength=size).to(values.dtype)
     means = sums / counts.clamp(min=1)
-    squares = torch.zeros(size, dtype=values.dtype).index_add_(
-        0, group, (values - means[group]) ** 2
-    )
+    squares = values.new_zeros(size).index_add_(0, group, (values - means[group]) ** 2)
     stds = torch.sqrt(squares / (counts - 1).clamp(min=1))
     return sums[group], counts[group], stds[group]
 

@@ -17,10 +17,14 @@ def under_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     """An optimizer's state as (tensors "<param index>.<key>", param_groups as JSON); the
-    tensors are copies, so later steps do not change them."""
+    tensors are copies on the CPU, so later steps do not change them and a process without a
+    GPU (the driver, on a CPU-only head) can read them. Loading moves them back to each
+    parameter's device (`Optimizer.load_state_dict`)."""
     state = optimizer.state_dict()
     tensors = {
-        f"{index}.{key}": value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+        f"{index}.{key}": value.detach().to("cpu", copy=True)
+        if torch.is_tensor(value)
+        else torch.tensor(value)
         for index, per_param in state["state"].items()
         for key, value in per_param.items()
     }

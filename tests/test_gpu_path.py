@@ -1,0 +1,178 @@
+"""The GPU code paths on this CPU (marker gpu_path): every PPO role built with one GPU, on the
+fake `cuda:0` of tests/fake_cuda.py, where an op mixing cuda and CPU tensors raises as on a GPU.
+
+Each role's numbers on the fake device must equal the same role's on the CPU (the fake device
+computes on the CPU underneath), so these tests check values, not only that nothing raised.
+What the fake device cannot run is a backward pass: torch's autograd engine asks for a CUDA
+device guard, which a CPU-only torch does not have. The update's forward (targets, losses) and
+its optimizer step run here; the backward is torch's own code, the same on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rlhf_ray.data.prepare import limits_of, read_rows
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo import arithmetic, estimators
+from rlhf_ray.ppo.learner import PPOLearner, _to
+from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.reference_model import ReferenceModel
+from rlhf_ray.ppo.reward_scorer import RewardScorer
+from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+from rlhf_ray.ppo.settings import LearnerSettings, PolicySettings, ScorerSettings
+from rlhf_ray.run.ppo_checkpoints import read_checkpoint, write_checkpoint
+from tests.conftest import smoke_config
+from tests.fake_cuda import CUDA, DeviceMixError, fake_cuda
+
+pytestmark = pytest.mark.gpu_path
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
+
+
+def test_the_fake_device_raises_on_a_device_mix_and_computes_real_values():
+    with fake_cuda():
+        x = torch.arange(4.0, device="cuda")
+        assert x.device == CUDA and (x * 2).sum().item() == 12.0
+        assert (x + torch.tensor(1.0)).device == CUDA  # a 0-dim CPU tensor may stand beside
+        with pytest.raises(DeviceMixError, match="same device"):
+            x + torch.zeros(4)
+        with pytest.raises(DeviceMixError):
+            torch.zeros(4).index_add_(0, torch.arange(4), x)
+        assert x.cpu().device.type == "cpu" and x[1:].tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_run):
+    """(settings of a learner with one GPU, a CPU batch of 4 prompts x 2 samples, its scores
+    and reference logprobs), sampled on the CPU: what a generator sends over the object store."""
+    out, prepared = tiny_run
+    cfg = smoke_config(out)
+    policy = PolicySettings(
+        str(out / "sft"),
+        cfg.model,
+        cfg.quantization,
+        cfg.lora,
+        limits_of(cfg.data),
+        cfg.ppo.temperature,
+        1,
+        0,
+        cfg.run.seed,
+    )
+    ppo = replace(cfg.ppo, rollouts_per_step=8, minibatch_size=4, samples_per_prompt=2)
+    settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
+    generator = RolloutGenerator(policy, rank=0)
+    generator.load_weights(PPOLearner(settings).weights())
+    prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")][:4]
+    batch = generator.generate([p for p in prompts for _ in range(2)], [0, 0, 1, 1, 2, 2, 3, 3])
+    scores = Scores(torch.linspace(-1, 1, 8), {})
+    ref = batch.logprobs - 0.1 * batch.response_mask
+    return settings, batch, scores, ref
+
+
+def on_gpu(settings: LearnerSettings, estimator: str = "gae") -> LearnerSettings:
+    policy = replace(settings.policy, gpus=1)
+    return replace(settings, policy=policy, ppo=replace(settings.ppo, estimator=estimator))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_targets_and_losses_of_every_estimator_on_cuda_equal_the_cpus(rollouts, estimator):
+    """The learner's own logprobs, the critic's values, every estimator's targets (RLOO and
+    GRPO sum per group) and the losses, with the models and the batch on cuda."""
+    settings, batch, scores, ref = rollouts
+    cpu = PPOLearner(on_gpu(settings, estimator))  # no GPU outside fake_cuda: built on the CPU
+    expected = cpu._targets(batch, scores.total, ref)
+    with fake_cuda():
+        learner = PPOLearner(on_gpu(settings, estimator))
+        assert next(learner.policy.parameters()).device == CUDA
+        on_cuda = _to(batch, CUDA)
+        own = learner._own_logprobs(on_cuda)
+        targets = learner._targets(on_cuda, scores.total.to(CUDA), ref.to(CUDA))
+        assert targets.advantages.device == CUDA
+        logprobs = own + 0.01 * on_cuda.response_mask  # a policy that moved a little
+        loss, _ = arithmetic.policy_loss(
+            logprobs, targets.old_logprobs, targets.advantages, targets.mask, 0.2
+        )
+        kl = estimators.kl_k3(logprobs, targets.ref_logprobs, targets.mask)
+        values = []
+        if targets.returns is not None:
+            values = arithmetic.value_loss(
+                targets.old_values + 0.1, targets.old_values, targets.returns, targets.mask, 0.2
+            )
+        numbers = [own, targets.advantages, loss, kl, *values[:1]]
+        numbers = [t.cpu() for t in numbers]
+    torch.testing.assert_close(numbers[0], batch.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(numbers[1], expected.advantages, atol=1e-5, rtol=1e-4)
+    assert all(torch.isfinite(t).all() for t in numbers)
+
+
+def test_a_checkpoint_of_a_learner_on_cuda_is_read_where_there_is_no_gpu(rollouts, tmp_path):
+    """Everything the learner sends the driver is on the CPU (the driver may run on a head
+    with no GPU), and a learner on cuda restored from it holds the same weights and AdamW
+    moments, back on cuda."""
+    settings, *_ = rollouts
+    with fake_cuda():
+        learner = PPOLearner(on_gpu(settings))
+        for params, optimizer in learner.trained.values():
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            optimizer.step()
+        tensors, state = learner.checkpoint_state()
+        on_gpu_tensors = [name for name, t in tensors.items() if t.device.type != "cpu"]
+        assert on_gpu_tensors == []
+        weights = learner.weights()
+        assert all(t.device.type == "cpu" for t in weights.tensors.values())
+    path = write_checkpoint(tmp_path, 1, tensors, state, keep=1)  # the driver: no GPU here
+    saved, saved_state = read_checkpoint(path)
+    with fake_cuda():
+        restored = PPOLearner(on_gpu(settings))
+        restored.restore(saved, saved_state)
+        moments = restored.trained["policy"][1].state
+        first = next(iter(moments.values()))
+        assert first["exp_avg"].device == CUDA
+        again, _ = restored.checkpoint_state()
+    for name, tensor in tensors.items():
+        if not name.startswith("rng/"):
+            torch.testing.assert_close(again[name], tensor, atol=0, rtol=0)
+
+
+def test_a_generator_on_cuda_loads_cpu_weights_and_samples_what_the_cpu_samples(rollouts):
+    """Weights come from the object store on the CPU; the batch goes back on the CPU. With the
+    same seed the fake device draws the same tokens as the CPU (one RNG underneath)."""
+    settings, batch, *_ = rollouts
+    policy = settings.policy
+    weights = PPOLearner(settings).weights()
+    prompts, group = batch.prompts[:4], batch.group[:4].tolist()
+    cpu = RolloutGenerator(policy, rank=0)
+    cpu.load_weights(weights)
+    expected = cpu.generate(prompts, group)
+    with fake_cuda():
+        generator = RolloutGenerator(replace(policy, gpus=1), rank=0)
+        generator.load_weights(weights)
+        assert next(generator.policy.parameters()).device == CUDA
+        sampled = generator.generate(prompts, group)
+    assert sampled.response.device.type == "cpu" and sampled.logprobs.device.type == "cpu"
+    assert torch.equal(sampled.response, expected.response)
+    torch.testing.assert_close(sampled.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+def test_reference_and_reward_model_on_cuda_answer_on_the_cpu(tiny_run, rollouts):
+    out, _ = tiny_run
+    settings, batch, *_ = rollouts
+    cfg = smoke_config(out)
+
+    def roles(gpus: float):
+        frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=gpus)
+        reward = FrozenModelSettings(str(out / "reward"), **frozen)
+        scorer = RewardScorer(ScorerSettings(reward, 1.0, (), (), str(out / "sft"), False))
+        reference = ReferenceModel(FrozenModelSettings(str(out / "sft"), **frozen), 1.0)
+        return reference.logprobs(batch), scorer.score([batch]).total
+
+    expected = roles(gpus=0)
+    with fake_cuda():
+        answers = roles(gpus=1)
+    for got, want in zip(answers, expected, strict=True):
+        assert got.device.type == "cpu"
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
