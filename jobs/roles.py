@@ -139,7 +139,7 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
         critic_path,
         cfg.reward.method,
         cfg.ppo,
-        engine=cfg.rollout_engine,
+        logprob_source=cfg.logprob_source,
         rollout=cfg.rollout,
     )
     learner = PPOLearner.options(

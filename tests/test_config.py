@@ -362,7 +362,10 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--lora.dropout", "1.0"], ("lora.dropout=1.0", "fraction")),
         (["--model.dtype", "float8"], ("model.dtype='float8'", "bfloat16")),
         (["--model.hidden_size", "130"], ("model.hidden_size=130", "multiple of num_heads=4")),
-        (["--resources.learner_gpus", "1.5"], ("resources.learner_gpus=1.5", "whole number")),
+        (["--resources.learner_gpus", "1.5"], ("resources.learner_gpus=1.5", "at most 1")),
+        (["--resources.learner_gpus", "2"], ("resources.learner_gpus=2", "sit idle")),
+        (["--resources.rollout_gpus", "2"], ("rollout_gpus=2", "raise ppo.num_rollout_actors")),
+        (["--resources.train_worker_gpus", "4"], ("train_worker_gpus=4", "train_workers")),
         (["--data.overlong", "drop"], ("data.overlong='drop'", "truncate, reject")),
         (["--ppo.gamma", "0"], ("ppo.gamma=0.0", "(0, 1]")),
         # Lists are space-separated; a bracketed or comma list is refused, never split.
@@ -621,8 +624,30 @@ def test_vllm_settings_that_cannot_work_are_refused_before_any_work(tmp_path):
         vllm(**{"resources.rollout_gpus": "0.5", "rollout.gpu_memory_utilization": "0.5"})
     with raises_with("lora.r=1024", "at most 512"):
         vllm(**{"lora.r": "1024"})
+    with raises_with("rollout.logprob_source='sampler'", "expected auto or learner"):
+        vllm(**{"rollout.logprob_source": "sampler"})
     # vLLM-only settings with the hf engine are named, not dropped silently
-    hf = smoke_config(tmp_path, **{"rollout.logprob_correction": "tis"})
+    hf = smoke_config(tmp_path, **{"rollout.max_model_len": "64"})
     assert hf.rollout.unused_settings(hf.rollout_engine) == [
-        "rollout.logprob_correction=tis (rollout engine hf)"
+        "rollout.max_model_len=64 (rollout engine hf)"
     ]
+
+
+def test_old_logprobs_come_from_the_learner_where_the_sampler_computes_otherwise(tmp_path):
+    """auto: the sampler's own in float32 with hf (measured gap ~1e-6), the learner's with a
+    bf16 or 4-bit policy (~1e-3) or vLLM; tis needs them from the learner (else every weight
+    is 1), and so does overlap with them from the learner (the lag of one version)."""
+    assert smoke_config(tmp_path).logprob_source == "sampler"
+    assert smoke_config(tmp_path, **{"model.dtype": "bfloat16"}).logprob_source == "learner"
+    four_bit = {"quantization.load_in_4bit": "true", "model.hidden_size": "64"}
+    four_bit |= {"sft.method": "lora", "reward.method": "lora"}
+    assert smoke_config(tmp_path, **four_bit).logprob_source == "learner"
+    learner = smoke_config(tmp_path, **{"rollout.logprob_source": "learner"})
+    assert learner.logprob_source == "learner"
+    with raises_with("rollout.logprob_correction='tis'", "rollout.logprob_source sampler"):
+        smoke_config(tmp_path, **{"rollout.logprob_correction": "tis"})
+    tis = {"rollout.logprob_source": "learner", "rollout.logprob_correction": "tis"}
+    assert smoke_config(tmp_path, **tis).rollout.logprob_correction == "tis"
+    with raises_with("ppo.overlap", "expected rollout.logprob_correction tis"):
+        smoke_config(tmp_path, **{"ppo.overlap": "true", "model.dtype": "bfloat16"})
+    assert smoke_config(tmp_path, **{"ppo.overlap": "true"}).ppo.overlap  # float32: sampler

@@ -24,8 +24,9 @@ from rlhf_ray.ppo.reference_model import ReferenceModel
 from rlhf_ray.ppo.reward_scorer import RewardScorer
 from rlhf_ray.ppo.rollout_generator import RolloutGenerator
 from rlhf_ray.ppo.settings import LearnerSettings, PolicySettings, ScorerSettings
+from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import read_checkpoint, write_checkpoint
-from tests.conftest import smoke_config
+from tests.conftest import make_tiny_run, smoke_config
 from tests.fake_cuda import CUDA, DeviceMixError, fake_cuda
 
 pytestmark = pytest.mark.gpu_path
@@ -176,3 +177,69 @@ def test_reference_and_reward_model_on_cuda_answer_on_the_cpu(tiny_run, rollouts
     for got, want in zip(answers, expected, strict=True):
         assert got.device.type == "cpu"
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# -- dtypes: bf16 and bitsandbytes 4-bit (nf4, bf16 compute) run on this CPU ------------------
+
+DTYPES = {
+    "float32": {},
+    "bfloat16": {"model.dtype": "bfloat16"},
+    "4-bit": {"quantization.load_in_4bit": "true"},
+}
+
+
+@pytest.fixture(scope="module", params=list(DTYPES))
+def first_step(request, tmp_path_factory):
+    """(config, the numbers of PPO step 1 with the old logprobs from the learner, the same
+    from the sampler) on the smoke model at hidden size 64 (4-bit blocks need it), LoRA SFT
+    and reward model as in the 7B preset; 16 rollouts, one minibatch."""
+    shape = {"model.hidden_size": "64", "model.intermediate_size": "128"}
+    overrides = {**shape, "sft.method": "lora", "reward.method": "lora", **DTYPES[request.param]}
+    out = tmp_path_factory.mktemp(f"dtype-{request.param}")
+    out, prepared = make_tiny_run(out, **overrides)
+    cfg = smoke_config(out, **overrides)
+    policy = PolicySettings(
+        str(out / "sft"), cfg.model, cfg.quantization, cfg.lora, limits_of(cfg.data), 1.0, 2, 0, 0
+    )
+    ppo = replace(cfg.ppo, rollouts_per_step=16, minibatch_size=16, epochs=1)
+    settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
+    generator = RolloutGenerator(policy, rank=0)
+    generator.load_weights(PPOLearner(settings).weights())
+    prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")][:16]
+    batch = generator.generate(prompts, list(range(16)))
+    frozen = FrozenModelSettings(str(out / "sft"), cfg.model, cfg.quantization, 1, 0)
+    ref = ReferenceModel(frozen, 1.0).logprobs(batch)
+    scores = Scores(torch.zeros(16), {})
+    stats = {}
+    for source in ("learner", "sampler"):
+        learner = PPOLearner(replace(settings, logprob_source=source))
+        stats[source] = learner.train([replace(batch)], scores, [ref])
+        print(request.param, source, {k: v for k, v in stats[source].items() if "/" in k})
+    return cfg, stats["learner"], stats["sampler"]
+
+
+def test_kl_at_step_1_is_0_and_the_first_ratio_1_with_the_learners_logprobs(first_step):
+    """Policy and reference are the same weights at step 1. With the old logprobs from the
+    learner's pass (the default where the sampler computes otherwise) the reference computes
+    the same thing: KL 0 (|KL| < 1e-6 per response) and ratio 1 (|ratio - 1| < 1e-6), in every
+    dtype. 4-bit failed here before the reference was loaded as the policy is: KL 9.2e-4
+    without its norms, embeddings and head in float32 (peft's k-bit preparation casts the
+    policy's), 4.7e-4 in eval mode (bitsandbytes' CPU kernel differs from train mode's)."""
+    _, learner, _ = first_step
+    assert abs(learner[metrics.KL]) < 1e-6
+    assert abs(learner[metrics.RATIO_FIRST] - 1) < 1e-6
+    assert learner[metrics.APPROXKL] < 1e-12
+
+
+def test_the_samplers_logprobs_are_off_by_what_the_default_source_says(first_step):
+    """The gap between generate's incremental decode and the learner's full forward, measured
+    on this model: ~1e-6 in float32 (so auto keeps the sampler's there), ~1e-3 in bf16 and
+    4-bit (so auto takes the learner's). The sampler's KL and ratio are off by about as much."""
+    cfg, learner, sampler = first_step
+    gap = learner[metrics.LOGPROB_GAP_MAX]
+    if cfg.model.dtype == "float32" and not cfg.quantization.load_in_4bit:
+        assert gap < 1e-5 and cfg.logprob_source == "sampler"
+    else:
+        assert 1e-4 < gap < 1e-2 and cfg.logprob_source == "learner"
+    assert metrics.LOGPROB_GAP_MAX not in sampler  # the sampler's used as they are
+    assert abs(sampler[metrics.RATIO_FIRST] - 1) < gap

@@ -176,7 +176,7 @@ def test_reward_sources_are_logged_unweighted(rollouts):
     assert stats[metrics.reward_source("tests.rules:f")] == 1.0
 
 
-def test_with_vllm_the_learner_trains_on_its_own_logprobs_and_logs_the_samplers_gap(rollouts):
+def test_with_logprobs_from_the_learner_it_trains_on_its_own_and_logs_the_samplers_gap(rollouts):
     """A sampler whose logprobs are off by a known amount (as another implementation of the
     model may be): the learner's ratio still starts at 1, the gap is measured, and tis weights
     each token by min(pi_learner / pi_sampler, cap)."""
@@ -188,7 +188,7 @@ def test_with_vllm_the_learner_trains_on_its_own_logprobs_and_logs_the_samplers_
         skewed.append(replace(shard, logprobs=logprobs))
     skewed[0].logprobs[0, 0] = shards[0].logprobs[0, 0] + 0.5
     rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=1.02)
-    learner = PPOLearner(replace(settings, engine="vllm", rollout=rollout))
+    learner = PPOLearner(replace(settings, logprob_source="learner", rollout=rollout))
     stats = learner.train(skewed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)  # its own old logprobs
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.5, abs=1e-5)
@@ -199,7 +199,7 @@ def test_with_vllm_the_learner_trains_on_its_own_logprobs_and_logs_the_samplers_
     # weights: exp(+0.05) = 1.0513 capped at 1.02 on all tokens but one, exp(-0.5) = 0.6065
     mean_weight = (1.02 * (tokens - 1) + 0.6065307) / tokens
     assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-5)
-    # the Hugging Face engine's logprobs are the learner's own: none of these stats
+    # the sampler's logprobs used as they are: none of these stats
     plain = PPOLearner(settings).train(shards, scores, refs)
     assert metrics.LOGPROB_GAP_MAX not in plain and metrics.TIS_WEIGHT not in plain
 
@@ -213,7 +213,7 @@ def test_tis_weights_reach_the_policy_loss(rollouts):
     first = shards[0]
     skewed = [replace(first, logprobs=first.logprobs - math.log(2) * first.response_mask)]
     rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=3.0)
-    weighted = PPOLearner(replace(settings, engine="vllm", rollout=rollout))
+    weighted = PPOLearner(replace(settings, logprob_source="learner", rollout=rollout))
     stats = weighted.train([*skewed, shards[1]], scores, refs)
     plain = PPOLearner(settings).train(shards, scores, refs)
     tokens = [int(s.response_mask.sum()) for s in shards]

@@ -218,11 +218,15 @@ def test_load_tokenizer_uses_unk_when_pad_is_eos(tmp_path):
     assert (loaded.pad_token, loaded.pad_token_id, loaded.eos_token_id) == ("<unk>", 0, 1)
 
 
-def test_load_tokenizer_rejects_no_eos_and_no_usable_pad(tmp_path):
+def test_load_tokenizer_refuses_no_eos_and_pads_with_eos_when_nothing_else_is_there(tmp_path):
+    """Like Qwen's and Llama 3's: pad equal to EOS (or none) and no <unk>: EOS pads, as in
+    transformers and TRL (masks, not ids, say where padding is)."""
     with pytest.raises(ValueError, match="no EOS token"):
         load_tokenizer(word_tokenizer(tmp_path / "a", unk_token="<unk>"))
-    with pytest.raises(ValueError, match="no pad token distinct from EOS"):
-        load_tokenizer(word_tokenizer(tmp_path / "b", eos_token="</s>"))
+    no_pad = load_tokenizer(word_tokenizer(tmp_path / "b", eos_token="</s>"))
+    assert no_pad.pad_token_id == no_pad.eos_token_id == 1
+    pad_is_eos = load_tokenizer(word_tokenizer(tmp_path / "c", eos_token="</s>", pad_token="</s>"))
+    assert pad_is_eos.pad_token_id == pad_is_eos.eos_token_id == 1
 
 
 class _WritesAFileWhenUnpickled:

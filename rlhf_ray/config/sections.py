@@ -13,7 +13,12 @@ import string
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES, VLLM_MAX_LORA_RANK, RolloutConfig
+from rlhf_ray.config.rollout import (
+    VLLM_CPU_HEAD_SIZES,
+    VLLM_MAX_LORA_RANK,
+    RolloutConfig,
+    resolved_logprob_source,
+)
 from rlhf_ray.config.section import Section
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.world.assistant_world import max_eval_prompts
@@ -221,6 +226,13 @@ class RewardConfig(Section):
 ROLES = ("train_worker", "rollout", "reward", "reference", "learner")
 
 
+# Where more GPUs do help, by role (ResourcesConfig's check of *_gpus)
+MORE_GPUS = {
+    "train_worker": "; to use more GPUs, raise resources.train_workers",
+    "rollout": "; to use more GPUs, raise ppo.num_rollout_actors",
+}
+
+
 @dataclass(frozen=True)
 class ResourcesConfig(Section):
     """What each role asks Ray for. Fractions of a GPU let roles share one device."""
@@ -258,9 +270,15 @@ class ResourcesConfig(Section):
                     f"0 or at least {RAY_RESOURCE_UNIT} (Ray's smallest unit)",
                 )
                 self.non_negative(key)
-            gpus = getattr(self, f"{role}_gpus")
+            # Each role (and each Ray Train worker) runs on one device: a second GPU would be
+            # reserved and left idle. Data parallelism over GPUs comes from more train workers
+            # (SFT, reward) or more rollout generators; vLLM tensor parallelism and a learner
+            # over several GPUs are not built yet.
             self.check(
-                gpus <= 1 or gpus == int(gpus), f"{role}_gpus", "a fraction <= 1 or a whole number"
+                getattr(self, f"{role}_gpus") <= 1,
+                f"{role}_gpus",
+                "at most 1 (a fraction shares one GPU): the role runs on one device, and more "
+                f"would be reserved and sit idle{MORE_GPUS.get(role, '')}",
             )
 
 
@@ -511,9 +529,16 @@ class Config:
         """The engine the rollout generators use: "hf" or "vllm" (`rollout.engine` resolved)."""
         return self.rollout.resolved_engine(self.resources.rollout_gpus)
 
+    @property
+    def logprob_source(self) -> str:
+        """ "sampler" or "learner": where the PPO ratio's old logprobs come from."""
+        low_precision = self.quantization.load_in_4bit or self.model.dtype != "float32"
+        return resolved_logprob_source(self.rollout, self.rollout_engine, low_precision)
+
     def __post_init__(self) -> None:
         if self.rollout_engine == "vllm":
             self._check_vllm_fits()
+        self._check_logprob_source()
         if self.quantization.load_in_4bit:
             for phase in (self.sft, self.reward):
                 if phase.method != "lora":
@@ -557,9 +582,26 @@ class Config:
             )
         if self.lora.r > VLLM_MAX_LORA_RANK:
             raise ConfigError(f"lora.r={self.lora.r}: expected at most {VLLM_MAX_LORA_RANK} (vLLM)")
-        if self.ppo.overlap and rollout.logprob_correction != "tis":
+        if rollout.logprob_source == "sampler":
             raise ConfigError(
-                f"ppo.overlap with {where}: expected rollout.logprob_correction tis. The learner's "
-                "own logprobs are of the version after the batch was sampled; only the "
-                "importance weights correct for that lag (with hf the sampler's logprobs do)"
+                f"rollout.logprob_source='sampler' with {where}: vLLM's logprobs come from "
+                "another implementation of the model; expected auto or learner (the learner "
+                "recomputes them)"
+            )
+
+    def _check_logprob_source(self) -> None:
+        rollout, source = self.rollout, self.logprob_source
+        if rollout.logprob_correction == "tis" and source != "learner":
+            raise ConfigError(
+                "rollout.logprob_correction='tis' weighs each token by pi_learner / pi_sampler; "
+                f"with the old logprobs from the sampler (rollout.logprob_source {source}, "
+                f"{self.model.dtype} on {self.rollout_engine}) every weight is 1: set "
+                "rollout.logprob_source learner, or logprob_correction none"
+            )
+        if self.ppo.overlap and source == "learner" and rollout.logprob_correction != "tis":
+            raise ConfigError(
+                f"ppo.overlap with old logprobs from the learner (rollout.logprob_source {source}, "
+                f"engine {self.rollout_engine}): expected rollout.logprob_correction tis. The "
+                "learner's own logprobs are of the version after the batch was sampled; only the "
+                "importance weights correct for that lag (the sampler's logprobs do, in float32)"
             )

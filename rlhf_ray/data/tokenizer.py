@@ -1,7 +1,9 @@
 """Tokenizers: a byte-level BPE trained on the run's own data, or a Hugging Face one.
 
-Both come out with a pad token distinct from EOS: generation left-pads prompts, and a pad equal
-to EOS would make every padded prompt look finished (DESIGN section 4).
+Both come out with a pad token: distinct from EOS where the tokenizer has one to spare, or EOS
+itself (Qwen's and Llama 3's tokenizers have no other), as transformers and TRL accept. Every
+model input here carries its attention mask and every response its mask, cut after the first
+EOS, so a pad equal to EOS is never taken for either.
 """
 
 from __future__ import annotations
@@ -36,21 +38,21 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 def load_tokenizer(
     path: str, trust_remote_code: bool = False, chat_template: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure its pad token exists and differs from EOS; `chat_template`
+    """Load a tokenizer and make sure it has EOS and a pad token; `chat_template`
     (data.chat_template) replaces its own, so the directories it is saved to carry it.
 
     Llama/Mistral tokenizers ship no pad token; their <unk> is a safe distinct pad (it never
-    appears in real text), so no embedding row has to be added.
+    appears in real text), so no embedding row has to be added. Without one, EOS pads.
     """
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no EOS token; generation could never stop")
+        raise ValueError(
+            f"tokenizer at {path} has no EOS token, so a response could never end; set "
+            "eos_token in its tokenizer_config.json (or use the model's chat/instruct tokenizer)"
+        )
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        if tok.unk_token_id is None or tok.unk_token_id == tok.eos_token_id:
-            raise ValueError(
-                f"tokenizer at {path} has no pad token distinct from EOS and no <unk> to use"
-            )
-        tok.pad_token = tok.unk_token
+        distinct_unk = tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id
+        tok.pad_token = tok.unk_token if distinct_unk else tok.eos_token
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok

@@ -99,6 +99,7 @@ def load_causal_lm(
     """A causal LM from a model directory or hub id, dropout off (DESIGN section 4)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(model_cfg, quant))
     disable_dropout(model)
+    upcast_beside_4bit(model)
     return model
 
 
@@ -117,7 +118,21 @@ def load_scalar_model(
     if not hasattr(model, "score"):
         raise ValueError(f"{path}: expected a sequence-classification model with a `score` head")
     disable_dropout(model)
+    upcast_beside_4bit(model)
     return model
+
+
+def upcast_beside_4bit(model: PreTrainedModel) -> None:
+    """In a 4-bit model, the weights that are not 4-bit (norms, embeddings, lm_head, score) to
+    float32, as peft's `prepare_model_for_kbit_training` casts those of every model it trains.
+    Done at every 4-bit load, so the frozen reference computes what the policy computed before
+    its first update (KL 0 at step 1), and not a bf16 variant of it."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    for param in model.parameters():
+        low = param.dtype in (torch.float16, torch.bfloat16)
+        if low and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -168,12 +183,15 @@ def to_device(model: torch.nn.Module, num_gpus: float) -> torch.nn.Module:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability to 0, LoRA's included: train mode then computes the same
-    function as eval mode (PPO needs identical logprobs in both) and keeps gradient
-    checkpointing, which transformers only applies in train mode."""
+    """Every dropout probability to 0, LoRA's and the attention's included: train mode then
+    computes the same function as eval mode (PPO needs identical logprobs in both) and keeps
+    gradient checkpointing, which transformers only applies in train mode. (Attention dropout
+    is a float the attention modules read in train mode, not a Dropout module.)"""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def device_of(model: torch.nn.Module) -> torch.device:

@@ -15,13 +15,15 @@ a constant factor on the critic's gradient would be normalised away by Adam. The
 learning rate, `ppo.critic_lr`, sets how hard it trains.
 `val/ratio_first` is the ratio of each iteration's first minibatch, before any update: 1 when
 the rollout's logprobs match the learner's own forward pass.
-With the vLLM engine the old logprobs (for the ratio and the KL) are the learner's own, from one
-no-grad pass over the batch before the update: the sampler's travel with the batch, and their
-gap is logged (`rollout/logprob_gap_*`). `rollout.logprob_correction: tis` also weights each
-token's policy loss by min(pi_learner / pi_sampler, tis_cap), truncated importance sampling
-("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", Yao et al. 2025).
+With `rollout.logprob_source` learner (vLLM, or a bf16/4-bit policy) the old logprobs (for the
+ratio and the KL) are the learner's own, from one no-grad pass over the batch before the update:
+the sampler's travel with the batch, and their gap is logged (`rollout/logprob_gap_*`).
+`rollout.logprob_correction: tis` also weights each token's policy loss by
+min(pi_learner / pi_sampler, tis_cap), truncated importance sampling ("Your Efficient RL
+Framework Secretly Brings You Off-Policy RL Training", Yao et al. 2025).
 Every dropout is off (`models.disable_dropout`), so the logprobs match the rollout's; the
-models stay in train mode only so that gradient checkpointing, when configured, applies.
+models stay in train mode so that gradient checkpointing, when configured, applies (and the
+reference model computes in train mode too: some kernels differ by mode).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class PPOLearner:
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
         ref = concat_padded(refs, batch.response.shape[1]).to(device)
-        # with vllm: batch.logprobs become the learner's own
+        # with rollout.logprob_source learner: batch.logprobs become the learner's own
         sampler, loss_weights = self._own_old_logprobs(batch)
         targets = self._targets(batch, scores.total.to(device), ref)
         stats = self._update(batch, targets, loss_weights)
@@ -139,7 +141,7 @@ class PPOLearner:
         }
 
     def _own_old_logprobs(self, batch: RolloutBatch) -> tuple[dict, torch.Tensor | None]:
-        """With vLLM: replace the sampler's logprobs by the learner's own (in place) -> (the
+        """With logprobs from the learner: replace the sampler's by its own (in place) -> (the
         gap stats, under tis the (B, R) importance weights of the policy loss, else None)."""
         if not self.settings.recomputes_logprobs:
             return {}, None

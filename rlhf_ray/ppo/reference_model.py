@@ -13,7 +13,10 @@ class ReferenceModel:
     """The frozen SFT policy: logprobs of the sampled responses, for the KL penalty."""
 
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
-        self.model = load_frozen_causal_lm(settings)
+        # In train mode, as the learner's policy (every dropout is off): kernels may differ by
+        # mode (bitsandbytes 4-bit on CPU repacks its weights for eval), and the KL at step 1
+        # must be that of the same computation, 0
+        self.model = load_frozen_causal_lm(settings).train()
         self.temperature = temperature
 
     @torch.no_grad()

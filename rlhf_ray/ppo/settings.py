@@ -44,13 +44,14 @@ class LearnerSettings:
     critic_path: str
     critic_method: str  # "full" or "lora", as the reward model is trained
     ppo: PPOConfig
-    engine: str = "hf"  # the generators' engine, "hf" or "vllm" (Config.rollout_engine)
-    rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap, for vllm
+    # "sampler" or "learner" (Config.logprob_source): learner = old logprobs from the learner's
+    # own pass, the sampler being another computation (vLLM, or generate's decode in bf16/4-bit)
+    logprob_source: str = "sampler"
+    rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap
 
     @property
     def recomputes_logprobs(self) -> bool:
-        """Old logprobs from the learner's own pass: the sampler is another implementation."""
-        return self.engine == "vllm"
+        return self.logprob_source == "learner"
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
         **lora,  # the policy always trains a LoRA adapter
         # the engine and its memory settings change how rollouts are sampled, not the loss
         **{f"rollout.{k}": getattr(cfg.rollout, k) for k in ("logprob_correction", "tis_cap")},
+        "rollout.logprob_source": cfg.logprob_source,  # resolved: which logprobs the ratio uses
         "data.prompt_rows_sha256": _rows_digest(data_dir, "prompts"),
     }
     return {"sft": sft, "reward": reward, "ppo": ppo}
