@@ -14,6 +14,19 @@ from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
+def pick_engine(engine: EngineSettings | None) -> tuple[str, str | None]:
+    """The engine this generator samples with, decided here, on its own node: ("hf" or
+    "vllm", why vLLM was not taken under rollout.engine auto, or None)."""
+    if engine is None:
+        return "hf", None
+    why_not = engine.runs_here()
+    if why_not is None:
+        return "vllm", None
+    if engine.auto:
+        return "hf", why_not
+    raise RuntimeError(f"rollout.engine vllm: {why_not}")
+
+
 @ray.remote
 class RolloutGenerator:
     def __init__(
@@ -25,9 +38,10 @@ class RolloutGenerator:
         timeout_s: float,
     ) -> None:
         quiet_libraries()  # before any library loads a model
+        self.engine, self.why_not_vllm = pick_engine(engine)
         # Imported here, in the role's process: the driver imports this module only to create
         # the actor, and never needs the model libraries the engines import (~4 s of CPU).
-        if engine is None:
+        if self.engine == "hf":
             from rlhf_ray.ppo.rollout_generator import RolloutGenerator
 
             self.generator = RolloutGenerator(settings, rank)
@@ -42,6 +56,10 @@ class RolloutGenerator:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def engine_choice(self) -> tuple[str, str | None]:
+        """("hf" or "vllm", why not vLLM where rollout.engine auto chose hf; else None)."""
+        return self.engine, self.why_not_vllm
 
     def busy_seconds(self) -> float:
         return self.busy.seconds

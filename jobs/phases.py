@@ -67,6 +67,8 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
         check_engine_installed(cfg.rollout_engine)
         if cfg.rollout_engine == "vllm":
             say_how_vllm_holds_the_base(cfg)
+        if cfg.rollout_engine == "auto" and cfg.vllm_misfit():
+            print(f"[ppo] rollout.engine auto: the generators use hf: {cfg.vllm_misfit()}")
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
     for phase in cfg.run.phases:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from rlhf_ray.ppo.settings import (
     LearnerSettings,
     PolicySettings,
     ScorerSettings,
-    engine_quantization,
 )
 from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
@@ -95,14 +95,13 @@ def policy_settings(cfg: Config, out: Path) -> PolicySettings:
 
 
 def engine_settings(cfg: Config) -> EngineSettings | None:
-    """The vLLM engine's settings for `rollout.engine` vllm; None for Hugging Face generate."""
-    if cfg.rollout_engine != "vllm":
+    """The vLLM engine's settings where a generator may sample with vLLM (rollout.engine vllm,
+    or auto on GPUs with a config vLLM fits); None: Hugging Face generate."""
+    engine = cfg.rollout_engine
+    if engine == "hf" or (engine == "auto" and cfg.vllm_misfit()):
         return None
-    data = cfg.data
-    quantization = engine_quantization(cfg.rollout, cfg.quantization.load_in_4bit)
-    return EngineSettings(
-        cfg.rollout, data.max_prompt_tokens + data.max_completion_tokens, quantization
-    )
+    rollout_len = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
+    return EngineSettings(cfg.rollout, rollout_len, auto=engine == "auto")
 
 
 def role_restarts(cfg: Config) -> dict:
@@ -172,4 +171,22 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
     refs = [a.ready.remote() for a in roles.all()]
     watch = capacity_watch(cfg, len(roles.generators))
     get_results(refs, timeout, "starting the PPO actors", watch=watch)
+    if cfg.rollout_engine == "auto":
+        record_engine_choices(roles)
     return roles
+
+
+def record_engine_choices(roles: Roles) -> dict[str, str]:
+    """What rollout.engine auto chose on each generator's node, said and kept in
+    `<output_dir>/rollout_engines.json` (name -> "vllm", or "hf (why not vLLM)")."""
+    refs = [g.engine_choice.remote() for g in roles.generators.values()]
+    answers = get_results(refs, roles.cfg.run.ray_timeout_s, "asking the generators' engines")
+    names = map(generator_name, roles.generators)
+    chosen = {
+        name: engine if why_not is None else f"{engine} ({why_not})"
+        for name, (engine, why_not) in zip(names, answers, strict=True)
+    }
+    print("[ppo] rollout.engine auto: " + "; ".join(f"{n} {e}" for n, e in chosen.items()))
+    path = roles.out / "rollout_engines.json"
+    path.write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")
+    return chosen

@@ -15,7 +15,9 @@ import pytest
 import ray
 import yaml
 
+from actors.rollout_generator import pick_engine
 from jobs import cli
+from jobs.roles import engine_settings
 from rlhf_ray.config import (
     Config,
     DataConfig,
@@ -27,9 +29,10 @@ from rlhf_ray.config import (
 )
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.config.loading import config_to_dict, load_config, preset_names
-from rlhf_ray.config.rollout import vllm_installed
+from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
 from rlhf_ray.data.prepare import gather_rows
 from rlhf_ray.errors import ConfigError
+from rlhf_ray.ppo.settings import EngineSettings
 from tests import conftest
 from tests.conftest import smoke_config
 
@@ -602,11 +605,26 @@ def test_rollout_settings_are_checked_and_auto_resolves_by_where_vllm_can_run(tm
     with raises_with("rollout.engine='fast'", "one of auto, hf, vllm"):
         smoke_config(tmp_path, **{"rollout.engine": "fast"})
     assert smoke_config(tmp_path).rollout_engine == "hf"  # CPU generators: hf, installed or not
+    # on GPUs each generator decides on its own node: the same answer on any machine
     on_gpus = smoke_config(tmp_path, **{"resources.rollout_gpus": "1"})
-    assert on_gpus.rollout_engine == ("vllm" if vllm_installed() else "hf")
+    assert on_gpus.rollout_engine == "auto"
+    assert engine_settings(on_gpus).auto  # the generators are told they may take vLLM
+    # ... unless the config does not fit vLLM (the smoke model's heads of 16 fit only on GPUs)
+    too_big = smoke_config(tmp_path, **{"resources.rollout_gpus": "1", "lora.r": "1024"})
+    assert too_big.vllm_misfit() and engine_settings(too_big) is None
     # a config naming vLLM is valid (and can be shown) where vLLM is not installed
     named = {"rollout.engine": "vllm", "model.hidden_size": "64", "model.num_heads": "2"}
     assert smoke_config(tmp_path, **named).rollout.engine == "vllm"
+
+
+@pytest.mark.skipif(vllm_installed(), reason="a node without vLLM (.venv-vllm: test_vllm_engine)")
+def test_under_auto_a_generator_on_a_node_without_vllm_takes_hf_and_says_why():
+    """pick_engine runs in the generator's process: the node it runs on decides."""
+    assert pick_engine(None) == ("hf", None)
+    auto = EngineSettings(RolloutConfig(), 48, auto=True)
+    assert pick_engine(auto) == ("hf", "vLLM is not installed on this node")
+    with raises_with("rollout.engine vllm", "not installed", exc=RuntimeError):
+        pick_engine(EngineSettings(RolloutConfig(), 48))
 
 
 def test_vllm_settings_that_cannot_work_are_refused_before_any_work(tmp_path):

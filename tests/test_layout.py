@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rlhf_ray", "jobs", "actors")
 
@@ -153,6 +155,25 @@ def test_cluster_yaml_starts_every_node_with_token_auth_and_a_local_dashboard():
     assert "--dashboard-host=127.0.0.1" in cluster["head_start_ray_commands"][-1]
     # The same token on every node: the one `ray get-auth-token --generate` wrote locally.
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_cluster_yaml_passes_rays_own_check():
+    """What `ray up` does first: fill in the provider's defaults, then validate against Ray's
+    cluster schema (a misspelt key or a bad node type fails here, not on a user's cloud)."""
+    import copy
+
+    import jsonschema
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    assert prepared["available_node_types"]["gpu_worker"]["min_workers"] == 3
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["min_wokers"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="min_wokers"):
+        validate_config(prepare_config(broken))
 
 
 def test_rayjob_manifest_has_token_auth_and_keeps_the_dashboard_inside():

@@ -221,3 +221,14 @@ def test_tis_weights_reach_the_policy_loss(rollouts):
     assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-4)
     assert abs(plain[metrics.POLICY_LOSS]) < 1e-5  # whitened advantages, ratio 1
     assert abs(stats[metrics.POLICY_LOSS]) > 1e-3  # the weights reached the loss
+
+
+def test_batches_a_vllm_generator_sampled_are_recomputed_whatever_the_source(rollouts):
+    """Under rollout.engine auto each generator picks its engine: the learner recomputes the
+    logprobs of a step where any batch came from vLLM, even with logprob_source sampler."""
+    settings, shards, scores, refs = rollouts
+    skewed = [replace(s, logprobs=s.logprobs - 0.05 * s.response_mask) for s in shards]
+    mixed = [replace(skewed[0], engine="vllm"), skewed[1]]
+    stats = PPOLearner(settings).train(mixed, scores, refs)
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
+    assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.05, abs=1e-5)

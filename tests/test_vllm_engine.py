@@ -181,3 +181,14 @@ def test_vllm_settings_the_engine_cannot_run_are_refused_before_any_work(tmp_pat
     # auto picks vLLM only where the generators have GPUs; on CPUs it is a choice
     assert smoke_config(tmp_path).rollout_engine == "hf"
     assert _config(tmp_path).rollout_engine == "vllm"
+
+
+def test_under_auto_a_generator_with_vllm_but_no_gpu_takes_hf_and_says_why():
+    """pick_engine runs in the generator's process: vLLM installed here, but no CUDA GPU."""
+    from actors.rollout_generator import pick_engine
+    from rlhf_ray.config.rollout import RolloutConfig
+    from rlhf_ray.ppo.settings import EngineSettings
+
+    auto = EngineSettings(RolloutConfig(), 48, auto=True)
+    assert pick_engine(auto) == ("hf", "no CUDA GPU is visible to this generator")
+    assert pick_engine(EngineSettings(RolloutConfig(), 48)) == ("vllm", None)  # named: CPU build

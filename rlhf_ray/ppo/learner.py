@@ -127,8 +127,9 @@ class PPOLearner:
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
         ref = concat_padded(refs, batch.response.shape[1]).to(device)
-        # with rollout.logprob_source learner: batch.logprobs become the learner's own
-        sampler, loss_weights = self._own_old_logprobs(batch)
+        # from the learner (rollout.logprob_source, or a vLLM batch): batch.logprobs its own
+        recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
+        sampler, loss_weights = self._own_old_logprobs(batch, recompute)
         targets = self._targets(batch, scores.total.to(device), ref)
         stats = self._update(batch, targets, loss_weights)
         self.version += 1
@@ -140,10 +141,12 @@ class PPOLearner:
             metrics.POLICY_LAG: lag,
         }
 
-    def _own_old_logprobs(self, batch: RolloutBatch) -> tuple[dict, torch.Tensor | None]:
-        """With logprobs from the learner: replace the sampler's by its own (in place) -> (the
-        gap stats, under tis the (B, R) importance weights of the policy loss, else None)."""
-        if not self.settings.recomputes_logprobs:
+    def _own_old_logprobs(
+        self, batch: RolloutBatch, recompute: bool
+    ) -> tuple[dict, torch.Tensor | None]:
+        """With `recompute`: replace the sampler's logprobs by the learner's own (in place) ->
+        (the gap stats, under tis the (B, R) importance weights of the policy loss, else None)."""
+        if not recompute:
             return {}, None
         sampler_logprobs = batch.logprobs
         batch.logprobs = self._own_logprobs(batch)

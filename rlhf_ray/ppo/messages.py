@@ -36,6 +36,7 @@ class RolloutBatch(Samples):
     prompts: list[Prompt]  # B raw prompts as the data gave them: text or message lists
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
+    engine: str = "hf"  # what sampled it: "hf" (generate) or "vllm"
 
     @property
     def num_tokens(self) -> int:

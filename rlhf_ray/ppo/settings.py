@@ -16,6 +16,7 @@ from rlhf_ray.config import (
     QuantizationConfig,
     RolloutConfig,
 )
+from rlhf_ray.config.rollout import vllm_installed
 from rlhf_ray.data.limits import Limits
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
@@ -71,7 +72,20 @@ class EngineSettings:
 
     rollout: RolloutConfig
     max_model_len: int  # prompt + completion tokens of the longest rollout
-    quantization: str | None  # vLLM's name of the base's quantization; None: its dtype
+    # rollout.engine auto: the generator takes vLLM only where it can run it (installed on its
+    # node, and a GPU), else Hugging Face generate; with vllm it must
+    auto: bool = False
+
+    def runs_here(self) -> str | None:
+        """Why vLLM cannot run in this process (None: it can). Under auto a generator then
+        samples with hf; with rollout.engine vllm it fails to start, saying so."""
+        import torch
+
+        if not vllm_installed():
+            return "vLLM is not installed on this node"
+        if self.auto and not torch.cuda.is_available():
+            return "no CUDA GPU is visible to this generator"
+        return None
 
 
 def engine_quantization(rollout: RolloutConfig, base_in_4bit: bool) -> str | None:

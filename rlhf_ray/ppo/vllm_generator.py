@@ -35,7 +35,7 @@ from rlhf_ray.models.adapters import write_adapter
 from rlhf_ray.models.loading import use_cpus
 from rlhf_ray.ppo.arithmetic import truncate_after_eos
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
-from rlhf_ray.ppo.settings import EngineSettings, PolicySettings
+from rlhf_ray.ppo.settings import EngineSettings, PolicySettings, engine_quantization
 
 # LoRA ranks vLLM can be configured for (vllm.config.lora.MaxLoRARanks)
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -94,8 +94,10 @@ def build_engine(policy: PolicySettings, engine: EngineSettings, seed: int):
         "generation_config": "vllm",  # not the model's sampling defaults
         "enforce_eager": rollout.enforce_eager or not on_gpu,
     }
-    if engine.quantization is not None:
-        options["quantization"] = engine.quantization
+    # resolved here, against the vLLM of this node (with auto the driver may have none)
+    quantization = engine_quantization(rollout, policy.quantization.load_in_4bit)
+    if quantization is not None:
+        options["quantization"] = quantization
     if on_gpu:
         options["gpu_memory_utilization"] = rollout.gpu_memory_utilization
     return LLM(**options)
@@ -195,6 +197,7 @@ class VllmRolloutGenerator:
             prompts=list(prompts),
             policy_version=self.version,
             generator_rank=self.rank,
+            engine="vllm",
         )
 
     def close(self) -> None:
