@@ -1,17 +1,22 @@
 """A `cuda` device on a CPU-only torch, for the gpu_path tier: code runs with its tensors on
-"cuda:0" and computes real values (on the CPU underneath), and an op that mixes cuda and CPU
-tensors raises as it would on a GPU.
+"cuda:0" and computes real values (on the CPU underneath), training included, and an op that
+mixes cuda and CPU tensors raises as it would on a GPU.
 
 Why not torch's FakeTensorMode: it has shapes but no values, so `.item()`, `int(t.max())`,
 `torch.bincount` and every data-dependent branch of a PPO update raise before the update can
-reach the line that mixes devices. Here each tensor on the fake device is a wrapper
-(`FakeCudaTensor`) around a CPU tensor: it reports `device == cuda:0`, every op unwraps its
-arguments, checks their devices, runs on the CPU tensors and wraps what it returns.
+reach the line that mixes devices; and a CPU-only torch refuses to index its cuda tensors.
+
+How: each tensor on the fake device is a `FakeCudaTensor`, a wrapper that reports
+`device == cuda:0` around a CPU tensor, `inner`. A torch-function mode sees every torch call
+before autograd does: it unwraps the arguments, checks their devices, runs the call on the CPU
+tensors (so autograd records the graph there, and `backward` runs there: a CPU-only torch's
+autograd engine cannot run on a cuda device) and wraps what comes back. The wrapper itself is
+never part of a graph; its `grad`, `requires_grad` and `data` are those of its CPU tensor.
 
 The device rule is CUDA's: tensors of one op must all be on one device, except that a 0-dim CPU
-tensor (a "CPU scalar") may stand beside cuda tensors, and `copy_`/`_to_copy` move between the
-two. torch.cuda's queries answer as for one GPU (is_available, device_count, current_device, the
-RNG states), so the code takes its GPU branches.
+tensor (a "CPU scalar") may stand beside cuda tensors, CPU index tensors may index a cuda tensor,
+and copies move between the two. torch.cuda's queries answer as for one GPU (is_available,
+device_count, current_device, the RNG states), so the code takes its GPU branches.
 """
 
 from __future__ import annotations
@@ -27,21 +32,21 @@ from torch.utils._pytree import tree_map
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
-_MOVES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+Tensor = torch.Tensor
 
 
 class DeviceMixError(RuntimeError):
     """What CUDA raises: "Expected all tensors to be on the same device"."""
 
 
-class FakeCudaTensor(torch.Tensor):
-    """A tensor on "cuda:0" whose data is the CPU tensor `inner`."""
+class FakeCudaTensor(Tensor):
+    """A tensor on "cuda:0" whose data (and autograd graph) is the CPU tensor `inner`."""
 
-    inner: torch.Tensor
+    inner: Tensor
 
     @staticmethod
-    def __new__(cls, inner: torch.Tensor) -> FakeCudaTensor:
-        wrapper = torch.Tensor._make_wrapper_subclass(
+    def __new__(cls, inner: Tensor) -> FakeCudaTensor:
+        wrapper = Tensor._make_wrapper_subclass(
             cls,
             inner.shape,
             strides=inner.stride(),
@@ -49,7 +54,7 @@ class FakeCudaTensor(torch.Tensor):
             dtype=inner.dtype,
             layout=inner.layout,
             device=CUDA,
-            requires_grad=False,  # autograd, above the dispatch, sets it on outputs
+            requires_grad=False,  # the graph is the inner tensor's
         )
         wrapper.inner = inner
         return wrapper
@@ -61,185 +66,169 @@ class FakeCudaTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return _run(func, args, kwargs or {})
+        """Ops torch's own C++ code runs on a wrapper, below the function mode (no autograd)."""
+        return _call(func, args, kwargs or {})
 
 
 def _is_cuda(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
-def _run(func, args, kwargs):
-    """Run an aten op on the CPU tensors under its arguments; wrap its outputs on cuda when
-    any input was on cuda (or it was asked to make them there)."""
-    seen: dict[str, str] = {}  # device type -> an example shape, for the message
-    wrappers: dict[int, FakeCudaTensor] = {}  # id(inner) -> its wrapper: in-place ops return it
+def _unwrap(x):
+    return x.inner if isinstance(x, FakeCudaTensor) else x
 
-    def unwrap(x):
+
+def _wrap(x):
+    return FakeCudaTensor(x) if type(x) in (Tensor, torch.nn.Parameter) else x
+
+
+def _devices(tree) -> dict[str, str]:
+    """Device type -> an example shape, of the tensors in `tree` (CPU scalars left out)."""
+    seen: dict[str, str] = {}
+
+    def look(x):
         if isinstance(x, FakeCudaTensor):
             seen["cuda"] = str(tuple(x.shape))
-            wrappers[id(x.inner)] = x
-            return x.inner
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.device.type == "cpu":
+        elif isinstance(x, Tensor) and x.dim() > 0 and x.device.type == "cpu":
             seen["cpu"] = str(tuple(x.shape))
-        return x
 
-    args, kwargs = tree_map(unwrap, (args, kwargs))
+    tree_map(look, tree)
+    return seen
+
+
+# Copies between devices, which CUDA allows
+_MOVES = {Tensor.copy_, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+
+
+def _check(func, tree) -> dict[str, str]:
+    seen = _devices(tree)
     if len(seen) > 1 and func not in _MOVES:
         raise DeviceMixError(
-            f"Expected all tensors to be on the same device, but found at least two devices, "
+            "Expected all tensors to be on the same device, but found at least two devices, "
             f"cuda:0 (shape {seen['cuda']}) and cpu (shape {seen['cpu']}) in {func}"
         )
+    return seen
+
+
+def _call(func, args, kwargs):
+    """Check the devices, run `func` on the CPU tensors, and put its tensors on cuda when an
+    input was there (or it was asked to make them there). In-place ops return their wrapper."""
+    seen = _check(func, (args, kwargs))
     to_cuda = _is_cuda(kwargs.get("device"))
     if to_cuda:
         kwargs = {**kwargs, "device": CPU}
-    out = func(*args, **kwargs)
-    if func is torch.ops.aten.copy_.default:
-        return wrappers.get(id(out), out)
-    to_cpu = kwargs.get("device") is not None and not to_cuda
-    if not (to_cuda or ("cuda" in seen and not to_cpu)):
+    wrappers = {}
+    tree_map(lambda x: wrappers.setdefault(id(_unwrap(x)), x), (args, kwargs))
+    out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+    if not (to_cuda or "cuda" in seen):
         return out
 
     def wrap(x):
-        if not isinstance(x, torch.Tensor) or isinstance(x, FakeCudaTensor):
-            return x
         known = wrappers.get(id(x))
-        return FakeCudaTensor(x) if known is None else known
+        return known if isinstance(known, FakeCudaTensor) else _wrap(x)
 
     return tree_map(wrap, out)
 
 
-class _Dispatch(TorchDispatchMode):
-    """Every aten op, so that factories given device="cuda" make wrappers."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return _run(func, args, kwargs or {})
-
-
-_CASTS = {
-    torch.Tensor.bool: torch.bool,
-    torch.Tensor.byte: torch.uint8,
-    torch.Tensor.int: torch.int32,
-    torch.Tensor.long: torch.int64,
-    torch.Tensor.half: torch.float16,
-    torch.Tensor.bfloat16: torch.bfloat16,
-    torch.Tensor.float: torch.float32,
-    torch.Tensor.double: torch.float64,
-}
-
-
-# Reading values out to Python: torch copies them to the host first
-_READS = {
-    torch.Tensor.tolist,
-    torch.Tensor.item,
-    torch.Tensor.__int__,
-    torch.Tensor.__float__,
-    torch.Tensor.__bool__,
-    torch.Tensor.__index__,
-}
-
-
-class _Python(TorchFunctionMode):
-    """What a CPU-only torch refuses for a cuda tensor in its Python bindings, before any
-    dispatch (it asks for a CUDA device guard): `Tensor.to`/`.cuda()` become the aten copy the
-    binding would have called; indexing runs on the CPU tensors underneath."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return torch.ops.aten._to_copy.default(args[0], device=CUDA)
-        if func is torch.Tensor.to and (_any_fake(args) or _is_cuda(_target(args, kwargs)[0])):
-            return _to(args[0], *_target(args, kwargs), copy=kwargs.get("copy", False))
-        if func in (torch.tensor, torch.as_tensor) and _is_cuda(kwargs.get("device")):
-            made = func(*args, **{**kwargs, "device": CPU})
-            return torch.ops.aten._to_copy.default(made, device=CUDA)
-        if func in _CASTS and isinstance(args[0], FakeCudaTensor):
-            return _to(args[0], None, _CASTS[func], copy=False)
-        if func is torch.Tensor.cpu and isinstance(args[0], FakeCudaTensor):
-            return _to(args[0], CPU, None, copy=False)
-        if func in _READS and isinstance(args[0], FakeCudaTensor):  # a GPU syncs, then reads
-            return func(args[0].inner, *args[1:], **kwargs)
-        if func is torch.Tensor.numpy and isinstance(args[0], FakeCudaTensor):
-            raise TypeError("can't convert cuda:0 device type tensor to numpy; use .cpu() first")
-        if func is torch.Tensor.__invert__ and isinstance(args[0], FakeCudaTensor):
-            return torch.ops.aten.bitwise_not.default(args[0])
-        if func is torch.Tensor.copy_ and _any_fake(args):
-            return torch.ops.aten.copy_.default(*args, **kwargs)
-        if func is torch.Tensor.contiguous and isinstance(args[0], FakeCudaTensor):
-            return torch.ops.aten.contiguous.default(*args, **kwargs)
-        if func is torch.Tensor.new_tensor and isinstance(args[0], FakeCudaTensor):
-            made = torch.tensor(*args[1:], **{"dtype": args[0].dtype, **kwargs, "device": CPU})
-            return torch.ops.aten._to_copy.default(made, device=CUDA)
-        if func is torch.Tensor.__getitem__ and _any_fake(args):
-            return _GetItem.apply(args[0], _index_on_cpu(args[0], args[1]))
-        if func is torch.Tensor.__setitem__ and _any_fake(args):
-            return _set_item(*args)
-        return func(*args, **kwargs)
+def _to(x: Tensor, device, dtype, copy: bool = False) -> Tensor:
+    """`x.to(device, dtype)`: itself when nothing changes; autograd records the copy."""
+    device = x.device if device is None else torch.device(device)
+    dtype = x.dtype if dtype is None else dtype
+    if device.type == x.device.type and dtype == x.dtype and not copy:
+        return x
+    inner = _unwrap(x).to(dtype=dtype, copy=True)
+    return FakeCudaTensor(inner) if device.type == "cuda" else inner
 
 
 def _target(args, kwargs) -> tuple:
     """(device, dtype) that `Tensor.to(*args[1:], **kwargs)` asks for (None: unchanged)."""
-    rest = [a.device if isinstance(a, FakeCudaTensor) else a for a in args[1:]]
-    kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
-    device, dtype, _, _ = torch._C._nn._parse_to(*rest, **kwargs)
-    other = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-    return device, other.dtype if other is not None else dtype
+    other = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
+    if other is not None:
+        return other.device, other.dtype
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("copy", "non_blocking")}
+    device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    return device, dtype
 
 
-def _to(x: torch.Tensor, device, dtype, copy: bool) -> torch.Tensor:
-    """`x.to(device, dtype)` as the binding would do it: itself when nothing changes."""
-    device = x.device if device is None else torch.device(device)
-    device = CUDA if device.type == "cuda" else device
-    dtype = x.dtype if dtype is None else dtype
-    if device == x.device and dtype == x.dtype and not copy:
-        return x
-    return torch.ops.aten._to_copy.default(x, dtype=dtype, device=device)
+_CASTS = {
+    Tensor.bool: torch.bool,
+    Tensor.byte: torch.uint8,
+    Tensor.int: torch.int32,
+    Tensor.long: torch.int64,
+    Tensor.half: torch.float16,
+    Tensor.bfloat16: torch.bfloat16,
+    Tensor.float: torch.float32,
+    Tensor.double: torch.float64,
+}
+_INDEXING = {Tensor.__getitem__, Tensor.__setitem__, Tensor.index_select, Tensor.index_put_}
 
 
-def _any_fake(tree) -> bool:
-    found = []
-    tree_map(lambda x: found.append(x) if isinstance(x, FakeCudaTensor) else None, tree)
-    return bool(found)
+def _property(func, args):
+    """A Tensor property read or written on a wrapper: the device is its own, the autograd
+    state (grad, requires_grad, grad_fn, is_leaf) and data are the CPU tensor's."""
+    name, wrapper = func.__self__.__name__, args[0]
+    inner = wrapper.inner
+    if func.__name__ == "__set__":
+        value = args[1]
+        if name == "data":
+            wrapper.inner = _unwrap(value)
+        else:
+            setattr(inner, name, _unwrap(value))
+        return None
+    if name == "device":
+        return CUDA
+    if name == "is_cuda":
+        return True
+    if name == "data":
+        return FakeCudaTensor(inner.data)
+    value = getattr(inner, name)
+    return _wrap(value) if isinstance(value, Tensor) else value
 
 
-def _inner(x):
-    return x.inner if isinstance(x, FakeCudaTensor) else x
+class _FakeCuda(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("__get__", "__set__"):
+            if args and isinstance(args[0], FakeCudaTensor):
+                return _property(func, args)
+            return func(*args, **kwargs)
+        if func is torch._has_compatible_shallow_copy_type:  # a question, not an op
+            return func(*args, **kwargs)
+        if func is Tensor.cuda:
+            return _to(args[0], CUDA, None)
+        if func is Tensor.cpu:
+            return _to(args[0], CPU, None)
+        if func is Tensor.to:
+            return _to(args[0], *_target(args, kwargs), copy=kwargs.get("copy", False))
+        if func in _CASTS:
+            return _to(args[0], None, _CASTS[func])
+        if func is Tensor.get_device and isinstance(args[0], FakeCudaTensor):
+            return 0
+        if func is Tensor.numpy and isinstance(args[0], FakeCudaTensor):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy; use .cpu() first")
+        if func is Tensor.requires_grad_ and isinstance(args[0], FakeCudaTensor):
+            args[0].inner.requires_grad_(*args[1:], **kwargs)
+            return args[0]
+        if func is Tensor.new_tensor and isinstance(args[0], FakeCudaTensor):
+            made = torch.tensor(*args[1:], **{"dtype": args[0].dtype, **kwargs})
+            return FakeCudaTensor(made)
+        if func in (torch.tensor, torch.as_tensor) and _is_cuda(kwargs.get("device")):
+            return FakeCudaTensor(func(*args, **{**kwargs, "device": CPU}))
+        if func in _INDEXING:  # CUDA takes CPU index tensors for a cuda tensor
+            target, rest = args[0], args[1:]
+            if not isinstance(target, FakeCudaTensor) and _devices((rest, kwargs)).get("cuda"):
+                raise DeviceMixError(f"indices or values on cuda:0 for a CPU tensor in {func}")
+            if isinstance(target, FakeCudaTensor):
+                out = func(target.inner, *tree_map(_unwrap, rest), **tree_map(_unwrap, kwargs))
+                return target if func is Tensor.__setitem__ or out is target.inner else _wrap(out)
+        return _call(func, args, kwargs)
 
 
-def _index_on_cpu(target: torch.Tensor, index):
-    """An index of a cuda tensor with every tensor in it on the CPU; indexing a CPU tensor with
-    cuda index tensors raises, as torch does."""
-    if not isinstance(target, FakeCudaTensor) and _any_fake(index):
-        raise DeviceMixError(
-            "indices should be either on cpu or on the same device as the indexed tensor (cpu)"
-        )
-    return tree_map(_inner, index)
+class _Dispatch(TorchDispatchMode):
+    """Factories asked for device="cuda" below the function mode (from C++) make wrappers."""
 
-
-class _GetItem(torch.autograd.Function):
-    """`x[index]` of a cuda tensor, differentiable: indexing and its backward run on the CPU
-    tensor underneath, by autograd itself."""
-
-    @staticmethod
-    def forward(ctx, x: FakeCudaTensor, index):
-        with torch.enable_grad():
-            source = x.inner.detach().requires_grad_(x.requires_grad)
-            out = source[index]
-        ctx.saved = (source, out)
-        return FakeCudaTensor(out.detach())
-
-    @staticmethod
-    def backward(ctx, grad: FakeCudaTensor):
-        source, out = ctx.saved
-        (grad_source,) = torch.autograd.grad(out, source, grad.inner)
-        return FakeCudaTensor(grad_source), None
-
-
-def _set_item(target: torch.Tensor, index, value) -> None:
-    if not isinstance(target, FakeCudaTensor):
-        raise DeviceMixError("a cuda value or index written into a CPU tensor")
-    if target.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("fake_cuda: x[i] = v on a tensor that requires grad")
-    target.inner[_index_on_cpu(target, index)] = _inner(value)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return _call(func, args, kwargs or {})
 
 
 @contextmanager
@@ -250,18 +239,17 @@ def fake_cuda() -> Iterator[None]:
         "is_available": lambda: True,
         "device_count": lambda: 1,
         "current_device": lambda: 0,
-        "get_rng_state_all": lambda: [torch.zeros(16, dtype=torch.uint8)],  # on the CPU, as CUDA's
+        "get_rng_state_all": lambda: [torch.zeros(16, dtype=torch.uint8)],  # CPU, as CUDA's
         "set_rng_state_all": lambda states: None,
         "manual_seed_all": lambda seed: None,
     }
     with ExitStack() as stack:
         for name, value in patches.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value))
-        # Module.to then makes new Parameters of the wrappers instead of `param.data = wrapper`,
-        # which would keep the Parameter's old Python object (and no CPU tensor under it)
+        # Module.to then makes new Parameters of the wrappers instead of `param.data = wrapper`
         overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
         torch.__future__.set_overwrite_module_params_on_conversion(True)
         stack.callback(torch.__future__.set_overwrite_module_params_on_conversion, overwrite)
-        stack.enter_context(_Python())
+        stack.enter_context(_FakeCuda())
         stack.enter_context(_Dispatch())
         yield
