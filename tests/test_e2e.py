@@ -30,7 +30,7 @@ from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from tests.conftest import check_console, copy_outputs, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-STOPPED_RUN_STEPS = 24
+STOPPED_RUN_STEPS = 60
 SUMMARY_KEYS = (
     "rm_accuracy",
     "gold_reward_base",
@@ -210,8 +210,10 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tiny_run, tmp_pat
     _wait_for_jobs_api(address, env, 90)
     _refused_without_the_token(env)
 
-    # Enough steps (a smoke step takes about half a second) for the stop to land mid-PPO; the
-    # progress lines a log gets, as users of `ray job logs` see them (the preset has them off).
+    # Enough steps for the stop to land mid-PPO: a smoke step took 0.1-0.5 s (measured), and
+    # `ray job stop` starts a CLI process (seconds): with 24 steps it once landed after the last
+    # one. The progress lines a log gets, as users of `ray job logs` see them (the preset has
+    # them off).
     steps = ("--ppo.steps", str(STOPPED_RUN_STEPS), "--run.progress_bar", "true")
     _submit(env, "smoke-job", out, *steps)
     deadline = time.time() + 600

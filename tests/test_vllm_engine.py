@@ -63,7 +63,7 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
     cfg = _config(out)
     settings = policy_settings(cfg, out)
     learner = PPOLearner(
-        LearnerSettings(settings, str(out / "reward"), "full", cfg.ppo, engine="vllm")
+        LearnerSettings(settings, str(out / "reward"), "full", cfg.ppo, logprob_source="learner")
     )
     generator = VllmRolloutGenerator(settings, engine_settings(cfg), rank=0)
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")][:8]
