@@ -15,6 +15,7 @@ import pytest
 import ray
 import yaml
 
+import rlhf_ray.config
 from actors.rollout_generator import pick_engine
 from jobs import cli
 from jobs.roles import engine_settings
@@ -105,6 +106,13 @@ def test_smoke_preset_loads_and_is_small():
 def test_mistral_qlora_preset_is_the_lessons_recipe():
     cfg = load_config(preset("mistral-7b-qlora"))
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
+    # vLLM (0.32: no bitsandbytes) samples from a bf16 base, the learner trains the 4-bit one:
+    # the learner's own logprobs, corrected by tis; the preset's comment says so, not otherwise
+    assert cfg.rollout_engine == "vllm" and cfg.logprob_source == "learner"
+    assert cfg.rollout.logprob_correction == "tis"
+    presets = Path(rlhf_ray.config.__file__).parent / "presets"
+    comment = (presets / "mistral-7b-qlora.yaml").read_text().split("model:")[0]
+    assert "no bitsandbytes loading" in comment and "4-bit base stays in the engine" not in comment
     assert cfg.model.gradient_checkpointing is True
     q = cfg.quantization
     assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (

@@ -176,6 +176,42 @@ def test_cluster_yaml_passes_rays_own_check():
         validate_config(prepare_config(broken))
 
 
+def strict(schema):
+    """A Kubernetes structural schema as the API server applies it with strict field validation
+    (kubectl's default): an object that lists its properties takes no others, unless it is
+    marked to keep unknown fields or says what other properties may hold."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    keeps = out.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in out
+    if "properties" in out and not keeps:
+        out["additionalProperties"] = False
+    return out
+
+
+def test_rayjob_manifest_is_a_valid_kuberay_rayjob():
+    """Against KubeRay's own RayJob schema (tests/data/README.md says where it is from), with
+    unknown fields refused as `kubectl apply` refuses them."""
+    import copy
+    import gzip
+    import json
+
+    import jsonschema
+    import yaml
+
+    with gzip.open(ROOT / "tests" / "data" / "kuberay-rayjob-v1.schema.json.gz") as f:
+        schema = strict(json.load(f))
+    rayjob = next(yaml.safe_load_all((ROOT / "rayjob.yaml").read_text()))
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(rayjob, schema)
+    broken = copy.deepcopy(rayjob)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["serviceTipe"] = "ClusterIP"
+    with pytest.raises(jsonschema.ValidationError, match="serviceTipe"):
+        jsonschema.validate(broken, schema)
+
+
 def test_rayjob_manifest_has_token_auth_and_keeps_the_dashboard_inside():
     import yaml
 
