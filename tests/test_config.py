@@ -15,10 +15,7 @@ import pytest
 import ray
 import yaml
 
-import rlhf_ray.config
-from actors.rollout_generator import pick_engine
 from jobs import cli
-from jobs.roles import engine_settings
 from rlhf_ray.config import (
     Config,
     DataConfig,
@@ -30,10 +27,8 @@ from rlhf_ray.config import (
 )
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.config.loading import config_to_dict, load_config, preset_names
-from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
 from rlhf_ray.data.prepare import gather_rows
 from rlhf_ray.errors import ConfigError
-from rlhf_ray.ppo.settings import EngineSettings
 from tests import conftest
 from tests.conftest import smoke_config
 
@@ -106,13 +101,6 @@ def test_smoke_preset_loads_and_is_small():
 def test_mistral_qlora_preset_is_the_lessons_recipe():
     cfg = load_config(preset("mistral-7b-qlora"))
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
-    # vLLM (0.32: no bitsandbytes) samples from a bf16 base, the learner trains the 4-bit one:
-    # the learner's own logprobs, corrected by tis; the preset's comment says so, not otherwise
-    assert cfg.rollout_engine == "vllm" and cfg.logprob_source == "learner"
-    assert cfg.rollout.logprob_correction == "tis"
-    presets = Path(rlhf_ray.config.__file__).parent / "presets"
-    comment = (presets / "mistral-7b-qlora.yaml").read_text().split("model:")[0]
-    assert "no bitsandbytes loading" in comment and "4-bit base stays in the engine" not in comment
     assert cfg.model.gradient_checkpointing is True
     q = cfg.quantization
     assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (
@@ -374,9 +362,6 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--model.dtype", "float8"], ("model.dtype='float8'", "bfloat16")),
         (["--model.hidden_size", "130"], ("model.hidden_size=130", "multiple of num_heads=4")),
         (["--resources.learner_gpus", "1.5"], ("resources.learner_gpus=1.5", "at most 1")),
-        (["--resources.learner_gpus", "2"], ("resources.learner_gpus=2", "sit idle")),
-        (["--resources.rollout_gpus", "2"], ("rollout_gpus=2", "raise ppo.num_rollout_actors")),
-        (["--resources.train_worker_gpus", "4"], ("train_worker_gpus=4", "train_workers")),
         (["--data.overlong", "drop"], ("data.overlong='drop'", "truncate, reject")),
         (["--ppo.gamma", "0"], ("ppo.gamma=0.0", "(0, 1]")),
         # Lists are space-separated; a bracketed or comma list is refused, never split.
@@ -607,32 +592,15 @@ def test_auto_scaling_bounds_are_checked_and_unused_without_it():
     assert PPOConfig(rollout_scaling="auto", max_rollout_actors=4).unused_settings() == []
 
 
-def test_rollout_settings_are_checked_and_auto_resolves_by_where_vllm_can_run(tmp_path):
+def test_rollout_settings_are_checked(tmp_path):
     with raises_with("rollout.tis_cap=0.5", ">= 1"):
         smoke_config(tmp_path, **{"rollout.tis_cap": "0.5"})
     with raises_with("rollout.engine='fast'", "one of auto, hf, vllm"):
         smoke_config(tmp_path, **{"rollout.engine": "fast"})
     assert smoke_config(tmp_path).rollout_engine == "hf"  # CPU generators: hf, installed or not
-    # on GPUs each generator decides on its own node: the same answer on any machine
-    on_gpus = smoke_config(tmp_path, **{"resources.rollout_gpus": "1"})
-    assert on_gpus.rollout_engine == "auto"
-    assert engine_settings(on_gpus).auto  # the generators are told they may take vLLM
-    # ... unless the config does not fit vLLM (the smoke model's heads of 16 fit only on GPUs)
-    too_big = smoke_config(tmp_path, **{"resources.rollout_gpus": "1", "lora.r": "1024"})
-    assert too_big.vllm_misfit() and engine_settings(too_big) is None
     # a config naming vLLM is valid (and can be shown) where vLLM is not installed
     named = {"rollout.engine": "vllm", "model.hidden_size": "64", "model.num_heads": "2"}
     assert smoke_config(tmp_path, **named).rollout.engine == "vllm"
-
-
-@pytest.mark.skipif(vllm_installed(), reason="a node without vLLM (.venv-vllm: test_vllm_engine)")
-def test_under_auto_a_generator_on_a_node_without_vllm_takes_hf_and_says_why():
-    """pick_engine runs in the generator's process: the node it runs on decides."""
-    assert pick_engine(None) == ("hf", None)
-    auto = EngineSettings(RolloutConfig(), 48, auto=True)
-    assert pick_engine(auto) == ("hf", "vLLM is not installed on this node")
-    with raises_with("rollout.engine vllm", "not installed", exc=RuntimeError):
-        pick_engine(EngineSettings(RolloutConfig(), 48))
 
 
 def test_vllm_settings_that_cannot_work_are_refused_before_any_work(tmp_path):

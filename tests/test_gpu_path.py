@@ -10,21 +10,28 @@ whole update, backward and optimizer step included, runs on cuda here.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import rlhf_ray.config
+from actors.rollout_generator import pick_engine
+from jobs.roles import engine_settings
+from rlhf_ray.config.loading import load_config
+from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
 from rlhf_ray.data.prepare import limits_of, read_rows
+from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import PPOLearner
 from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.reference_model import ReferenceModel
 from rlhf_ray.ppo.reward_scorer import RewardScorer
 from rlhf_ray.ppo.rollout_generator import RolloutGenerator
-from rlhf_ray.ppo.settings import LearnerSettings, PolicySettings, ScorerSettings
+from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, PolicySettings, ScorerSettings
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import read_checkpoint, write_checkpoint
-from tests.conftest import make_tiny_run, smoke_config
+from tests.conftest import make_tiny_run, raises_with, smoke_config
 from tests.fake_cuda import CUDA, DeviceMixError, fake_cuda
 
 pytestmark = pytest.mark.gpu_path
@@ -232,3 +239,51 @@ def test_the_samplers_logprobs_are_off_by_what_the_default_source_says(first_ste
         assert 1e-4 < gap < 1e-2 and cfg.logprob_source == "learner"
     assert metrics.LOGPROB_GAP_MAX not in sampler  # the sampler's used as they are
     assert abs(sampler[metrics.RATIO_FIRST] - 1) < gap
+
+
+# -- settings that only matter on GPUs --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "hint"),
+    [
+        ("learner_gpus", "2", "sit idle"),
+        ("reference_gpus", "1.5", "at most 1"),
+        ("rollout_gpus", "2", "raise ppo.num_rollout_actors"),
+        ("train_worker_gpus", "4", "raise resources.train_workers"),
+    ],
+)
+def test_more_than_one_gpu_per_role_is_refused_before_any_work(tmp_path, key, value, hint):
+    """Each role runs on one device (device_map {"": current}, .to("cuda")): a second GPU was
+    reserved and left idle. (vLLM tensor parallelism and the learner group are not built.)"""
+    with raises_with(f"resources.{key}={float(value)}", hint, exc=ConfigError):
+        smoke_config(tmp_path, **{f"resources.{key}": value})
+    assert smoke_config(tmp_path, **{f"resources.{key}": "1"})
+
+
+def test_rollout_engine_auto_on_gpus_is_decided_where_each_generator_runs(tmp_path):
+    """The driver (often a CPU-only head) says "auto" whatever it has installed; each generator
+    takes vLLM where it can run it, else hf, and says why (pick_engine, in its process)."""
+    on_gpus = smoke_config(tmp_path, **{"resources.rollout_gpus": "1"})
+    assert on_gpus.rollout_engine == "auto"
+    assert engine_settings(on_gpus).auto  # the generators are told they may take vLLM
+    # ... unless the config does not fit vLLM: then hf everywhere, said at start
+    too_big = smoke_config(tmp_path, **{"resources.rollout_gpus": "1", "lora.r": "1024"})
+    assert too_big.vllm_misfit() and engine_settings(too_big) is None
+    assert pick_engine(None) == ("hf", None)
+    if not vllm_installed():  # a node without vLLM (.venv-vllm: tests/test_vllm_engine.py)
+        auto = EngineSettings(RolloutConfig(), 48, auto=True)
+        assert pick_engine(auto) == ("hf", "vLLM is not installed on this node")
+        with raises_with("rollout.engine vllm", "not installed", exc=RuntimeError):
+            pick_engine(EngineSettings(RolloutConfig(), 48))
+
+
+def test_the_7b_preset_recomputes_and_corrects_the_bf16_samplers_logprobs():
+    """vLLM 0.32 has no bitsandbytes: it samples from a bf16 base while the learner trains the
+    4-bit one. The preset takes the learner's logprobs, corrected by tis, and says so."""
+    cfg = load_config("mistral-7b-qlora")
+    assert cfg.rollout_engine == "vllm" and cfg.logprob_source == "learner"
+    assert cfg.rollout.logprob_correction == "tis"
+    presets = Path(rlhf_ray.config.__file__).parent / "presets"
+    comment = (presets / "mistral-7b-qlora.yaml").read_text().split("model:")[0]
+    assert "no bitsandbytes loading" in comment and "4-bit base stays in the engine" not in comment

@@ -218,6 +218,7 @@ def test_load_tokenizer_uses_unk_when_pad_is_eos(tmp_path):
     assert (loaded.pad_token, loaded.pad_token_id, loaded.eos_token_id) == ("<unk>", 0, 1)
 
 
+@pytest.mark.gpu_path  # what a GPU user's first small hub model (Qwen2.5) needs
 def test_load_tokenizer_refuses_no_eos_and_pads_with_eos_when_nothing_else_is_there(tmp_path):
     """Like Qwen's and Llama 3's: pad equal to EOS (or none) and no <unk>: EOS pads, as in
     transformers and TRL (masks, not ids, say where padding is)."""
