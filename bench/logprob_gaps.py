@@ -2,7 +2,8 @@
 PPO step 1 on a small model (policy = reference): what `rollout.logprob_source: auto` is chosen
 from (docs/gpu.md). CPU only; the same script runs on a GPU machine for its own numbers.
 
-    python bench/logprob_gaps.py [--engines hf vllm] [--rollouts 64]
+    .venv/bin/python bench/logprob_gaps.py [--rollouts 64]
+    .venv-vllm/bin/python bench/logprob_gaps.py --engines hf vllm
 
 vllm needs vLLM installed (.venv-vllm on CPUs). The model: the smoke preset at hidden size 64
 (heads of 32, which vLLM's CPU attention has; 4-bit blocks), untrained, prompts from its data.
@@ -13,20 +14,24 @@ and val/ratio_first of one update with the old logprobs from the sampler and fro
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from rlhf_ray.data.prepare import limits_of, read_rows
-from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import PPOLearner
-from rlhf_ray.ppo.messages import Scores
-from rlhf_ray.ppo.reference_model import ReferenceModel
-from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, PolicySettings
-from rlhf_ray.run import metrics
-from tests.conftest import make_tiny_run, smoke_config
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the library and tests' tiny-run builder
+
+from rlhf_ray.data.prepare import limits_of, read_rows  # noqa: E402
+from rlhf_ray.models.loading import FrozenModelSettings  # noqa: E402
+from rlhf_ray.ppo.learner import PPOLearner  # noqa: E402
+from rlhf_ray.ppo.messages import Scores  # noqa: E402
+from rlhf_ray.ppo.reference_model import ReferenceModel  # noqa: E402
+from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, PolicySettings  # noqa: E402
+from rlhf_ray.run import metrics  # noqa: E402
+from tests.conftest import make_tiny_run, smoke_config  # noqa: E402
 
 SHAPE = {"model.hidden_size": "64", "model.intermediate_size": "128", "model.num_heads": "2"}
 DTYPES = {
@@ -65,8 +70,8 @@ def measure(work: Path, name: str, engine: str, rollouts: int) -> dict:
     frozen = FrozenModelSettings(str(out / "sft"), cfg.model, cfg.quantization, 1, 0)
     ref = ReferenceModel(frozen, 1.0).logprobs(batch)
     stats = {}
-    # vLLM's batches are always recomputed by the learner: its "sampler" row would be the same
-    for source in ("learner", "sampler") if engine == "hf" else ("learner", "learner"):
+    # vLLM's batches are always recomputed by the learner: there is no "sampler" row
+    for source in ("learner", "sampler") if engine == "hf" else ("learner",):
         learner = PPOLearner(replace(settings, logprob_source=source))
         stats[source] = learner.train([replace(batch)], Scores(torch.zeros(rollouts), {}), [ref])
     return {"tokens": int(batch.response_mask.sum()), **stats}
@@ -81,7 +86,7 @@ def main() -> None:
         for engine in args.engines:
             for name in DTYPES:
                 row = measure(Path(tmp), name, engine, args.rollouts)
-                learner, sampler = row["learner"], row["sampler"]
+                learner, sampler = row["learner"], row.get("sampler")
                 print(
                     f"{engine:5} {name:24} tokens {row['tokens']:5}  gap mean "
                     f"{learner[metrics.LOGPROB_GAP_MEAN]:.1e} max "
