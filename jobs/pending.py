@@ -70,6 +70,7 @@ def batch_info(batch: RolloutBatch) -> dict:
         "policy_version": batch.policy_version,
         "generator_rank": batch.generator_rank,
         "prompts": batch.prompts,
+        "engine": batch.engine,  # a vLLM batch's logprobs are recomputed after a resume too
     }
 
 
