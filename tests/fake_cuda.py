@@ -170,8 +170,11 @@ def _property(func, args):
     inner = wrapper.inner
     if func.__name__ == "__set__":
         value = args[1]
-        if name == "data":
-            wrapper.inner = _unwrap(value)
+        if name == "data":  # the wrapper's shape and dtype are fixed at its making
+            new = _unwrap(value)
+            if (new.shape, new.dtype) != (inner.shape, inner.dtype):
+                raise NotImplementedError("fake_cuda: `t.data = x` with another shape or dtype")
+            wrapper.inner = new
         else:
             setattr(inner, name, _unwrap(value))
         return None
