@@ -2,11 +2,12 @@
 step, trains each step once, and leaves no Ray resource held behind.
 
 The driver runs in its own process, joined to the session's local Ray; a thread here SIGKILLs a
-random rollout generator, reward scorer or reference model process of this session's Ray a
-second after the last victim's replacement is up, until the driver exits. On the 2-core
-machine a restart (a new process importing torch, loading the model) takes about 8 seconds, so
-a kill lands about every 10 seconds, about one per three steps (measured: 10 kills in a 30-step
-run); an 18-step run sees about six.
+random rollout generator, reward scorer or reference model process of this session's Ray once
+the last victim's replacement is up and the run has trained KILL_EVERY_STEPS more steps, until
+the driver exits: about one kill per three steps whatever the machine's speed. (Kills timed by
+the clock, a second after each replacement, gave an 18-step run 2 to 5 kills as a smoke step
+took 0.1-0.5 s, and 10 to 13 with half a second.) A restart (a new process importing torch,
+loading the model) takes about 8 seconds on the 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,20 +22,29 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import read_metrics
+from rlhf_ray.run.trackers import read_metrics_log
 from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
 
-STEPS, KILL_EVERY_S = 18, 1.0
+STEPS, KILL_EVERY_STEPS = 18, 3
 STATELESS = ("ray::RolloutGenerator", "ray::RewardScorer", "ray::ReferenceModel")
 
 
-def _kill_at_random(driver, killed: list[str], rng: random.Random) -> None:
-    """Every KILL_EVERY_S seconds with all three stateless roles up, SIGKILL one of them.
+def _steps_trained(out) -> int:
+    return sum(metrics.KL in row for row in read_metrics_log(out, "ppo"))
+
+
+def _kill_at_random(driver, out, killed: list[str], rng: random.Random) -> None:
+    """With all three stateless roles up and KILL_EVERY_STEPS steps trained since the last kill,
+    SIGKILL one of them.
 
     Waiting for the last victim's replacement keeps the run moving on a 2-core machine, where a
     restart (a new process importing torch and loading the model) takes several seconds.
     """
+    last_kill_at = 0
     while driver.poll() is None:
-        time.sleep(KILL_EVERY_S)
+        time.sleep(0.1)
+        if _steps_trained(out) < last_kill_at + KILL_EVERY_STEPS:
+            continue
         victims = session_ray_processes(*STATELESS)
         if len(victims) < len(STATELESS) or driver.poll() is not None:
             continue  # a restart is still under way
@@ -45,6 +55,7 @@ def _kill_at_random(driver, killed: list[str], rng: random.Random) -> None:
         except psutil.NoSuchProcess:
             continue
         killed.append(role)
+        last_kill_at = _steps_trained(out)
 
 
 def _resources_back_to(before: dict, seconds: float) -> tuple[bool, dict]:
@@ -75,7 +86,7 @@ def test_random_kills_of_stateless_roles_lose_no_step_and_leak_nothing(
         *("--ppo.max_role_restarts", "1000", "--run.evaluate", "false"),
     )
     killed: list[str] = []
-    chaos = threading.Thread(target=_kill_at_random, args=(driver, killed, random.Random(0)))
+    chaos = threading.Thread(target=_kill_at_random, args=(driver, out, killed, random.Random(0)))
     chaos.start()
     code = finish(driver, timeout=600)
     chaos.join()
