@@ -5,9 +5,7 @@ process (the test session already holds a Ray of its own):
     python -m tests.cluster_scenario SOURCE_RUN WORK_DIR
 
 The head node has no CPU, so only the driver and the roles asking for 0 CPUs live there; each
-worker node has 1 CPU and declares 1 GPU (Ray's bookkeeping: torch sees none), exactly what the
-rollout generator asks for, so with rollout.engine auto it decides its engine on its own node.
-Two runs, one cluster:
+worker node has 1 CPU, exactly what the rollout generator asks for. Two runs, one cluster:
   lost   two worker nodes; the generator's node is removed at step 2 and the generator restarts
          on the spare one; that node is removed at step 4 and nothing can hold the generator;
   rerun  a node joins and the same command is run again.
@@ -38,10 +36,8 @@ STEPS, REMOVE_AT_STEPS = 8, (2, 4)
 DRIVER_ARGS = (
     *("--config", "smoke", "--phases", "ppo", "--ppo.steps", str(STEPS)),
     *("--ppo.checkpoint_every", "1", "--run.evaluate", "false"),
-    *("--resources.rollout_cpus", "1", "--resources.rollout_gpus", "1"),
-    *("--resources.learner_cpus", "0", "--resources.reward_cpus", "0"),
-    "--resources.reference_cpus",
-    "0",
+    *("--resources.rollout_cpus", "1", "--resources.learner_cpus", "0"),
+    *("--resources.reward_cpus", "0", "--resources.reference_cpus", "0"),
 )
 
 
@@ -101,12 +97,12 @@ def drive(cluster: Cluster, out: Path, remove_at_steps: tuple[int, ...] = ()) ->
 def main(source: Path, work: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
-        cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     out = work / "lost"
     copy_outputs(source, out, ("base", "sft", "reward"))
     runs = {"lost": drive(cluster, out, REMOVE_AT_STEPS)}
-    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.add_node(num_cpus=1)
     # A rerun is a new driver: a new Ray job, whose actor names cannot clash with the old ones.
     ray.shutdown()
     ray.init(address=cluster.address, log_to_driver=False)

@@ -9,15 +9,17 @@ whole update, backward and optimizer step included, runs on cuda here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 import rlhf_ray.config
 from actors.rollout_generator import pick_engine
-from jobs.roles import engine_settings
+from jobs.roles import Roles, engine_settings, record_engine_choices
 from rlhf_ray.config.loading import load_config
 from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
 from rlhf_ray.data.prepare import limits_of, read_rows
@@ -276,6 +278,37 @@ def test_rollout_engine_auto_on_gpus_is_decided_where_each_generator_runs(tmp_pa
         assert pick_engine(auto) == ("hf", "vLLM is not installed on this node")
         with raises_with("rollout.engine vllm", "not installed", exc=RuntimeError):
             pick_engine(EngineSettings(RolloutConfig(), 48))
+
+
+@ray.remote(num_cpus=0)
+class _GeneratorThatChose:
+    """Stands in for RolloutGenerator's answer once pick_engine ran in it (a real actor of
+    this session's Ray; a GPU node with vLLM is not to be had here)."""
+
+    def __init__(self, choice: tuple[str, str | None]) -> None:
+        self.choice = choice
+
+    def engine_choice(self) -> tuple[str, str | None]:
+        return self.choice
+
+
+def test_what_each_generator_chose_is_said_and_kept(local_ray, tmp_path, capsys):
+    cfg = smoke_config(tmp_path, **{"resources.rollout_gpus": "1"})
+    generators = {
+        0: _GeneratorThatChose.remote(("vllm", None)),
+        2: _GeneratorThatChose.remote(("hf", "vLLM is not installed on this node")),
+    }
+    roles = Roles(None, None, None, generators, cfg, tmp_path)
+    try:
+        chosen = record_engine_choices(roles)
+    finally:
+        for actor in generators.values():
+            ray.kill(actor)
+    expected = {"rollout-0": "vllm", "rollout-2": "hf (vLLM is not installed on this node)"}
+    assert chosen == expected
+    assert json.loads((tmp_path / "rollout_engines.json").read_text()) == expected
+    said = capsys.readouterr().out
+    assert "[ppo] rollout.engine auto: rollout-0 vllm; rollout-2 hf (vLLM is not" in said
 
 
 def test_the_7b_preset_recomputes_and_corrects_the_bf16_samplers_logprobs():

@@ -10,12 +10,10 @@ joined finishes the run. The scenario runs once, in its own process
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from rlhf_ray.config.rollout import vllm_installed
 from rlhf_ray.run.checkpoints import read_metrics
 from tests.cluster_scenario import REMOVE_AT_STEPS, STEPS
 from tests.conftest import run_scenario
@@ -34,17 +32,6 @@ def test_a_lost_generator_node_is_replaced_by_a_spare_one(scenario):
     # the generator went on on the spare node, and steps were trained there up to the next loss
     assert first["generator_node_after"] not in (None, first["removed"]), runs["lost"]
     assert runs["lost"]["removals"][1]["removed"] == first["generator_node_after"]
-
-
-def test_rollout_engine_auto_is_decided_on_the_generators_node_and_recorded(scenario):
-    """The driver's process cannot know what the generator's node has: the generator (on a node
-    with a GPU in Ray's books, and no CUDA device or no vLLM there) takes hf and says why."""
-    runs, work = scenario
-    chosen = json.loads((work / "lost" / "rollout_engines.json").read_text())
-    why = "no CUDA GPU is visible" if vllm_installed() else "vLLM is not installed on this node"
-    assert list(chosen) == ["rollout-0"] and chosen["rollout-0"].startswith("hf (")
-    assert why in chosen["rollout-0"]
-    assert f"[ppo] rollout.engine auto: rollout-0 hf ({why}" in runs["lost"]["stdout"]
 
 
 def test_a_lost_node_with_no_spare_capacity_is_a_clear_error_in_seconds(scenario):
