@@ -19,10 +19,10 @@ import torch
 
 import rlhf_ray.config
 from actors.rollout_generator import pick_engine
-from jobs.roles import Roles, engine_settings, record_engine_choices
+from jobs.roles import Roles, engine_settings, policy_settings, record_engine_choices
 from rlhf_ray.config.loading import load_config
 from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
-from rlhf_ray.data.prepare import limits_of, read_rows
+from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import PPOLearner
@@ -30,11 +30,13 @@ from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.reference_model import ReferenceModel
 from rlhf_ray.ppo.reward_scorer import RewardScorer
 from rlhf_ray.ppo.rollout_generator import RolloutGenerator
-from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, PolicySettings, ScorerSettings
+from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, ScorerSettings
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import read_checkpoint, write_checkpoint
-from tests.conftest import make_tiny_run, raises_with, smoke_config
+from tests.conftest import raises_with, smoke_config
 from tests.fake_cuda import CUDA, DeviceMixError, fake_cuda
+from tests.first_step import DTYPES
+from tests.first_step import first_step as run_first_step
 
 pytestmark = pytest.mark.gpu_path
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
@@ -58,17 +60,7 @@ def rollouts(tiny_run):
     and reference logprobs), sampled on the CPU: what a generator sends over the object store."""
     out, prepared = tiny_run
     cfg = smoke_config(out)
-    policy = PolicySettings(
-        str(out / "sft"),
-        cfg.model,
-        cfg.quantization,
-        cfg.lora,
-        limits_of(cfg.data),
-        cfg.ppo.temperature,
-        1,
-        0,
-        cfg.run.seed,
-    )
+    policy = replace(policy_settings(cfg, out), cpus=1)
     ppo = replace(cfg.ppo, rollouts_per_step=8, minibatch_size=4, samples_per_prompt=2)
     settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
     generator = RolloutGenerator(policy, rank=0)
@@ -179,40 +171,15 @@ def test_reference_and_reward_model_on_cuda_answer_on_the_cpu(tiny_run, rollouts
 
 # -- dtypes: bf16 and bitsandbytes 4-bit (nf4, bf16 compute) run on this CPU ------------------
 
-DTYPES = {
-    "float32": {},
-    "bfloat16": {"model.dtype": "bfloat16"},
-    "4-bit": {"quantization.load_in_4bit": "true"},
-}
-
 
 @pytest.fixture(scope="module", params=list(DTYPES))
 def first_step(request, tmp_path_factory):
     """(config, the numbers of PPO step 1 with the old logprobs from the learner, the same
-    from the sampler) on the smoke model at hidden size 64 (4-bit blocks need it), LoRA SFT
-    and reward model as in the 7B preset; 16 rollouts, one minibatch."""
-    shape = {"model.hidden_size": "64", "model.intermediate_size": "128"}
-    overrides = {**shape, "sft.method": "lora", "reward.method": "lora", **DTYPES[request.param]}
+    from the sampler): 16 rollouts, one minibatch (tests/first_step.py)."""
     out = tmp_path_factory.mktemp(f"dtype-{request.param}")
-    out, prepared = make_tiny_run(out, **overrides)
-    cfg = smoke_config(out, **overrides)
-    policy = PolicySettings(
-        str(out / "sft"), cfg.model, cfg.quantization, cfg.lora, limits_of(cfg.data), 1.0, 2, 0, 0
-    )
-    ppo = replace(cfg.ppo, rollouts_per_step=16, minibatch_size=16, epochs=1)
-    settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
-    generator = RolloutGenerator(policy, rank=0)
-    generator.load_weights(PPOLearner(settings).weights())
-    prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")][:16]
-    batch = generator.generate(prompts, list(range(16)))
-    frozen = FrozenModelSettings(str(out / "sft"), cfg.model, cfg.quantization, 1, 0)
-    ref = ReferenceModel(frozen, 1.0).logprobs(batch)
-    scores = Scores(torch.zeros(16), {})
-    stats = {}
-    for source in ("learner", "sampler"):
-        learner = PPOLearner(replace(settings, logprob_source=source))
-        stats[source] = learner.train([replace(batch)], scores, [ref])
-        print(request.param, source, {k: v for k, v in stats[source].items() if "/" in k})
+    cfg, _, stats = run_first_step(out, request.param, rollouts=16)
+    for source, numbers in stats.items():
+        print(request.param, source, {k: v for k, v in numbers.items() if "/" in k})
     return cfg, stats["learner"], stats["sampler"]
 
 
