@@ -19,9 +19,9 @@ class PPOLearner:
         quiet_libraries()  # before any library loads a model
         # Imported here, in the role's process: the driver imports this module only to create
         # the actor, and never needs the model libraries the core imports (~4 s of CPU).
-        from rlhf_ray.ppo.learner import PPOLearner
+        from rlhf_ray.ppo.learner import LearnerCore
 
-        self.learner = PPOLearner(settings)
+        self.learner = LearnerCore(settings)
         self.timeout_s = timeout_s
         self.busy = BusyClock()  # the update itself, not the wait for its inputs
 

@@ -17,9 +17,9 @@ from rlhf_ray.run.console import quiet_libraries
 class ReferenceModel:
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:
         quiet_libraries()  # before any library loads a model
-        from rlhf_ray.ppo.reference_model import ReferenceModel  # in the role's process only
+        from rlhf_ray.ppo.reference_model import ReferenceCore  # in the role's process only
 
-        self.reference = ReferenceModel(settings, temperature)
+        self.reference = ReferenceCore(settings, temperature)
         self.busy = BusyClock()
 
     def ready(self) -> int:

@@ -16,9 +16,9 @@ from rlhf_ray.run.console import quiet_libraries
 class RewardScorer:
     def __init__(self, settings: ScorerSettings) -> None:
         quiet_libraries()  # before any library loads a model
-        from rlhf_ray.ppo.reward_scorer import RewardScorer  # in the role's process only
+        from rlhf_ray.ppo.reward_scorer import ScorerCore  # in the role's process only
 
-        self.scorer = RewardScorer(settings)
+        self.scorer = ScorerCore(settings)
         self.busy = BusyClock()
 
     def ready(self) -> int:

@@ -42,13 +42,13 @@ class RolloutGenerator:
         # Imported here, in the role's process: the driver imports this module only to create
         # the actor, and never needs the model libraries the engines import (~4 s of CPU).
         if self.engine == "hf":
-            from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+            from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
 
-            self.generator = RolloutGenerator(settings, rank)
+            self.generator = HFGeneratorCore(settings, rank)
         else:
-            from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+            from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 
-            self.generator = VllmRolloutGenerator(settings, engine, rank)
+            self.generator = VllmGeneratorCore(settings, engine, rank)
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
         # restarted generator never samples from a stale policy.

@@ -5,7 +5,7 @@ against vLLM, side by side.
     .venv-vllm/bin/python bench/engines.py --models runs/default [--rounds 3] [--batches 6]
 
 `--models` is a finished run of the default preset (its `sft/` and `data/`). Each engine runs
-as rlhf-ray's RolloutGenerator runs it (the policy's LoRA adapter loaded from the learner's
+as rlhf-ray's HFGeneratorCore runs it (the policy's LoRA adapter loaded from the learner's
 tensors, sampling at temperature 1, its logprobs taken), in its own process on `--threads`
 torch threads, sampling `--batches` batches of 64 prompts; the engines alternate within a
 round. Reported: medians over rounds of each run's median batch (the first batch, with its
@@ -37,25 +37,25 @@ def measure(engine: str, models: Path, batches: int, threads: int) -> dict:
     """One engine's generator: per-batch seconds and tokens, and the seconds of one sync."""
     import torch
 
-    from jobs.roles import engine_settings, policy_settings
+    from jobs.ppo.roles import engine_settings, policy_settings
     from rlhf_ray.config.command_line import parse_run_args
     from rlhf_ray.data.jsonl import read_jsonl
-    from rlhf_ray.ppo.learner import PPOLearner
-    from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+    from rlhf_ray.ppo.learner import LearnerCore
+    from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
     from rlhf_ray.ppo.settings import LearnerSettings
-    from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+    from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 
     argv = ["--config", "default", "--run.output_dir", str(models), "--rollout.engine", engine]
     cfg = parse_run_args([*argv, "--ppo.temperature", str(TEMPERATURE)])
     policy = policy_settings(cfg, models)
     policy = type(policy)(**{**vars(policy), "cpus": threads})
-    weights = PPOLearner(LearnerSettings(policy, str(models / "sft"), "full", cfg.ppo)).weights()
+    weights = LearnerCore(LearnerSettings(policy, str(models / "sft"), "full", cfg.ppo)).weights()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     generator = (
-        RolloutGenerator(policy, rank=0)
+        HFGeneratorCore(policy, rank=0)
         if engine == "hf"
-        else VllmRolloutGenerator(policy, engine_settings(cfg), rank=0)
+        else VllmGeneratorCore(policy, engine_settings(cfg), rank=0)
     )
     startup_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -47,11 +47,11 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str], nodes: int)
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.ppo import PPOLoop
-    from jobs.roles import create_roles
+    from jobs.ppo.loop import PPOLoop
+    from jobs.ppo.roles import create_roles
     from rlhf_ray.config.command_line import parse_run_args
     from rlhf_ray.data.jsonl import read_jsonl
-    from rlhf_ray.ppo.progress import PromptStream
+    from rlhf_ray.ppo.run_state import PromptStream
     from rlhf_ray.run.busy import busy_since
 
     k = 1 if estimator == "gae" else SAMPLES
@@ -71,10 +71,10 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str], nodes: int)
     roles = create_roles(cfg, models)
     prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
     loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
-    pending, seconds, stages = loop._dispatch(), [], []
+    pending, seconds, stages = loop.dispatch(), [], []
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        pending, _, times = loop._step(pending, more=step < steps)
+        pending, _, times = loop.step(pending, more=step < steps)
         seconds.append(time.perf_counter() - start)
         stages.append(times)
         if step == 1:  # steady state from here: each role's busy clock, read inside the role
@@ -178,7 +178,7 @@ def decode(models: Path, steps: int) -> dict:
     from rlhf_ray.data.encoding import pad_left, prompt_ids
     from rlhf_ray.data.jsonl import read_jsonl
     from rlhf_ray.data.prepare import limits_of
-    from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+    from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
     from rlhf_ray.ppo.settings import PolicySettings
 
     cfg = load_config("default")
@@ -186,7 +186,7 @@ def decode(models: Path, steps: int) -> dict:
         str(models / "sft"), cfg.model, cfg.quantization, cfg.lora, limits_of(cfg.data),
         TEMPERATURE, 1, 0, 0,
     )  # fmt: skip
-    generator = RolloutGenerator(policy, rank=0)
+    generator = HFGeneratorCore(policy, rank=0)
     generator.version = 0  # the fresh adapter is the learner's version 0
     torch.set_num_threads(1)
     rows = read_jsonl(models / "data" / "prompts.jsonl")[:COMPLETIONS]

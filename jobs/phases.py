@@ -224,7 +224,7 @@ def train_reward(cfg: Config, prepared: PreparedRun) -> None:
 
 
 def train_ppo(cfg: Config, prepared: PreparedRun) -> None:
-    from jobs.ppo import run_ppo
+    from jobs.ppo.run import run_ppo
 
     run_ppo(cfg, prepared)
 

@@ -17,14 +17,14 @@ import psutil
 import pytest
 import ray
 
-from jobs.ppo import PPOLoop
-from jobs.roles import create_roles
+from jobs.ppo.loop import PPOLoop
+from jobs.ppo.roles import create_roles
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import prepare_run, read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
-from rlhf_ray.ppo.progress import PromptStream
+from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import write_metrics
 from rlhf_ray.train.settings import EVAL_SCORES_FILE
@@ -131,7 +131,7 @@ def running_roles(cfg, out: Path):
 
 def ppo_loop(cfg, roles, prepared) -> PPOLoop:
     """A new PPO loop of `cfg` (new prompt stream, step 0) driving `roles`, which a test steps
-    itself (`_dispatch`, `_step`)."""
+    itself (`dispatch`, `step`)."""
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
     return PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), Path(cfg.run.output_dir))
 

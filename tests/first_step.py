@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from jobs.roles import policy_settings
+from jobs.ppo.roles import policy_settings
 from rlhf_ray.config.rollout import RolloutConfig
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import PPOLearner
+from rlhf_ray.ppo.learner import LearnerCore
 from rlhf_ray.ppo.messages import Scores
-from rlhf_ray.ppo.reference_model import ReferenceModel
+from rlhf_ray.ppo.reference_model import ReferenceCore
 from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings
 from tests.conftest import make_tiny_run, smoke_config
 
@@ -44,24 +44,24 @@ def first_step(out: Path, dtype: str, rollouts: int, engine: str = "hf"):
     sampler = _generator(
         engine, policy, cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     )
-    sampler.load_weights(PPOLearner(settings).weights())
+    sampler.load_weights(LearnerCore(settings).weights())
     prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")]
     batch = sampler.generate((prompts * rollouts)[:rollouts], list(range(rollouts)))
     frozen = FrozenModelSettings(str(out / "sft"), cfg.model, cfg.quantization, 1, 0)
-    ref = ReferenceModel(frozen, policy.temperature).logprobs(batch)
+    ref = ReferenceCore(frozen, policy.temperature).logprobs(batch)
     scores = Scores(torch.zeros(rollouts), {})
     stats = {}
     for source in ("learner", "sampler") if engine == "hf" else ("learner",):
-        learner = PPOLearner(replace(settings, logprob_source=source))
+        learner = LearnerCore(replace(settings, logprob_source=source))
         stats[source] = learner.train([replace(batch)], scores, [ref])
     return cfg, int(batch.response_mask.sum()), stats
 
 
 def _generator(engine: str, policy, rollout_len: int):
     if engine == "hf":
-        from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+        from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
 
-        return RolloutGenerator(policy, rank=0)
-    from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator  # vLLM: an optional install
+        return HFGeneratorCore(policy, rank=0)
+    from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore  # vLLM: an optional install
 
-    return VllmRolloutGenerator(policy, EngineSettings(RolloutConfig(), rollout_len), rank=0)
+    return VllmGeneratorCore(policy, EngineSettings(RolloutConfig(), rollout_len), rank=0)

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from jobs import cluster, rlhf
-from jobs.ppo import PPOLoop
+from jobs.ppo.loop import PPOLoop
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.errors import ResourceError, RoleFailed
@@ -81,14 +81,14 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     assert _learner_version(roles) == 0, "this test runs first, on roles that never trained"
     _check_version_zero(roles, out)
     loop = _loop(roles, prepared)
-    pending = loop._dispatch()
+    pending = loop.dispatch()
     batches = ray.get(pending.refs, timeout=TIMEOUT)
     # rollouts_per_step 8 over 2 generators: 4 rollouts each, sampled with version 0.
     assert [b.generator_rank for b in batches] == [0, 1]
     assert [b.response.shape[0] for b in batches] == [4, 4]
     assert all(b.policy_version == 0 for b in batches)
     assert all(b.response_mask[:, 0].all() for b in batches)  # every response has a token
-    pending, stats, times = loop._step(pending, more=True)
+    pending, stats, times = loop.step(pending, more=True)
     assert stats[metrics.POLICY_LAG] == 0
     assert set(times) == set(metrics.STAGES)
     after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
@@ -104,7 +104,7 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
     names = len(learner_weights.tensors)
     assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_BYTES_PER_NAME * names
-    loop._step(pending, more=False)  # the batch in flight trains: the roles are left synced
+    loop.step(pending, more=False)  # the batch in flight trains: the roles are left synced
 
 
 def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run):
@@ -112,10 +112,10 @@ def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run
     generator = roles.generators[0]
     first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
     loop = _loop(roles, prepared)
-    pending = loop._dispatch()
+    pending = loop.dispatch()
     ray.kill(generator, no_restart=False)  # dies with its generate task in flight
     for step in range(1, 4):
-        pending, stats, _ = loop._step(pending, more=step < 3)
+        pending, stats, _ = loop.step(pending, more=step < 3)
         assert stats[metrics.POLICY_LAG] == 0
     assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
     version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
@@ -125,7 +125,7 @@ def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run
 def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, tiny_run):
     _, prepared = tiny_run
     loop = _loop(roles, prepared)
-    pending = loop._dispatch()
+    pending = loop.dispatch()
     # A call in flight when its actor dies is retried on the restarted actor.
     in_flight = roles.scorer.score.remote(pending.refs[0])
     ray.kill(roles.scorer, no_restart=False)
@@ -135,7 +135,7 @@ def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, t
     for step in range(1, 4):
         for role in (roles.scorer, roles.reference):
             ray.kill(role, no_restart=False)  # killed before every step's calls reach it
-        pending, stats, _ = loop._step(pending, more=step < 3)
+        pending, stats, _ = loop.step(pending, more=step < 3)
         ledger.append((step, _learner_version(roles) - start))
     assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
 
@@ -143,10 +143,10 @@ def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, t
 def test_overlap_generates_next_batch_during_the_update_one_version_behind(roles, tiny_run):
     _, prepared = tiny_run
     loop = _loop(roles, prepared, **{"ppo.overlap": "true"})
-    pending = loop._dispatch()
+    pending = loop.dispatch()
     lags = []
     for step in range(1, 4):
-        pending, stats, _ = loop._step(pending, more=step < 3)
+        pending, stats, _ = loop.step(pending, more=step < 3)
         lags.append(stats[metrics.POLICY_LAG])
     # Step 1 trains on rollouts of the learner's version; every later batch was dispatched
     # before the previous update finished, so it is one version behind.
@@ -158,11 +158,11 @@ def test_a_role_that_stays_dead_is_named_in_the_error(roles, tiny_run):
     actor killed with no_restart)."""
     _, prepared = tiny_run
     loop = _loop(roles, prepared)
-    pending = loop._dispatch()
+    pending = loop.dispatch()
     ray.kill(roles.scorer, no_restart=True)
     start = time.time()
     with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
-        loop._step(pending, more=False)
+        loop.step(pending, more=False)
     assert time.time() - start < 60
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 
-from rlhf_ray.ppo.progress import Progress
+from rlhf_ray.ppo.run_state import RunTotals
 from rlhf_ray.run.busy import BusyClock, busy_since
 
 
@@ -25,9 +25,9 @@ def test_busy_since_counts_a_restarted_role_from_zero():
 
 
 def test_busy_shares_add_up_over_segments_and_survive_a_checkpoint():
-    progress = Progress()
+    progress = RunTotals()
     progress.add_segment(10.0, {"learner": 4.0, "rollout-0": 5.0})
-    saved = Progress(**json.loads(json.dumps(dataclasses.asdict(progress))))  # as resumed
+    saved = RunTotals(**json.loads(json.dumps(dataclasses.asdict(progress))))  # as resumed
     saved.add_segment(10.0, {"learner": 6.0, "rollout-0": 5.0})
     assert saved.busy_fractions() == {"learner": 0.5, "rollout-0": 0.5}
-    assert saved.totals(2)["role_busy"] == {"learner": 0.5, "rollout-0": 0.5}
+    assert saved.summary(2)["role_busy"] == {"learner": 0.5, "rollout-0": 0.5}

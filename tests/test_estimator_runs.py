@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from jobs import rlhf
-from jobs.roles import create_roles
+from jobs.ppo.roles import create_roles
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.sampling import decode_responses
 from rlhf_ray.run import metrics

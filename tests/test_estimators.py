@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.ppo import arithmetic, estimators
+from rlhf_ray.ppo import estimators, losses, masked
 
 
 def t(x, dtype=torch.float32):
@@ -98,8 +98,8 @@ def test_kl_k3_is_nonnegative_and_zero_on_padding():
 def test_sequence_mean_weighs_each_response_the_same():
     # row means: (1 + 3) / 2 = 2 and 5 / 1 = 5 -> 3.5; a token mean would give 9 / 3 = 3.
     values, mask = t([[1.0, 3.0, 99.0], [5.0, 0.0, 0.0]]), t([[1, 1, 0], [1, 0, 0]])
-    close(arithmetic.sequence_mean(values, mask), 3.5)
-    close(arithmetic.masked_mean(values, mask), 3.0)
+    close(masked.sequence_mean(values, mask), 3.5)
+    close(masked.masked_mean(values, mask), 3.0)
 
 
 def test_policy_loss_per_sequence_as_grpo_defines_it():
@@ -107,7 +107,7 @@ def test_policy_loss_per_sequence_as_grpo_defines_it():
     #   token mean: -(1 + 1 + 4) / 3 = -2 ;  per sequence: -((1 + 1) / 2 + 4 / 1) / 2 = -2.5
     logp = t([[-1.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
     adv, mask = t([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0]]), t([[1, 1, 0], [1, 0, 0]])
-    token, _ = arithmetic.policy_loss(logp, logp, adv, mask, 0.2)
-    sequence, _ = arithmetic.policy_loss(logp, logp, adv, mask, 0.2, per_sequence=True)
+    token, _ = losses.policy_loss(logp, logp, adv, mask, 0.2)
+    sequence, _ = losses.policy_loss(logp, logp, adv, mask, 0.2, per_sequence=True)
     close(token, -2.0)
     close(sequence, -2.5)

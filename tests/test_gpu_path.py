@@ -19,17 +19,17 @@ import torch
 
 import rlhf_ray.config
 from actors.rollout_generator import pick_engine
-from jobs.roles import Roles, engine_settings, policy_settings, record_engine_choices
+from jobs.ppo.roles import Roles, engine_settings, policy_settings, record_engine_choices
 from rlhf_ray.config.loading import load_config
 from rlhf_ray.config.rollout import RolloutConfig, vllm_installed
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import PPOLearner
+from rlhf_ray.ppo.learner import LearnerCore
 from rlhf_ray.ppo.messages import Scores
-from rlhf_ray.ppo.reference_model import ReferenceModel
-from rlhf_ray.ppo.reward_scorer import RewardScorer
-from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+from rlhf_ray.ppo.reference_model import ReferenceCore
+from rlhf_ray.ppo.reward_scorer import ScorerCore
+from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
 from rlhf_ray.ppo.settings import EngineSettings, LearnerSettings, ScorerSettings
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import read_checkpoint, write_checkpoint
@@ -63,8 +63,8 @@ def rollouts(tiny_run):
     policy = replace(policy_settings(cfg, out), cpus=1)
     ppo = replace(cfg.ppo, rollouts_per_step=8, minibatch_size=4, samples_per_prompt=2)
     settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
-    generator = RolloutGenerator(policy, rank=0)
-    generator.load_weights(PPOLearner(settings).weights())
+    generator = HFGeneratorCore(policy, rank=0)
+    generator.load_weights(LearnerCore(settings).weights())
     prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")][:4]
     batch = generator.generate([p for p in prompts for _ in range(2)], [0, 0, 1, 1, 2, 2, 3, 3])
     scores = Scores(torch.linspace(-1, 1, 8), {})
@@ -82,16 +82,16 @@ UPDATES = [(estimator, "sampler") for estimator in ESTIMATORS] + [("gae", "learn
 
 @pytest.mark.parametrize(("estimator", "logprob_source"), UPDATES)
 def test_one_update_of_every_estimator_on_cuda_equals_the_cpus(rollouts, estimator, logprob_source):
-    """`PPOLearner.train` whole (the learner's own logprobs where asked, the critic's values,
+    """`LearnerCore.train` whole (the learner's own logprobs where asked, the critic's values,
     targets, epochs of minibatches, backward, clipping, AdamW) with the models on cuda and the
     step's batch, scores and reference logprobs from the object store on the CPU: the same
     statistics and the same weights after it as on the CPU."""
     settings, batch, scores, ref = rollouts
     settings = replace(on_gpu(settings, estimator), logprob_source=logprob_source)
-    cpu = PPOLearner(settings)  # built outside fake_cuda: on the CPU
+    cpu = LearnerCore(settings)  # built outside fake_cuda: on the CPU
     expected = cpu.train([replace(batch)], scores, [ref])
     with fake_cuda():
-        learner = PPOLearner(settings)
+        learner = LearnerCore(settings)
         assert next(learner.policy.parameters()).device == CUDA
         stats = learner.train([replace(batch)], scores, [ref])
         weights = learner.weights()
@@ -108,7 +108,7 @@ def test_a_checkpoint_of_a_learner_on_cuda_is_read_where_there_is_no_gpu(rollout
     moments, back on cuda."""
     settings, batch, scores, ref = rollouts
     with fake_cuda():
-        learner = PPOLearner(on_gpu(settings))
+        learner = LearnerCore(on_gpu(settings))
         learner.train([replace(batch)], scores, [ref])
         tensors, state = learner.checkpoint_state()
         on_gpu_tensors = [name for name, t in tensors.items() if t.device.type != "cpu"]
@@ -118,7 +118,7 @@ def test_a_checkpoint_of_a_learner_on_cuda_is_read_where_there_is_no_gpu(rollout
     path = write_checkpoint(tmp_path, 1, tensors, state, keep=1)  # the driver: no GPU here
     saved, saved_state = read_checkpoint(path)
     with fake_cuda():
-        restored = PPOLearner(on_gpu(settings))
+        restored = LearnerCore(on_gpu(settings))
         restored.restore(saved, saved_state)
         moments = restored.trained["policy"][1].state
         first = next(iter(moments.values()))
@@ -134,13 +134,13 @@ def test_a_generator_on_cuda_loads_cpu_weights_and_samples_what_the_cpu_samples(
     same seed the fake device draws the same tokens as the CPU (one RNG underneath)."""
     settings, batch, *_ = rollouts
     policy = settings.policy
-    weights = PPOLearner(settings).weights()
+    weights = LearnerCore(settings).weights()
     prompts, group = batch.prompts[:4], batch.group[:4].tolist()
-    cpu = RolloutGenerator(policy, rank=0)
+    cpu = HFGeneratorCore(policy, rank=0)
     cpu.load_weights(weights)
     expected = cpu.generate(prompts, group)
     with fake_cuda():
-        generator = RolloutGenerator(replace(policy, gpus=1), rank=0)
+        generator = HFGeneratorCore(replace(policy, gpus=1), rank=0)
         generator.load_weights(weights)
         assert next(generator.policy.parameters()).device == CUDA
         sampled = generator.generate(prompts, group)
@@ -157,8 +157,8 @@ def test_reference_and_reward_model_on_cuda_answer_on_the_cpu(tiny_run, rollouts
     def roles(gpus: float):
         frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=gpus)
         reward = FrozenModelSettings(str(out / "reward"), **frozen)
-        scorer = RewardScorer(ScorerSettings(reward, 1.0, (), (), str(out / "sft"), False))
-        reference = ReferenceModel(FrozenModelSettings(str(out / "sft"), **frozen), 1.0)
+        scorer = ScorerCore(ScorerSettings(reward, 1.0, (), (), str(out / "sft"), False))
+        reference = ReferenceCore(FrozenModelSettings(str(out / "sft"), **frozen), 1.0)
         return reference.logprobs(batch), scorer.score([batch]).total
 
     expected = roles(gpus=0)
@@ -249,7 +249,7 @@ def test_rollout_engine_auto_on_gpus_is_decided_where_each_generator_runs(tmp_pa
 
 @ray.remote(num_cpus=0)
 class _GeneratorThatChose:
-    """Stands in for RolloutGenerator's answer once pick_engine ran in it (a real actor of
+    """Stands in for the RolloutGenerator actor's answer once pick_engine ran in it (a real actor of
     this session's Ray; a GPU node with vLLM is not to be had here)."""
 
     def __init__(self, choice: tuple[str, str | None]) -> None:

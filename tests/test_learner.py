@@ -17,11 +17,11 @@ from rlhf_ray.data.encoding import prompt_ids
 from rlhf_ray.data.prepare import limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.learner import PPOLearner
+from rlhf_ray.ppo.learner import LearnerCore
 from rlhf_ray.ppo.messages import Scores
-from rlhf_ray.ppo.reference_model import ReferenceModel
-from rlhf_ray.ppo.reward_scorer import RewardScorer
-from rlhf_ray.ppo.rollout_generator import RolloutGenerator
+from rlhf_ray.ppo.reference_model import ReferenceCore
+from rlhf_ray.ppo.reward_scorer import ScorerCore
+from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
 from rlhf_ray.ppo.settings import LearnerSettings, PolicySettings, ScorerSettings
 from rlhf_ray.run import metrics
 from tests.conftest import raises_with, smoke_config
@@ -66,8 +66,8 @@ def rollouts(tiny_run, tmp_path_factory):
     # One minibatch of all 8 rollouts: the first step sees every row of both shards.
     ppo = replace(cfg.ppo, rollouts_per_step=8, minibatch_size=8, epochs=1)
     settings = LearnerSettings(policy, str(out / "reward"), cfg.reward.method, ppo)
-    weights = PPOLearner(settings).weights()  # version 0, as the driver syncs before step 1
-    generator = RolloutGenerator(policy, rank=0)
+    weights = LearnerCore(settings).weights()  # version 0, as the driver syncs before step 1
+    generator = HFGeneratorCore(policy, rank=0)
     generator.load_weights(weights)
 
     prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")]
@@ -81,8 +81,8 @@ def rollouts(tiny_run, tmp_path_factory):
 
     frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=0)
     reward_model = FrozenModelSettings(str(out / "reward"), **frozen)
-    scorer = RewardScorer(ScorerSettings(reward_model, 1.0, (), (), str(sft_dir), False))
-    reference = ReferenceModel(FrozenModelSettings(str(sft_dir), **frozen), policy.temperature)
+    scorer = ScorerCore(ScorerSettings(reward_model, 1.0, (), (), str(sft_dir), False))
+    reference = ReferenceCore(FrozenModelSettings(str(sft_dir), **frozen), policy.temperature)
     scores = scorer.score(shards)
     refs = [reference.logprobs(shard) for shard in shards]
     return settings, shards, scores, refs
@@ -92,7 +92,7 @@ def test_ratio_of_the_first_minibatch_is_one_at_zero_lag(rollouts):
     """Before any update the learner's logprobs must equal the rollout's, row by row, even
     though the learner sees both shards' prompts left-padded to one common width."""
     settings, shards, scores, refs = rollouts
-    learner = PPOLearner(settings)
+    learner = LearnerCore(settings)
     stats = learner.train(shards, scores, refs)
     print(f"val/ratio_first = {stats[metrics.RATIO_FIRST]!r}")
     assert stats[metrics.POLICY_LAG] == 0
@@ -106,7 +106,7 @@ def test_ratio_of_the_first_minibatch_is_one_at_zero_lag(rollouts):
 def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(rollouts):
     """No vf_coef: each loss still moves its own model. The KL is logp_policy - logp_ref."""
     settings, shards, _, _ = rollouts
-    learner = PPOLearner(settings)
+    learner = LearnerCore(settings)
     before = {
         name: [p.detach().clone() for p in params] for name, (params, _) in learner.trained.items()
     }
@@ -141,7 +141,7 @@ def test_critic_free_learner_holds_no_critic_and_trains_the_policy(rollouts, est
     are found whole although groups 1 and 2 are split over the two shards."""
     settings, shards, scores, refs = rollouts
     ppo = replace(settings.ppo, estimator=estimator, samples_per_prompt=2)
-    learner = PPOLearner(replace(settings, ppo=ppo, critic_path="/nonexistent/critic"))
+    learner = LearnerCore(replace(settings, ppo=ppo, critic_path="/nonexistent/critic"))
     assert learner.critic is None and list(learner.trained) == ["policy"]
     grouped = [
         replace(shards[0], group=torch.tensor([0, 0, 1, 2])),
@@ -161,7 +161,7 @@ def test_critic_free_learner_holds_no_critic_and_trains_the_policy(rollouts, est
 def test_a_step_with_an_incomplete_prompt_group_is_refused(rollouts):
     settings, shards, scores, refs = rollouts
     ppo = replace(settings.ppo, estimator="rloo", samples_per_prompt=2)
-    learner = PPOLearner(replace(settings, ppo=ppo))
+    learner = LearnerCore(replace(settings, ppo=ppo))
     broken = [shards[0], replace(shards[1], group=torch.tensor([0, 0, 1, 1]))]  # 0..3 once each
     with pytest.raises(RuntimeError, match="prompt groups of sizes \\[1, 3\\]"):
         learner.train(broken, scores, refs)
@@ -171,7 +171,7 @@ def test_reward_sources_are_logged_unweighted(rollouts):
     settings, shards, _, refs = rollouts
     rm, rule = torch.linspace(-1, 1, 8), torch.ones(8)
     scores = Scores(0.5 * rm + 2.0 * rule, {"reward_model": rm, "tests.rules:f": rule})
-    stats = PPOLearner(settings).train(shards, scores, refs)
+    stats = LearnerCore(settings).train(shards, scores, refs)
     assert stats[metrics.reward_source("reward_model")] == pytest.approx(0.0, abs=1e-6)
     assert stats[metrics.reward_source("tests.rules:f")] == 1.0
 
@@ -188,7 +188,7 @@ def test_with_logprobs_from_the_learner_it_trains_on_its_own_and_logs_the_sample
         skewed.append(replace(shard, logprobs=logprobs))
     skewed[0].logprobs[0, 0] = shards[0].logprobs[0, 0] + 0.5
     rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=1.02)
-    learner = PPOLearner(replace(settings, logprob_source="learner", rollout=rollout))
+    learner = LearnerCore(replace(settings, logprob_source="learner", rollout=rollout))
     stats = learner.train(skewed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)  # its own old logprobs
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.5, abs=1e-5)
@@ -200,7 +200,7 @@ def test_with_logprobs_from_the_learner_it_trains_on_its_own_and_logs_the_sample
     mean_weight = (1.02 * (tokens - 1) + 0.6065307) / tokens
     assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-5)
     # the sampler's logprobs used as they are: none of these stats
-    plain = PPOLearner(settings).train(shards, scores, refs)
+    plain = LearnerCore(settings).train(shards, scores, refs)
     assert metrics.LOGPROB_GAP_MAX not in plain and metrics.TIS_WEIGHT not in plain
 
 
@@ -213,9 +213,9 @@ def test_tis_weights_reach_the_policy_loss(rollouts):
     first = shards[0]
     skewed = [replace(first, logprobs=first.logprobs - math.log(2) * first.response_mask)]
     rollout = replace(RolloutConfig(), logprob_correction="tis", tis_cap=3.0)
-    weighted = PPOLearner(replace(settings, logprob_source="learner", rollout=rollout))
+    weighted = LearnerCore(replace(settings, logprob_source="learner", rollout=rollout))
     stats = weighted.train([*skewed, shards[1]], scores, refs)
-    plain = PPOLearner(settings).train(shards, scores, refs)
+    plain = LearnerCore(settings).train(shards, scores, refs)
     tokens = [int(s.response_mask.sum()) for s in shards]
     mean_weight = (2 * tokens[0] + tokens[1]) / sum(tokens)
     assert stats[metrics.TIS_WEIGHT] == pytest.approx(mean_weight, abs=1e-4)
@@ -229,6 +229,6 @@ def test_batches_a_vllm_generator_sampled_are_recomputed_whatever_the_source(rol
     settings, shards, scores, refs = rollouts
     skewed = [replace(s, logprobs=s.logprobs - 0.05 * s.response_mask) for s in shards]
     mixed = [replace(skewed[0], engine="vllm"), skewed[1]]
-    stats = PPOLearner(settings).train(mixed, scores, refs)
+    stats = LearnerCore(settings).train(mixed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.05, abs=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_ray.errors import UserInputError
-from rlhf_ray.ppo.progress import PromptStream
+from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run import saved_state
 

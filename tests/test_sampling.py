@@ -16,8 +16,8 @@ from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.forward import response_logits
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.sampling import sample
-from rlhf_ray.ppo.arithmetic import logprobs_from_logits
-from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+from rlhf_ray.models.token_math import logprobs_from_logits
+from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 from tests.conftest import smoke_config
 
 TEMPERATURE = 0.7
@@ -110,7 +110,7 @@ def test_vllm_completions_become_a_batch_masked_up_to_eos_or_their_own_end(tiny_
 
     generator = SimpleNamespace(tok=tok, version=3, rank=1)
     rows = [completion([5, 6, eos]), completion([7]), completion([8, 9, 10, 11])]
-    batch = VllmRolloutGenerator._batch(
+    batch = VllmGeneratorCore._batch(
         generator, [[1, 2], [3], [4]], rows, ["a", "b", "c"], [0, 1, 2]
     )
     assert batch.response_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs.ppo import PPOLoop, StopRequest
-from jobs.roles import create_roles
-from jobs.scaling import fitting_count, start_control
+from jobs.ppo.loop import PPOLoop, StopRequest
+from jobs.ppo.roles import create_roles
+from jobs.ppo.scaling import fitting_count, start_control
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import UserInputError
-from rlhf_ray.ppo.progress import PromptStream
+from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.ppo.scaling import check_generator_count, scale_plan, split_rows
 from rlhf_ray.run.ledger import RolloutLedger
 from tests.autoscale_scenario import STEPS

@@ -13,16 +13,16 @@ import pytest
 import ray
 import torch
 
-from jobs.roles import engine_settings, policy_settings
+from jobs.ppo.roles import engine_settings, policy_settings
 from rlhf_ray.config.rollout import VLLM_CPU_HEAD_SIZES
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import load_trainable_state
-from rlhf_ray.ppo.learner import PPOLearner
+from rlhf_ray.ppo.learner import LearnerCore
 from rlhf_ray.ppo.messages import Scores
 from rlhf_ray.ppo.settings import LearnerSettings
-from rlhf_ray.ppo.vllm_generator import VllmRolloutGenerator
+from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 from rlhf_ray.run import metrics
 from tests.conftest import ROLE_TIMEOUT as TIMEOUT
 from tests.conftest import make_tiny_run, ppo_loop, running_roles, smoke_config
@@ -45,7 +45,7 @@ def _config(out: Path, **overrides: str):
     return smoke_config(out, **{**VLLM_MODEL, **overrides})
 
 
-def _learner_logprobs(learner: PPOLearner, batch) -> torch.Tensor:
+def _learner_logprobs(learner: LearnerCore, batch) -> torch.Tensor:
     with torch.no_grad():
         logprobs = response_logprobs(
             learner.policy,
@@ -62,10 +62,10 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
     out, prepared = vllm_run
     cfg = _config(out)
     settings = policy_settings(cfg, out)
-    learner = PPOLearner(
+    learner = LearnerCore(
         LearnerSettings(settings, str(out / "reward"), "full", cfg.ppo, logprob_source="learner")
     )
-    generator = VllmRolloutGenerator(settings, engine_settings(cfg), rank=0)
+    generator = VllmGeneratorCore(settings, engine_settings(cfg), rank=0)
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")][:8]
     groups = list(range(len(prompts)))
     with pytest.raises(RuntimeError, match="no policy weights yet"):
@@ -122,9 +122,9 @@ def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray
     cfg = _config(out, **{"ppo.steps": "2", "rollout.logprob_correction": "tis"})
     with running_roles(cfg, out) as roles:
         loop = ppo_loop(cfg, roles, prepared)
-        pending = loop._dispatch()
+        pending = loop.dispatch()
         for step in (1, 2):
-            pending, stats, _ = loop._step(pending, more=step < 2)
+            pending, stats, _ = loop.step(pending, more=step < 2)
             assert stats[metrics.POLICY_LAG] == 0
             assert stats[metrics.LOGPROB_GAP_MEAN] <= stats[metrics.LOGPROB_GAP_MAX]
             assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
@@ -143,10 +143,10 @@ def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(loc
         generator = roles.generators[0]
         first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
         loop = ppo_loop(cfg, roles, prepared)
-        pending = loop._dispatch()
-        pending, _, _ = loop._step(pending, more=True)  # trains version 1, syncs it, dispatches
+        pending = loop.dispatch()
+        pending, _, _ = loop.step(pending, more=True)  # trains version 1, syncs it, dispatches
         ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
-        _, stats, _ = loop._step(pending, more=False)  # the retried call, on the restarted one
+        _, stats, _ = loop.step(pending, more=False)  # the retried call, on the restarted one
         assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
         # the restarted engine loaded the learner's adapter (version 1) before it sampled the
         # retried batch: its logprobs are the learner's own of version 1

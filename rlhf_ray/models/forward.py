@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf_ray.models.loading import without_adapter
-from rlhf_ray.ppo.arithmetic import last_token_index, logprobs_from_logits
+from rlhf_ray.models.token_math import last_token_index, logprobs_from_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -17,7 +17,7 @@ from transformers import (
 from rlhf_ray.data.chat import Prompt
 from rlhf_ray.data.encoding import Limits, pad_left, prompt_ids
 from rlhf_ray.models.loading import without_adapter
-from rlhf_ray.ppo.arithmetic import logprobs_from_logits, truncate_after_eos
+from rlhf_ray.models.token_math import logprobs_from_logits, truncate_after_eos
 from rlhf_ray.ppo.messages import Samples
 
 if TYPE_CHECKING:

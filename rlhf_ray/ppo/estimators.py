@@ -1,11 +1,14 @@
-"""Advantages without a critic (RLOO, GRPO, REINFORCE++) and the KL as a loss term: pure torch.
+"""Advantage estimators, pure torch: GAE with a critic; without one RLOO, GRPO and REINFORCE++;
+and the KL as a loss term.
 
 Shapes: B = rollouts, T = response length. `group` (B,) int64 says which prompt each rollout
 answers: rows with the same id are the k = `ppo.samples_per_prompt` samples of one prompt, in
 any order (the learner receives a step's rows from several generators and never reorders them).
-A `mask` (B, T) is 1 on real response tokens, as in `arithmetic`.
+A `mask` (B, T) is 1 on real response tokens, as in `masked`.
 
 References (cited next to each function):
+  [GAE]   Schulman et al. 2015, "High-Dimensional Continuous Control Using GAE", arXiv:1506.02438
+  [lm-hp] OpenAI lm-human-preferences (Ziegler et al. 2019), train_policy.py
   [RLOO]  Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
           Learning from Human Feedback in LLMs", arXiv:2402.14740 (RLOO, leave-one-out baseline)
   [GRPO]  Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, sec. 4.1 (the GRPO objective,
@@ -21,9 +24,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_ray.ppo import arithmetic
+from rlhf_ray.ppo.masked import masked_whiten
 
 GRPO_STD_EPS = 1e-4  # added to each group's std, as in TRL's GRPOTrainer
+
+
+@torch.no_grad()
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation [GAE] eq. 16 over the response tokens.
+
+    rewards, values (B, T) float; mask (B, T). Rewards and values on padding are taken as 0, so
+    the value after the last real token is 0 (the episode ends at EOS).
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+    Returns (advantages (B, T), returns = advantages + values (B, T)), both 0 on padding and
+    without gradient (they are targets). Advantages are NOT whitened here. [lm-hp] `loss`.
+    """
+    m = mask.bool()
+    rewards, values = torch.where(m, rewards, 0), torch.where(m, values, 0)
+    T = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    reversed_adv = []
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t < T - 1 else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        reversed_adv.append(last_gae)
+    advantages = torch.where(m, torch.stack(reversed_adv[::-1], dim=1), 0)
+    return advantages, torch.where(m, advantages + values, 0)
 
 
 def group_stats(values: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,7 +105,7 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float) -> Tens
     """[R++]: returns-to-go of the per-token rewards (KL penalty on every token, score
     at the last one), normalised with the mean and std of every real token in the whole batch
     (not per prompt, which is what sets REINFORCE++ apart from GRPO). (B, T) -> (B, T)."""
-    return arithmetic.masked_whiten(returns_to_go(rewards, mask, gamma), mask)
+    return masked_whiten(returns_to_go(rewards, mask, gamma), mask)
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:

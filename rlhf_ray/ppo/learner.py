@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from peft import TaskType
 
+from rlhf_ray.models import token_math
 from rlhf_ray.models.adapters import add_lora, save_merged, stack_onto
 from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
@@ -43,7 +44,7 @@ from rlhf_ray.models.loading import (
     trainable_state,
 )
 from rlhf_ray.models.source import ADAPTER_DIR
-from rlhf_ray.ppo import arithmetic, estimators
+from rlhf_ray.ppo import estimators, losses, masked
 from rlhf_ray.ppo.messages import RolloutBatch, Scores, Weights, concat_batches, concat_padded
 from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.ppo.settings import LearnerSettings
@@ -60,7 +61,7 @@ from rlhf_ray.run.saved_state import (
 )
 
 
-class PPOLearner:
+class LearnerCore:
     def __init__(self, settings: LearnerSettings) -> None:
         self.settings, self.cfg = settings, settings.ppo
         torch.manual_seed(settings.policy.seed)
@@ -150,7 +151,7 @@ class PPOLearner:
             return {}, None
         sampler_logprobs = batch.logprobs
         batch.logprobs = self._own_logprobs(batch)
-        out = arithmetic.logprob_gap(batch.logprobs, sampler_logprobs, batch.response_mask)
+        out = losses.logprob_gap(batch.logprobs, sampler_logprobs, batch.response_mask)
         stats = {
             metrics.LOGPROB_GAP_MEAN: out["mean"].item(),
             metrics.LOGPROB_GAP_MAX: out["max"].item(),
@@ -158,10 +159,10 @@ class PPOLearner:
         rollout = self.settings.rollout
         if rollout.logprob_correction != "tis":
             return stats, None
-        weights = arithmetic.truncated_importance_weights(
+        weights = losses.truncated_importance_weights(
             batch.logprobs, sampler_logprobs, batch.response_mask, rollout.tis_cap
         )
-        stats[metrics.TIS_WEIGHT] = arithmetic.masked_mean(weights, batch.response_mask).item()
+        stats[metrics.TIS_WEIGHT] = masked.masked_mean(weights, batch.response_mask).item()
         return stats, weights
 
     @torch.no_grad()
@@ -263,8 +264,8 @@ class PPOLearner:
         query, query_mask, response = batch.query[idx], batch.query_mask[idx], batch.response[idx]
         logits = response_logits(self.policy, query, query_mask, response, mask)
         temperature = self.settings.policy.temperature
-        logprobs = arithmetic.logprobs_from_logits(logits, response, temperature)
-        loss, pg = arithmetic.policy_loss(
+        logprobs = token_math.logprobs_from_logits(logits, response, temperature)
+        loss, pg = losses.policy_loss(
             logprobs,
             targets.old_logprobs[idx],
             targets.advantages[idx],
@@ -281,15 +282,13 @@ class PPOLearner:
         }
         if cfg.kl_in_loss:  # [GRPO]: beta * k3 KL to the reference, aggregated as the loss is
             kl = estimators.kl_k3(logprobs, targets.ref_logprobs[idx], mask)
-            aggregate = (
-                arithmetic.sequence_mean if cfg.loss_per_sequence else arithmetic.masked_mean
-            )
+            aggregate = masked.sequence_mean if cfg.loss_per_sequence else masked.masked_mean
             kl_loss = aggregate(kl, mask)
             loss = loss + cfg.kl_coef * kl_loss
             stats[metrics.KL_LOSS] = kl_loss.item()
         if self.critic is not None:
             values = response_values(self.critic, query, query_mask, response, mask)
-            vf_loss, vf = arithmetic.value_loss(
+            vf_loss, vf = losses.value_loss(
                 values, targets.old_values[idx], targets.returns[idx], mask, cfg.value_clip_range
             )
             # Disjoint parameters: the policy terms reach only the policy, vf_loss the critic.
@@ -302,8 +301,8 @@ class PPOLearner:
             opt.step()
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            entropy = arithmetic.entropy_from_logits(logits, temperature)
-            stats[metrics.ENTROPY] = arithmetic.masked_mean(entropy, mask).item()
+            entropy = token_math.entropy_from_logits(logits, temperature)
+            stats[metrics.ENTROPY] = masked.masked_mean(entropy, mask).item()
         return stats
 
     def export(self, out_dir: str, run_metrics: dict) -> None:

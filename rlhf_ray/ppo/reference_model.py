@@ -9,7 +9,7 @@ from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_
 from rlhf_ray.ppo.messages import RolloutBatch
 
 
-class ReferenceModel:
+class ReferenceCore:
     """The frozen SFT policy: logprobs of the sampled responses, for the KL penalty."""
 
     def __init__(self, settings: FrozenModelSettings, temperature: float) -> None:

@@ -28,7 +28,7 @@ REWARD_MODEL = "reward_model"  # the name of the reward model's component in `Sc
 GOLD_JUDGE = "gold_judge"  # the watching gold judge's component (weight 0)
 
 
-class RewardScorer:
+class ScorerCore:
     def __init__(self, settings: ScorerSettings) -> None:
         self.settings = settings
         self.model = (

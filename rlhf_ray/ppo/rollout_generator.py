@@ -32,7 +32,7 @@ def build_policy(settings: PolicySettings):
     return tok, to_device(policy, settings.gpus)
 
 
-class RolloutGenerator:
+class HFGeneratorCore:
     def __init__(self, settings: PolicySettings, rank: int) -> None:
         self.settings, self.rank = settings, rank
         torch.manual_seed(settings.seed + rank + 1)  # the learner uses the base seed itself

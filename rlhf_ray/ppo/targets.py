@@ -11,8 +11,9 @@ Without one (`rloo`, `grpo`, `reinforce++`, `estimators.py`):
 When the KL is a loss term (`ppo.kl_placement`), the rewards carry no KL (kl_coef 0 here).
 
 The learner runs the critic for `values` and passes the numbers in; everything here is a
-composition of the pure functions in `arithmetic` and `estimators`, tested with hand-worked
-values in tests/test_targets.py. B = rollouts, R = response length; padding is 0 in every output.
+composition of the pure functions in `token_rewards`, `estimators` and `masked`, tested with
+hand-worked values in tests/test_targets.py. B = rollouts, R = response length; padding is 0
+in every output.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf_ray.ppo import arithmetic, estimators
+from rlhf_ray.ppo import estimators, masked, token_rewards
 
 
 @dataclass
@@ -59,12 +60,12 @@ def ppo_targets(
     m = mask.bool()
     values = torch.where(m, values, 0)
     logprobs = torch.where(m, logprobs, 0)
-    scores = arithmetic.apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
-    rewards, kl = arithmetic.per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    scores = token_rewards.apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
+    rewards, kl = token_rewards.per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     if whiten_rewards:  # [N-impl] "Reward whitening": rescale only, keep the mean
-        rewards = arithmetic.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = arithmetic.gae_advantages(rewards, values, mask, gamma, lam)
-    advantages = arithmetic.masked_whiten(advantages, mask)  # [N-impl] "Advantage whitening"
+        rewards = masked.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = estimators.gae_advantages(rewards, values, mask, gamma, lam)
+    advantages = masked.masked_whiten(advantages, mask)  # [N-impl] "Advantage whitening"
     return Targets(
         logprobs, values, rewards, advantages, returns, mask.float(), kl, scores, ref_logprobs
     )
@@ -88,8 +89,8 @@ def critic_free_targets(
     group (TRL's RLOO: score - kl_coef * summed KL), REINFORCE++ per token over the batch."""
     m = mask.bool()
     logprobs = torch.where(m, logprobs, 0)
-    scores = arithmetic.apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
-    rewards, kl = arithmetic.per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    scores = token_rewards.apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
+    rewards, kl = token_rewards.per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     if estimator == "reinforce++":
         advantages = estimators.reinforce_pp_advantages(rewards, mask, gamma)
     else:

@@ -33,7 +33,7 @@ from rlhf_ray.data.encoding import pad_left, prompt_ids
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.adapters import write_adapter
 from rlhf_ray.models.loading import use_cpus
-from rlhf_ray.ppo.arithmetic import truncate_after_eos
+from rlhf_ray.models.token_math import truncate_after_eos
 from rlhf_ray.ppo.messages import RolloutBatch, Weights
 from rlhf_ray.ppo.settings import EngineSettings, PolicySettings, engine_quantization
 
@@ -103,7 +103,7 @@ def build_engine(policy: PolicySettings, engine: EngineSettings, seed: int):
     return LLM(**options)
 
 
-class VllmRolloutGenerator:
+class VllmGeneratorCore:
     """The same interface as `rollout_generator.RolloutGenerator`, sampling with vLLM."""
 
     def __init__(self, settings: PolicySettings, engine: EngineSettings, rank: int) -> None:

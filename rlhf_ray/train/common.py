@@ -136,7 +136,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
 
-class Progress:
+class ProgressLines:
     """Progress lines from the chief worker, about every 10% of the steps, with time left.
 
     Straight to the process's stdout: Ray Train's patched `print` would send a line both there

@@ -90,7 +90,7 @@ def save_epoch(phase: str, loop: LoopState, worker: Worker, position: Position) 
         seconds = time.perf_counter() - started
         epoch = position.epochs_done
         line = f"[{phase}] epoch {epoch} checkpoint: {size_mb:.1f} MiB in {seconds:.2f}s"
-        print(line, file=sys.__stdout__, flush=True)  # once on the console, as in Progress
+        print(line, file=sys.__stdout__, flush=True)  # once on the console, as in ProgressLines
 
 
 def _save_chief_part(loop: LoopState, position: Position, folder: Path) -> None:

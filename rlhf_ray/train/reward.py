@@ -19,7 +19,7 @@ from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
 from rlhf_ray.run.trackers import MetricWriter
 from rlhf_ray.train.common import (
-    Progress,
+    ProgressLines,
     Worker,
     batches,
     optimizer_step,
@@ -101,7 +101,7 @@ def reward_worker_loop(config: dict) -> None:
         model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
     )
     start_at = restore_latest("reward", loop, worker)
-    bar = Progress("reward", total, worker, done=start_at.step)
+    bar = ProgressLines("reward", total, worker, done=start_at.step)
     writer = (
         MetricWriter(settings.tracking, "reward", purge_step=start_at.step + 1)
         if worker.is_chief

@@ -1,26 +1,21 @@
-"""Tests for rlhf_ray.ppo.arithmetic on tiny tensors; every expected value is worked out by hand."""
+"""Tests for the pure PPO functions (masked, token_math, token_rewards, estimators, losses)
+on tiny tensors; every expected value is worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf_ray.ppo.arithmetic import (
-    apply_missing_eos_penalty,
+from rlhf_ray.models.token_math import (
     entropy_from_logits,
-    gae_advantages,
     last_token_index,
-    logprob_gap,
     logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    per_token_rewards,
-    policy_loss,
     truncate_after_eos,
-    truncated_importance_weights,
-    value_loss,
 )
+from rlhf_ray.ppo.estimators import gae_advantages
+from rlhf_ray.ppo.losses import logprob_gap, policy_loss, truncated_importance_weights, value_loss
+from rlhf_ray.ppo.masked import masked_mean, masked_var, masked_whiten
+from rlhf_ray.ppo.token_rewards import apply_missing_eos_penalty, per_token_rewards
 
 MASK = [[1, 1, 0], [1, 0, 0]]  # real values: 2, 4 (row 0) and 6 (row 1)
 

@@ -12,7 +12,7 @@ from actors.ppo_learner import PPOLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
-from jobs.waiting import capacity_watch, get_results
+from jobs.ppo.waiting import capacity_watch, get_results
 from rlhf_ray.config import Config
 from rlhf_ray.data.chat import prompt_text
 from rlhf_ray.data.jsonl import read_jsonl

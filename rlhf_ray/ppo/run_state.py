@@ -47,7 +47,7 @@ class PromptStream:
 
 
 @dataclass
-class Progress:
+class RunTotals:
     """What the metrics accumulate over steps; saved in checkpoints so a resumed run reports
     the same totals (wall-clock figures count the time of every process that ran steps)."""
 
@@ -79,7 +79,7 @@ class Progress:
     def tokens_per_s(self, running_seconds: float) -> float:
         return self.tokens / (self.seconds + running_seconds)
 
-    def totals(self, steps: int) -> dict:
+    def summary(self, steps: int) -> dict:
         return {
             **self.last,
             metrics.TOKENS_PER_S: self.tokens / max(self.seconds, 1e-9),

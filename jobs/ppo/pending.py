@@ -1,13 +1,11 @@
 """A step's batch while it is sampled (Pending: per generator a Shard of rows, a batch ref and
-a receipt ref), and how a finished one is written into and read back from a PPO checkpoint."""
+a receipt ref)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.roles import generator_name
-from rlhf_ray.ppo.messages import RolloutBatch
-from rlhf_ray.run import saved_state
+from jobs.ppo.roles import generator_name
 
 
 @dataclass
@@ -48,31 +46,3 @@ class Pending:
             }
             for name, (rows, seconds, version) in totals.items()
         }
-
-
-BATCH_TENSORS = (
-    "query",
-    "query_mask",
-    "response",
-    "response_mask",
-    "has_eos",
-    "logprobs",
-    "group",
-)
-
-
-def batch_tensors(batch: RolloutBatch) -> dict:
-    return {name: getattr(batch, name) for name in BATCH_TENSORS}
-
-
-def batch_info(batch: RolloutBatch) -> dict:
-    return {
-        "policy_version": batch.policy_version,
-        "generator_rank": batch.generator_rank,
-        "prompts": batch.prompts,
-        "engine": batch.engine,  # a vLLM batch's logprobs are recomputed after a resume too
-    }
-
-
-def batch_fields(tensors: dict, rank: int, info: dict) -> dict:
-    return {**saved_state.under_prefix(f"pending{rank}/", tensors), **info}

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.run_control import RunControl
 from jobs.cluster import alive_nodes
-from jobs.roles import Roles, generator_name
+from jobs.ppo.roles import Roles, generator_name
 from rlhf_ray.config import Config
 from rlhf_ray.errors import ResourceError, RoleFailed
 from rlhf_ray.ppo.scaling import CONTROL_PREFIX, scale_plan

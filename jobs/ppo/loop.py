@@ -1,0 +1,312 @@
+"""PPOLoop: PPO's iterations, each five named, timed stages:
+  generate   every RolloutGenerator samples its shard of prompts  -> RolloutBatch refs
+  score      RewardScorer.score(every batch ref)                  -> one Scores ref   } in
+  reference  ReferenceModel.logprobs(batch ref)                   -> logprobs refs    } parallel
+  learn      PPOLearner.train(all refs)                           -> scalar stats
+  sync       PPOLearner.weights() put once, loaded by every generator
+A step samples `ppo.samples_per_prompt` responses of each of its prompts; every sample carries
+its prompt's group id, so the group estimators (RLOO, GRPO) find a prompt's samples whole even
+when the shards split them over generators.
+With `ppo.overlap` the next batch is generated while the learner updates (one version behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from jobs.ppo import checkpoint
+from jobs.ppo.pending import Pending, Shard
+from jobs.ppo.recorder import StepRecorder
+from jobs.ppo.roles import Roles
+from jobs.ppo.scaling import GeneratorScaler
+from jobs.ppo.waiting import capacity_watch, get_results, wait_ready
+from rlhf_ray.config import Config
+from rlhf_ray.errors import RoleFailed, RunStopped
+from rlhf_ray.ppo.run_state import PromptStream, RunTotals
+from rlhf_ray.ppo.scaling import split_rows
+from rlhf_ray.run import metrics, saved_state
+from rlhf_ray.run import ppo_checkpoints as ckpt
+from rlhf_ray.run.ledger import RolloutLedger
+
+
+class LearnerDied(RoleFailed):
+    """The learner's process is gone; `run_ppo` rebuilds the roles from the newest checkpoint."""
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+def stopped_after(step: int, checkpoint: Path) -> RunStopped:
+    return RunStopped(
+        f"PPO stopped after step {step}; its state is in {checkpoint}. "
+        "Run the same command again to continue from there."
+    )
+
+
+class PPOLoop:
+    def __init__(
+        self,
+        cfg: Config,
+        roles: Roles,
+        prompts: PromptStream,
+        out: Path,
+        control: ray.actor.ActorHandle | None = None,
+    ) -> None:
+        """`control`: the run's RunControl, whose target generator count is applied between
+        steps; without one the generators stay as created."""
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.roles, self.prompts = roles, prompts
+        self.scaler = GeneratorScaler(cfg, roles, control)
+        self.timeout = cfg.run.ray_timeout_s
+        self.checkpoints = ckpt.checkpoints_root(out)
+        self.ledger = RolloutLedger(out)
+        self.totals = RunTotals()
+        self.pending: Pending | None = None  # a restored batch for the next step
+
+    def run(self, stop: StopRequest) -> dict:
+        steps, done = self.ppo.steps, self.totals.step
+        if done >= steps:
+            print(f"[ppo] all {steps} steps were done before this run; nothing to train")
+            return self.totals.summary(steps)
+        recorder = StepRecorder(self.cfg, self.totals, self.ledger, self.busy_clocks)
+        pending = self.pending or self.dispatch()
+        for step in range(done + 1, steps + 1):
+            trained = pending
+            pending, stats, times = self.step(trained, more=step < steps)
+            recorder.step_done(step, trained, stats, times)
+            self.scaler.report(step)
+            if stop.requested or self._checkpoint_due(step):
+                save = functools.partial(self.save_checkpoint, step, pending)
+                path = recorder.checkpointed(step, save)
+                if stop.requested:
+                    recorder.close()
+                    raise stopped_after(step, path)
+        recorder.end_segment(steps)
+        recorder.close()
+        return self.totals.summary(steps)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.ppo.checkpoint_every
+        return bool(every) and step % every == 0
+
+    def busy_clocks(self) -> dict[str, float]:
+        """role name -> seconds its process has worked since it started; a role that is gone
+        (a generator lost with its node, found at the next step) is left out."""
+        roles = zip(self.roles.names(), self.roles.all(), strict=True)
+        asked = {name: actor.busy_seconds.remote() for name, actor in roles}
+        self._wait(list(asked.values()), "reading busy times")
+        return {name: ray.get(ref) for name, ref in asked.items() if not _failed(ref)}
+
+    def save_checkpoint(self, step: int, pending: Pending | None) -> Path:
+        """Everything `restore` needs to continue after `step` exactly as if never stopped."""
+        started = time.perf_counter()
+        # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
+        # each generator's RNG is read after that batch (actor calls run in order).
+        receipts = self.wait_sampled(pending) if pending else []
+        batches = self.get(pending.refs, "generating") if pending else []
+        if pending:
+            pending.ready_at = time.perf_counter()
+        learner_tensors, learner_state = self.learner_call(
+            self.roles.learner.checkpoint_state.remote(), "the learner's state"
+        )
+        rngs = self.on_generators("rng_state", (), "generator RNG states")
+        state = {
+            "step": step,
+            "learner": learner_state,
+            "prompts": self.prompts.state(),
+            "progress": dataclasses.asdict(self.totals),
+            "pending": [checkpoint.batch_info(b) for b in batches],
+            "pending_receipts": receipts,
+            "pending_prompt_ids": pending.prompt_ids if pending else [],
+            "generator_ranks": list(rngs),
+            "rollouts_per_step": self.ppo.rollouts_per_step,
+        }
+        tensors = checkpoint.checkpoint_tensors(learner_tensors, rngs, batches)
+        keep = self.ppo.keep_checkpoints
+        path = ckpt.write_checkpoint(self.checkpoints, step, tensors, state, keep)
+        size_mb = (path / ckpt.TENSORS_FILE).stat().st_size / 2**20
+        took = time.perf_counter() - started
+        print(f"[ppo] checkpoint {path.name}: {size_mb:.1f} MiB in {took:.2f}s", flush=True)
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Learner, generators, prompt order, totals and the next batch from a checkpoint."""
+        tensors, state = ckpt.read_checkpoint(path)
+        checkpoint.check_resumable(state, self.ppo.rollouts_per_step, path)
+        learner = self.roles.learner
+        learner_tensors = saved_state.under_prefix("learner/", tensors)
+        self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
+        # The generators the run had when it stopped, so the resumed run samples as it would
+        # have; `rlhf-ray scale` or the config's count applies from the next step on.
+        self.scaler.use_ranks(state["generator_ranks"], self.get)
+        self.on_generators("load_weights", (learner.weights.remote(),), "loading weights")
+        rngs = {
+            rank: saved_state.under_prefix(f"generator{rank}/rng/", tensors)
+            for rank in self.roles.generators
+        }
+        asked = [g.set_rng_state.remote(rngs[r]) for r, g in self.roles.generators.items()]
+        self.get(asked, "restoring generator RNG states")
+        self.prompts.restore(state["prompts"])
+        self.totals = RunTotals(**state["progress"])
+        if state["pending"]:
+            self.pending = checkpoint.restored_pending(tensors, state)
+        print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
+
+    def dispatch(self) -> Pending:
+        """Start generation of the next batch: samples_per_prompt rows per prompt, tagged with
+        the prompt's group id, split as evenly as can be over the generators alive after the
+        control's target is applied (a group may be split). No generator is sampling now."""
+        self.scaler.rescale(self.get)
+        k, gens = self.ppo.samples_per_prompt, self.roles.generators
+        prompt_ids = self.prompts.take(self.ppo.prompts_per_step)
+        rows = [self.prompts.prompts[i] for i in prompt_ids for _ in range(k)]
+        group = [i for i in range(len(prompt_ids)) for _ in range(k)]
+        shards = [
+            Shard(rank, rows[start:end], group[start:end])
+            for rank, (start, end) in zip(gens, split_rows(len(rows), len(gens)), strict=True)
+            if end > start  # more generators than rows: the last ones sit this step out
+        ]
+        pending = Pending(shards, [], [], prompt_ids, time.perf_counter())
+        for i in range(len(shards)):
+            self._sample(pending, i)
+        return pending
+
+    def _sample(self, pending: Pending, i: int) -> None:
+        """Ask shard i's generator for its rows (again, after a lost generator)."""
+        shard = pending.shards[i]
+        batch, receipt = self.roles.generators[shard.rank].generate.remote(
+            shard.prompts, shard.group
+        )
+        if i < len(pending.refs):
+            pending.refs[i], pending.receipts[i] = batch, receipt
+        else:
+            pending.refs.append(batch)
+            pending.receipts.append(receipt)
+
+    def on_generators(self, method: str, args: tuple, what: str) -> dict:
+        """rank -> result of `method(*args)` on every generator. With auto scaling one that died
+        (its node left) is dropped instead: the next step is split over the others."""
+        asked = {
+            rank: getattr(g, method).remote(*args) for rank, g in self.roles.generators.items()
+        }
+        if self.ppo.autoscales:
+            self._wait(list(asked.values()), what)
+            lost = [rank for rank, ref in asked.items() if _failed(ref)]
+            if lost:
+                self.scaler.drop(lost)
+            asked = {rank: ref for rank, ref in asked.items() if rank not in lost}
+        return dict(zip(asked, self.get(list(asked.values()), what), strict=True))
+
+    def wait_sampled(self, pending: Pending) -> list[dict]:
+        """Every shard's receipt, once sampled. With ppo.rollout_scaling auto a generator that
+        died (its node left) is dropped and its rows go to a live one, so none is lost."""
+        while True:
+            self._wait(pending.receipts, "generate")
+            lost = []
+            if self.ppo.autoscales:
+                lost = [i for i, ref in enumerate(pending.receipts) if _failed(ref)]
+            if not lost:
+                return self.get(pending.receipts, "PPO stage 'generate' (a rollout generator)")
+            ranks = [pending.shards[i].rank for i in lost]
+            live = self.scaler.replace_lost(ranks, self.get)
+            for n, i in enumerate(lost):
+                pending.shards[i].rank = live[n % len(live)]
+                self._sample(pending, i)
+
+    def step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:
+        """One PPO iteration on `pending`; returns the next batch in flight (None after the
+        last step), stats, stage times."""
+        batch_refs = pending.refs
+        receipts = self.wait_sampled(pending)
+        ready_at = pending.ready_at or time.perf_counter()  # not counting a checkpoint's wait
+        times = {"generate": ready_at - pending.dispatched_at}
+        pending.sampled = receipts
+        if self.ppo.overlap and more:
+            pending = self.dispatch()
+        t = time.perf_counter()  # scoring and reference run in parallel: both timed from here
+        scores_ref = self.roles.scorer.score.remote(*batch_refs)  # the whole step at once
+        ref_refs = [self.roles.reference.logprobs.remote(b) for b in batch_refs]
+        times["score"] = self._wait([scores_ref], "score", t)
+        times["reference"] = self._wait(ref_refs, "reference", t)
+        t = time.perf_counter()
+        stats = self.learner_call(
+            self.roles.learner.train.remote(
+                list(zip(batch_refs, ref_refs, strict=True)), [scores_ref]
+            ),
+            "the learner update",
+        )
+        times["learn"] = time.perf_counter() - t
+        t = time.perf_counter()
+        weights = self.roles.learner.weights.remote()  # put once, read by every generator
+        self.on_generators("load_weights", (weights,), "loading new weights into the generators")
+        times["sync"] = time.perf_counter() - t
+        synced = object_bytes(weights, self.timeout)
+        if synced is not None:
+            stats[metrics.SYNC_BYTES] = synced
+        self.scaler.release_retired()  # their last batch has trained
+        if not self.ppo.overlap and more:
+            pending = self.dispatch()
+        return (pending if more else None), stats, times
+
+    def _watch(self) -> None:
+        """While waiting: can the live nodes still hold every role, with today's generators?"""
+        ppo = self.ppo  # with auto scaling, lost generators are replaced: the minimum must fit
+        needed = ppo.min_rollout_actors if ppo.autoscales else len(self.roles.generators)
+        capacity_watch(self.cfg, needed)()
+
+    def learner_call(self, ref, what: str):
+        """The result of a call on the learner; if its process died, LearnerDied."""
+        return self.get(ref, what, died=LearnerDied)
+
+    def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
+        """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
+        since = time.perf_counter() if since is None else since
+        wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self._watch)
+        return time.perf_counter() - since
+
+    def get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
+        """`get_results` for this loop; a call that failed because the learner died (as loading its
+        weights into the generators does when it dies first) is a LearnerDied, which
+        `run_ppo` recovers from."""
+        try:
+            return get_results(refs, self.timeout, what, died, self._watch)
+        except RoleFailed as err:
+            if isinstance(err, LearnerDied) or not self._learner_is_dead():
+                raise
+            raise LearnerDied(f"{what}: the learner died: {err}") from None
+
+    def _learner_is_dead(self) -> bool:
+        """Only on a failure path; a learner that does not answer in time is busy, not dead."""
+        try:
+            ray.get(self.roles.learner.ready.remote(), timeout=self.timeout)
+        except RayActorError:
+            return True
+        except GetTimeoutError:
+            return False
+        return False
+
+
+def object_bytes(ref, timeout_s: float) -> int | None:
+    """The size of `ref`'s object in the object store: the bytes each generator fetched (None
+    if Ray does not know it)."""
+    found = ray.experimental.get_object_locations([ref], timeout_ms=int(timeout_s * 1000))
+    return found.get(ref, {}).get("object_size")
+
+
+def _failed(ref) -> bool:
+    """Whether a finished call's result is an actor's death (it is fetched: refs passed here
+    hold a few numbers, as receipts and busy times do)."""
+    try:
+        ray.get(ref)
+    except RayActorError:
+        return True
+    return False
