@@ -21,6 +21,7 @@ from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.ppo.scaling import check_generator_count, scale_plan, split_rows
 from rlhf_ray.run.ledger import RolloutLedger
+from rlhf_ray.run.ppo_checkpoints import read_checkpoint
 from tests.autoscale_scenario import STEPS
 from tests.conftest import run_scenario, smoke_config
 
@@ -36,12 +37,15 @@ def test_rows_are_split_as_evenly_as_can_be():
 
 
 def test_scale_plan_retires_the_newest_and_never_reuses_a_rank():
-    assert not scale_plan([0], 1)
-    assert scale_plan([0], 3).start == (1, 2)
-    assert scale_plan([0, 1, 2], 1).retire == (1, 2)
-    assert scale_plan([0, 2], 3).start == (3,)  # rank 1 left earlier: its seed is not reused
+    assert not scale_plan([0], 1, next_rank=1)
+    assert scale_plan([0], 3, next_rank=1).start == (1, 2)
+    assert scale_plan([0, 1, 2], 1, next_rank=3).retire == (1, 2)
+    assert scale_plan([0, 2], 3, next_rank=3).start == (3,)  # rank 1 left: its seed is not reused
+    assert scale_plan([0, 1], 3, next_rank=3).start == (3,)  # 3 -> 2 -> 3: rank 2 stays retired
+    with pytest.raises(ValueError, match="not above the ranks alive"):
+        scale_plan([0, 1], 3, next_rank=1)
     with pytest.raises(UserInputError, match="whole number >= 1, got 0"):
-        scale_plan([0], 0)
+        scale_plan([0], 0, next_rank=1)
 
 
 @pytest.mark.parametrize("count", [0, -1, True, "2", 1.5])
@@ -95,9 +99,20 @@ def _back_to_one(lines: list[dict]) -> bool:
     return 2 in counts and 1 in counts[counts.index(2) :]
 
 
-def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
+def _up_again(lines: list[dict]) -> bool:
+    """Two generators again after `_back_to_one`."""
+    counts = [len(line["generators"]) for line in lines]
+    if not _back_to_one(lines):
+        return False
+    down = counts.index(1, counts.index(2))
+    return 2 in counts[down:]
+
+
+def test_generators_scaled_1_2_1_2_while_the_run_trains(local_ray, tiny_run):
+    """The second scale-up starts rollout-2: rank 1, retired, is never used again (its seed and
+    actor name are the retired generator's, which may still be being stopped)."""
     out, prepared = tiny_run
-    steps = 80
+    steps = 120
     cfg = smoke_config(out, **{"ppo.steps": str(steps), "ppo.checkpoint_every": "0"})
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
     control = start_control(cfg, out.resolve())
@@ -127,7 +142,11 @@ def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
         down = _scale_command("--rollout", "1", *where)
         assert down.returncode == 0, down.stderr
         _wait_for(loop.ledger, _back_to_one, run, "one generator again")
+        again = _scale_command("--rollout", "2", *where)
+        assert again.returncode == 0, again.stderr
+        _wait_for(loop.ledger, _up_again, run, "two generators again")
         run.join(timeout=300)
+        _, saved = read_checkpoint(loop.save_checkpoint(steps, None))
     finally:
         for actor in [*roles.all(), control]:
             ray.kill(actor, no_restart=True)
@@ -139,14 +158,19 @@ def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
     assert result["totals"]["steps"] == steps
     counts = [len(line["generators"]) for line in lines]
     first_two = counts.index(2)
-    assert counts[:first_two] == [1] * first_two and counts[-1] == 1
-    assert 1 in counts[first_two:]  # came back down
+    assert counts[:first_two] == [1] * first_two
+    down = counts.index(1, first_two)  # came back down
+    assert set(lines[first_two]["generators"]) == {"rollout-0", "rollout-1"}
+    second_two = counts.index(2, down)
+    assert set(lines[second_two]["generators"]) == {"rollout-0", "rollout-2"}
+    assert counts[-1] == 2
+    assert saved["generator_ranks"] == [0, 2]
+    assert saved["next_generator_rank"] == 3  # a resumed run goes on with rank 3
     for line in lines:
         assert sum(g["rows"] for g in line["generators"].values()) == cfg.ppo.rollouts_per_step
         # Every generator samples with the newest weights: in sync mode the batch a step trains
         # on was sampled by the policy of the step before, new generators included.
         assert {g["policy_version"] for g in line["generators"].values()} == {line["step"] - 1}
-    assert "rollout-1" in lines[first_two]["generators"]
     # Every prompt once per pass over the prompt set, however the generators came and went.
     used = [i for line in lines for i in line["prompt_ids"]]
     per_pass = len(prompts)

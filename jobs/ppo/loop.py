@@ -128,6 +128,7 @@ class PPOLoop:
             "pending_receipts": receipts,
             "pending_prompt_ids": pending.prompt_ids if pending else [],
             "generator_ranks": list(rngs),
+            "next_generator_rank": self.roles.next_rank,
             "rollouts_per_step": self.ppo.rollouts_per_step,
         }
         tensors = checkpoint.checkpoint_tensors(learner_tensors, rngs, batches)
@@ -148,6 +149,7 @@ class PPOLoop:
         # The generators the run had when it stopped, so the resumed run samples as it would
         # have; `rlhf-ray scale` or the config's count applies from the next step on.
         self.scaler.use_ranks(state["generator_ranks"], self.get)
+        self.roles.next_rank = state["next_generator_rank"]  # retired ranks stay retired
         self.on_generators("load_weights", (learner.weights.remote(),), "loading weights")
         rngs = {
             rank: saved_state.under_prefix(f"generator{rank}/rng/", tensors)

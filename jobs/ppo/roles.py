@@ -44,6 +44,7 @@ class Roles:
     generators: dict[int, ray.actor.ActorHandle]  # rank -> generator, by rank
     cfg: Config
     out: Path
+    next_rank: int = 0  # above every generator rank this run has used, also before a resume
 
     def all(self) -> list:
         return [self.learner, self.scorer, self.reference, *self.generators.values()]
@@ -75,6 +76,7 @@ class Roles:
                     started[rank].ready.remote(), timeout, f"starting {generator_name(rank)}"
                 )
         self.generators = dict(sorted({**self.generators, **started}.items()))
+        self.next_rank = max([self.next_rank, *(rank + 1 for rank in ranks)])
         return started
 
 

@@ -71,7 +71,7 @@ class GeneratorScaler:
                     f"hold {target} beside the other roles: running {target}",
                     flush=True,
                 )
-        plan = scale_plan(list(self.roles.generators), target)
+        plan = scale_plan(list(self.roles.generators), target, self.roles.next_rank)
         if not plan:
             return
         for rank in plan.retire:

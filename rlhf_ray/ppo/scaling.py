@@ -39,14 +39,16 @@ class ScalePlan:
         return bool(self.start or self.retire)
 
 
-def scale_plan(ranks: list[int], target: int) -> ScalePlan:
+def scale_plan(ranks: list[int], target: int, next_rank: int) -> ScalePlan:
     """From the generators alive (`ranks`) to `target` of them: the newest retire first, new
-    ones take ranks above every rank used so far."""
+    ones take ranks from `next_rank` on, which is above every rank the run has used (a retired
+    generator's rank is not reused, even when it was the highest)."""
     check_generator_count(target, "the rollout generator target")
     alive = sorted(ranks)
-    first_new = max(alive, default=-1) + 1
+    if alive and next_rank <= alive[-1]:
+        raise ValueError(f"next_rank={next_rank} is not above the ranks alive, {alive}")
     return ScalePlan(
-        start=tuple(range(first_new, first_new + max(0, target - len(alive)))),
+        start=tuple(range(next_rank, next_rank + max(0, target - len(alive)))),
         retire=tuple(alive[target:]),
     )
 
