@@ -26,6 +26,7 @@ from rlhf_ray.run.checkpoints import is_complete, phase_dir  # noqa: E402
 from rlhf_ray.run.html_report import write_report  # noqa: E402
 from rlhf_ray.run.output_dir import check_output_dir  # noqa: E402
 from rlhf_ray.run.report import print_summary, write_summary  # noqa: E402
+from rlhf_ray.run.run_lock import RunLock  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +49,20 @@ def run(cfg: Config) -> int:
     console.set_verbose(cfg.run.verbose)  # before Ray starts: its local workers inherit it
     console.quiet_libraries()
     try:
-        # 1. Everything the user gave is checked before any model loads or Ray starts.
         check_output_dir(cfg.run.output_dir)
+        lock = RunLock(out)
+        lock.acquire()  # one run per output directory, before anything in it changes
+    except UserInputError as err:
+        return report_input_error(err)
+    try:
+        return run_holding_the_lock(cfg, out)
+    finally:
+        lock.release()
+
+
+def run_holding_the_lock(cfg: Config, out: Path) -> int:
+    try:
+        # 1. Everything the user gave is checked before any model loads or Ray starts.
         phases.check_phase_inputs(cfg, out)
         prepared = prepare_run(cfg)
         phases.print_data_report(cfg, prepared.report)
