@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import ray
-import torch
 
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.ppo.messages import RolloutBatch
+from rlhf_ray.ppo.messages import ReferenceLogprobs, RolloutBatch
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
 
@@ -28,7 +27,7 @@ class ReferenceModel:
     def busy_seconds(self) -> float:
         return self.busy.seconds
 
-    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """-> (B, R) float32 reference logprobs, 0 on padding."""
+    def logprobs(self, batch: RolloutBatch) -> ReferenceLogprobs:
+        """-> the batch's (B, R) float32 reference logprobs, 0 on padding."""
         with self.busy.working():
             return self.reference.logprobs(batch)

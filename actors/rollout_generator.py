@@ -64,7 +64,10 @@ class RolloutGenerator:
     def busy_seconds(self) -> float:
         return self.busy.seconds
 
-    @ray.method(num_returns=2)
+    # Never run again by Ray, neither after a crash nor to rebuild a lost result: a batch
+    # sampled again is another batch, and the scorer may have scored the first. The driver asks
+    # again itself (PPOLoop.wait_sampled), before anything reads the batch.
+    @ray.method(num_returns=2, max_task_retries=0)
     def generate(self, prompts: list[str], group: list[int]) -> tuple[RolloutBatch, dict]:
         """-> the batch (for the scorer, reference and learner) and a receipt the driver reads:
         rows, the policy version they were sampled with, and the seconds sampling took."""

@@ -49,7 +49,7 @@ def first_step(out: Path, dtype: str, rollouts: int, engine: str = "hf"):
     batch = sampler.generate((prompts * rollouts)[:rollouts], list(range(rollouts)))
     frozen = FrozenModelSettings(str(out / "sft"), cfg.model, cfg.quantization, 1, 0)
     ref = ReferenceCore(frozen, policy.temperature).logprobs(batch)
-    scores = Scores(torch.zeros(rollouts), {})
+    scores = Scores(torch.zeros(rollouts), {}, [batch.key])
     stats = {}
     for source in ("learner", "sampler") if engine == "hf" else ("learner",):
         learner = LearnerCore(replace(settings, logprob_source=source))

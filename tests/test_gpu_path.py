@@ -26,7 +26,7 @@ from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerCore
-from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, Scores
 from rlhf_ray.ppo.reference_model import ReferenceCore
 from rlhf_ray.ppo.reward_scorer import ScorerCore
 from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
@@ -67,8 +67,8 @@ def rollouts(tiny_run):
     generator.load_weights(LearnerCore(settings).weights())
     prompts = [row["prompt"] for row in read_rows(prepared.data_dir, "prompts")][:4]
     batch = generator.generate([p for p in prompts for _ in range(2)], [0, 0, 1, 1, 2, 2, 3, 3])
-    scores = Scores(torch.linspace(-1, 1, 8), {})
-    ref = batch.logprobs - 0.1 * batch.response_mask
+    scores = Scores(torch.linspace(-1, 1, 8), {}, [batch.key])
+    ref = ReferenceLogprobs(batch.key, batch.logprobs - 0.1 * batch.response_mask)
     return settings, batch, scores, ref
 
 

@@ -15,10 +15,10 @@ from rlhf_ray.config import RolloutConfig
 from rlhf_ray.config.loading import config_from_yaml
 from rlhf_ray.data.encoding import prompt_ids
 from rlhf_ray.data.prepare import limits_of, read_rows
-from rlhf_ray.errors import ConfigError
+from rlhf_ray.errors import ConfigError, RoleFailed
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerCore
-from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, Scores
 from rlhf_ray.ppo.reference_model import ReferenceCore
 from rlhf_ray.ppo.reward_scorer import ScorerCore
 from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
@@ -113,8 +113,8 @@ def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(roll
     assert set(before) == {"policy", "critic"}
     # Reference logprobs 0.25 below the rollout's on every real token: kl = +0.25 per token,
     # so objective/kl (summed per response, mean over responses) = 0.25 * mean length.
-    refs = [(s.logprobs - 0.25) * s.response_mask for s in shards]
-    scores = Scores(torch.zeros(8), {})
+    refs = [ReferenceLogprobs(s.key, (s.logprobs - 0.25) * s.response_mask) for s in shards]
+    scores = Scores(torch.zeros(8), {}, [s.key for s in shards])
     stats = learner.train(shards, scores, refs)  # one minibatch of all rows, one epoch
 
     lengths = torch.cat([s.response_mask.sum(1) for s in shards])
@@ -167,10 +167,32 @@ def test_a_step_with_an_incomplete_prompt_group_is_refused(rollouts):
         learner.train(broken, scores, refs)
 
 
+def test_a_batch_sampled_again_after_it_was_scored_is_refused(rollouts):
+    """Ray rebuilding a lost batch by running `generate` again gives another batch (here one
+    token narrower); its scores and reference logprobs are the first batch's. Before batch ids
+    the learner padded the old logprobs to fit and trained on the mismatched rows."""
+    settings, shards, scores, refs = rollouts
+    first = shards[1]
+    again = replace(
+        first,
+        response=first.response[:, :-1],
+        response_mask=first.response_mask[:, :-1],
+        logprobs=first.logprobs[:, :-1],
+        batch_id="sampled-again",
+    )
+    learner = LearnerCore(settings)
+    with raises_with(
+        "the reward scorer's scores are of", first.key.describe(), "sampled-", exc=RoleFailed
+    ):
+        learner.train([shards[0], again], scores, refs)
+    assert learner.version == 0  # nothing trained
+
+
 def test_reward_sources_are_logged_unweighted(rollouts):
     settings, shards, _, refs = rollouts
     rm, rule = torch.linspace(-1, 1, 8), torch.ones(8)
-    scores = Scores(0.5 * rm + 2.0 * rule, {"reward_model": rm, "tests.rules:f": rule})
+    components = {"reward_model": rm, "tests.rules:f": rule}
+    scores = Scores(0.5 * rm + 2.0 * rule, components, [s.key for s in shards])
     stats = LearnerCore(settings).train(shards, scores, refs)
     assert stats[metrics.reward_source("reward_model")] == pytest.approx(0.0, abs=1e-6)
     assert stats[metrics.reward_source("tests.rules:f")] == 1.0

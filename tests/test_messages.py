@@ -1,8 +1,21 @@
-"""Tests for rlhf_ray.ppo.messages.concat_batches: shards from several generators made one batch."""
+"""Tests for rlhf_ray.ppo.messages: shards from several generators made one batch, and the
+scores and reference logprobs the learner gets checked against the batches they are for."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
-from rlhf_ray.ppo.messages import RolloutBatch, concat_batches, concat_padded
+from rlhf_ray.errors import RoleFailed
+from rlhf_ray.ppo.messages import (
+    ReferenceLogprobs,
+    RolloutBatch,
+    Scores,
+    check_results_match,
+    concat_batches,
+    concat_padded,
+)
+from tests.conftest import raises_with
 
 PAD = 9  # distinct from every real id and from the masks' 0
 
@@ -77,3 +90,31 @@ def test_concat_batches_of_one_shard_is_unchanged():
 def test_concat_padded_right_pads_with_zero():
     out = concat_padded([torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])], width=3)
     assert out.tolist() == [[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [4.0, 0.0, 0.0]]
+
+
+def test_concat_padded_never_crops_a_wider_tensor():
+    """Logprobs wider than the batch they are set beside belong to another batch."""
+    with pytest.raises(ValueError, match=r"shapes \[\(1, 4\)\] are wider than 3"):
+        concat_padded([torch.zeros(1, 2), torch.zeros(1, 4)], width=3)
+
+
+def test_results_of_the_batches_sampled_pass_and_those_of_a_batch_sampled_again_are_named():
+    a, b = shard_a(), shard_b()
+    scores = Scores(torch.zeros(3), {}, [a.key, b.key])
+    refs = [
+        ReferenceLogprobs(a.key, torch.zeros(1, 3)),
+        ReferenceLogprobs(b.key, torch.zeros(2, 1)),
+    ]
+    check_results_match([a, b], scores, refs)
+
+    again = replace(b, batch_id="second-sampling")  # Ray ran `generate` again: another batch
+    with raises_with("the reward scorer's scores are of", b.key.describe(), exc=RoleFailed):
+        check_results_match([a, again], scores, refs)
+    scored_again = Scores(torch.zeros(3), {}, [a.key, again.key])
+    with raises_with("the reference model's logprobs are of", "second-s", exc=RoleFailed):
+        check_results_match([a, again], scored_again, refs)
+    with raises_with("the reward scorer gave 2 scores for 3 rows", exc=RoleFailed):
+        check_results_match([a, b], Scores(torch.zeros(2), {}, [a.key, b.key]), refs)
+    cropped = [refs[0], ReferenceLogprobs(b.key, torch.zeros(2, 2))]
+    with raises_with("logprobs have shape (2, 2) for batch", "(2 rows x 1 tokens)", exc=RoleFailed):
+        check_results_match([a, b], scores, cropped)

@@ -20,7 +20,7 @@ from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import load_trainable_state
 from rlhf_ray.ppo.learner import LearnerCore
-from rlhf_ray.ppo.messages import Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, Scores
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 from rlhf_ray.run import metrics
@@ -85,8 +85,9 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
 
     # One real update (the learner recomputes the old logprobs: the gap is its stat)
     scores = torch.linspace(-1, 1, len(prompts))
-    ref = own0.clone()  # the reference is the SFT model, the policy at version 0
-    stats = learner.train([batch0], Scores(scores, {"reward_model": scores}), [ref])
+    ref = ReferenceLogprobs(batch0.key, own0.clone())  # the reference: the policy at version 0
+    scored = Scores(scores, {"reward_model": scores}, [batch0.key])
+    stats = learner.train([batch0], scored, [ref])
     assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-6)
     # ... and a large second one, so that the versions are far apart

@@ -74,4 +74,5 @@ def batch_info(batch: RolloutBatch) -> dict:
         "generator_rank": batch.generator_rank,
         "prompts": batch.prompts,
         "engine": batch.engine,  # a vLLM batch's logprobs are recomputed after a resume too
+        "batch_id": batch.batch_id,
     }

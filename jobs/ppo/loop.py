@@ -185,6 +185,7 @@ class PPOLoop:
     def _sample(self, pending: Pending, i: int) -> None:
         """Ask shard i's generator for its rows (again, after a lost generator)."""
         shard = pending.shards[i]
+        shard.asked += 1
         batch, receipt = self.roles.generators[shard.rank].generate.remote(
             shard.prompts, shard.group
         )
@@ -209,19 +210,25 @@ class PPOLoop:
         return dict(zip(asked, self.get(list(asked.values()), what), strict=True))
 
     def wait_sampled(self, pending: Pending) -> list[dict]:
-        """Every shard's receipt, once sampled. With ppo.rollout_scaling auto a generator that
-        died (its node left) is dropped and its rows go to a live one, so none is lost."""
+        """Every shard's receipt, once sampled. A shard whose generator died while sampling is
+        asked again (Ray never re-runs `generate`): with ppo.rollout_scaling auto of a live
+        generator (the dead one is dropped: its node left), else of the same one, restarted by
+        Ray, up to ppo.max_role_restarts times; no row is lost or sampled twice."""
         while True:
             self._wait(pending.receipts, "generate")
-            lost = []
-            if self.ppo.autoscales:
-                lost = [i for i, ref in enumerate(pending.receipts) if _failed(ref)]
+            lost = [i for i, ref in enumerate(pending.receipts) if _failed(ref)]
+            if not self.ppo.autoscales and any(
+                pending.shards[i].asked > self.ppo.max_role_restarts for i in lost
+            ):
+                lost = []  # restarts used up: the error below names the generator
             if not lost:
                 return self.get(pending.receipts, "PPO stage 'generate' (a rollout generator)")
-            ranks = [pending.shards[i].rank for i in lost]
-            live = self.scaler.replace_lost(ranks, self.get)
-            for n, i in enumerate(lost):
-                pending.shards[i].rank = live[n % len(live)]
+            if self.ppo.autoscales:
+                ranks = [pending.shards[i].rank for i in lost]
+                live = self.scaler.replace_lost(ranks, self.get)
+                for n, i in enumerate(lost):
+                    pending.shards[i].rank = live[n % len(live)]
+            for i in lost:
                 self._sample(pending, i)
 
     def step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:

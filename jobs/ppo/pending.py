@@ -15,6 +15,7 @@ class Shard:
     rank: int  # the generator's
     prompts: list[str]  # one per row: a prompt appears once per sample
     group: list[int]  # each row's prompt group id
+    asked: int = 0  # times a generator was asked for these rows
 
 
 @dataclass

@@ -45,7 +45,15 @@ from rlhf_ray.models.loading import (
 )
 from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.ppo import estimators, losses, masked
-from rlhf_ray.ppo.messages import RolloutBatch, Scores, Weights, concat_batches, concat_padded
+from rlhf_ray.ppo.messages import (
+    ReferenceLogprobs,
+    RolloutBatch,
+    Scores,
+    Weights,
+    check_results_match,
+    concat_batches,
+    concat_padded,
+)
 from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
@@ -113,10 +121,11 @@ class LearnerCore:
         return {"policy": self.policy, "critic": self.critic}[name]
 
     def train(
-        self, batches: list[RolloutBatch], scores: Scores, refs: list[torch.Tensor]
+        self, batches: list[RolloutBatch], scores: Scores, refs: list[ReferenceLogprobs]
     ) -> dict[str, float]:
         """One iteration on a step's rollouts (a batch per generator; their scores, in the same
         order; their reference logprobs); returns metric name -> value, bumps the version."""
+        check_results_match(batches, scores, refs)
         batch, versions = concat_batches(batches, self.tok.pad_token_id)
         self._check_groups(batch.group)
         lag = self.version - min(versions)
@@ -127,7 +136,7 @@ class LearnerCore:
             )
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
-        ref = concat_padded(refs, batch.response.shape[1]).to(device)
+        ref = concat_padded([r.logprobs for r in refs], batch.response.shape[1]).to(device)
         # from the learner (rollout.logprob_source, or a vLLM batch): batch.logprobs its own
         recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
         sampler, loss_weights = self._own_old_logprobs(batch, recompute)

@@ -6,11 +6,13 @@ generator -> scorer / reference / learner as ObjectRefs; the driver never pulls 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_ray.data.chat import Prompt
+from rlhf_ray.errors import RoleFailed
 
 
 @dataclass
@@ -37,10 +39,29 @@ class RolloutBatch(Samples):
     policy_version: int  # learner version whose weights sampled this batch
     generator_rank: int
     engine: str = "hf"  # what sampled it: "hf" (generate) or "vllm"
+    # New for every batch sampled: a batch sampled again (a lost object Ray rebuilt by running
+    # `generate` again) is another batch, and the scores or logprobs of the first do not fit it.
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def num_tokens(self) -> int:
         return int(self.query_mask.sum()) + int(self.response_mask.sum())
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.batch_id, *self.response.shape)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Which batch a role's result was computed on, and its shape."""
+
+    batch_id: str
+    rows: int  # B
+    width: int  # R, the response tokens' width
+
+    def describe(self) -> str:
+        return f"batch {self.batch_id[:8]} ({self.rows} rows x {self.width} tokens)"
 
 
 def receipt(rows: int, policy_version: int, sample_seconds: float) -> dict:
@@ -54,6 +75,49 @@ class Scores:
 
     total: torch.Tensor  # (B,) float32 weighted sum of the components
     components: dict[str, torch.Tensor]  # source ("reward_model" or module:function) -> (B,)
+    batches: list[BatchKey]  # the batches scored, in order: B = the sum of their rows
+
+
+@dataclass
+class ReferenceLogprobs:
+    """The reference model's logprobs of one batch's responses."""
+
+    batch: BatchKey
+    logprobs: torch.Tensor  # (B, R) float32 at the sampling temperature, 0 on padding
+
+
+def check_results_match(
+    batches: list[RolloutBatch], scores: Scores, refs: list[ReferenceLogprobs]
+) -> None:
+    """The scorer's scores and the reference's logprobs are of exactly these batches, in this
+    order and shape; else RoleFailed naming the role whose result is of another batch."""
+    sampled = [b.key for b in batches]
+    found = {
+        "the reward scorer's scores": scores.batches,
+        "the reference model's logprobs": [r.batch for r in refs],
+    }
+    for role, keys in found.items():
+        if keys != sampled:
+            raise RoleFailed(
+                f"{role} are of {_describe(keys)}, but the rollout generators' batches for this "
+                f"step are {_describe(sampled)}: a batch was sampled again after that role read "
+                "it; the step is refused instead of training on mismatched rows"
+            )
+    if int(scores.total.shape[0]) != sum(key.rows for key in sampled):
+        raise RoleFailed(
+            f"the reward scorer gave {scores.total.shape[0]} scores for "
+            f"{sum(key.rows for key in sampled)} rows"
+        )
+    for ref in refs:
+        if tuple(ref.logprobs.shape) != (ref.batch.rows, ref.batch.width):
+            raise RoleFailed(
+                f"the reference model's logprobs have shape {tuple(ref.logprobs.shape)} for "
+                f"{ref.batch.describe()}"
+            )
+
+
+def _describe(keys: list[BatchKey]) -> str:
+    return ", ".join(key.describe() for key in keys) or "no batch"
 
 
 @dataclass
@@ -89,7 +153,10 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> tuple[RolloutBat
 
 
 def concat_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    """(B_i, R_i) tensors -> (sum B_i, width), zero-padded on the right."""
+    """(B_i, R_i) tensors, R_i <= width -> (sum B_i, width), zero-padded on the right."""
+    wider = [tuple(tensor.shape) for tensor in tensors if tensor.shape[1] > width]
+    if wider:
+        raise ValueError(f"tensors of shapes {wider} are wider than {width}: never cropped")
     return torch.cat([_pad(tensor, width, 0) for tensor in tensors])
 
 

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_causal_lm
-from rlhf_ray.ppo.messages import RolloutBatch
+from rlhf_ray.ppo.messages import ReferenceLogprobs, RolloutBatch
 
 
 class ReferenceCore:
@@ -20,8 +20,9 @@ class ReferenceCore:
         self.temperature = temperature
 
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """-> (B, R) float32 reference logprobs at the sampling temperature, 0 on padding."""
+    def logprobs(self, batch: RolloutBatch) -> ReferenceLogprobs:
+        """-> the batch's (B, R) float32 reference logprobs at the sampling temperature, 0 on
+        padding."""
         device = device_of(self.model)
         logprobs = response_logprobs(
             self.model,
@@ -31,4 +32,4 @@ class ReferenceCore:
             batch.response_mask.to(device),
             self.temperature,
         )
-        return (logprobs.cpu() * batch.response_mask).float()
+        return ReferenceLogprobs(batch.key, (logprobs.cpu() * batch.response_mask).float())

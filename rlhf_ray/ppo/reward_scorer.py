@@ -64,7 +64,7 @@ class ScorerCore:
         weights = dict(zip(self.settings.functions, self.settings.function_weights, strict=True))
         weights[REWARD_MODEL] = self.settings.reward_model_weight
         total = sum(weights.get(name, 0.0) * values for name, values in components.items())
-        return Scores(total=total.float(), components=components)
+        return Scores(total.float(), components, [b.key for b in batches])
 
     def _reward_model(self, batch: RolloutBatch) -> torch.Tensor:
         """-> (B,) float32 reward-model scores."""
