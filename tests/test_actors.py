@@ -63,7 +63,8 @@ def _check_version_zero(roles, out: Path) -> None:
     batch_ref, _ = roles.generators[0].generate.remote(prompts, [0, 0, 0])
     ref_logprobs = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
     batch = ray.get(batch_ref, timeout=TIMEOUT)
-    torch.testing.assert_close(ref_logprobs, batch.logprobs, atol=1e-4, rtol=0)
+    assert ref_logprobs.batch == batch.key
+    torch.testing.assert_close(ref_logprobs.logprobs, batch.logprobs, atol=1e-4, rtol=0)
     scores = ray.get(roles.scorer.score.remote(batch_ref), timeout=TIMEOUT)
     assert scores.total.shape == (3,) and torch.isfinite(scores.total).all()
     # The gold judge watches (synthetic prompts) at weight 0: the total is the reward model's

@@ -159,7 +159,7 @@ def test_reference_and_reward_model_on_cuda_answer_on_the_cpu(tiny_run, rollouts
         reward = FrozenModelSettings(str(out / "reward"), **frozen)
         scorer = ScorerCore(ScorerSettings(reward, 1.0, (), (), str(out / "sft"), False))
         reference = ReferenceCore(FrozenModelSettings(str(out / "sft"), **frozen), 1.0)
-        return reference.logprobs(batch), scorer.score([batch]).total
+        return reference.logprobs(batch).logprobs, scorer.score([batch]).total
 
     expected = roles(gpus=0)
     with fake_cuda():
