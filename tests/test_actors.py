@@ -154,6 +154,29 @@ def test_overlap_generates_next_batch_during_the_update_one_version_behind(roles
     assert lags == [0, 1, 1]
 
 
+def test_the_sync_after_an_overlapped_update_is_not_the_next_batchs_sampling(roles, tiny_run):
+    """With overlap the next batch is sampled during the update, and a generator loads the new
+    weights only once it is sampled (its calls run in order). A long sampling queued ahead of
+    that batch (1024 rows on every generator) is time of the generate stage, not of the sync."""
+    out, prepared = tiny_run
+    loop = _loop(roles, prepared, **{"ppo.overlap": "true"})
+    pending, dispatch, queued = loop.dispatch(), loop.dispatch, []
+    prompts = [read_rows(out / "data", "prompts")[0]["prompt"]] * 1024
+
+    def dispatch_behind_a_long_sampling():
+        for generator in roles.generators.values():
+            queued.append(generator.generate.remote(prompts, [0] * 1024)[1])
+        return dispatch()
+
+    loop.dispatch = dispatch_behind_a_long_sampling
+    pending, _, times = loop.step(pending, more=True)
+    loop.dispatch = dispatch
+    loop.step(pending, more=False)
+    long_sampling = max(got["sample_seconds"] for got in ray.get(queued, timeout=TIMEOUT))
+    print(f"sync {times['sync']:.3f}s beside a sampling of {long_sampling:.3f}s")
+    assert times["sync"] < 0.25 * long_sampling, (times, long_sampling)
+
+
 def test_a_role_that_stays_dead_is_named_in_the_error(roles, tiny_run):
     """Runs last: the scorer is killed for good (restarts left or not, Ray will not restart an
     actor killed with no_restart)."""

@@ -236,7 +236,7 @@ class PPOLoop:
         last step), stats, stage times."""
         batch_refs = pending.refs
         receipts = self.wait_sampled(pending)
-        ready_at = pending.ready_at or time.perf_counter()  # not counting a checkpoint's wait
+        ready_at = pending.ready_at or time.perf_counter()  # not counting later waits
         times = {"generate": ready_at - pending.dispatched_at}
         pending.sampled = receipts
         if self.ppo.overlap and more:
@@ -254,6 +254,11 @@ class PPOLoop:
             "the learner update",
         )
         times["learn"] = time.perf_counter() - t
+        if self.ppo.overlap and more:
+            # The generators load new weights after the next batch (calls run in order): wait
+            # for that batch here, so its sampling is not counted as the sync's time.
+            self.wait_sampled(pending)
+            pending.ready_at = pending.ready_at or time.perf_counter()
         t = time.perf_counter()
         weights = self.roles.learner.weights.remote()  # put once, read by every generator
         self.on_generators("load_weights", (weights,), "loading new weights into the generators")

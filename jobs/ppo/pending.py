@@ -28,7 +28,9 @@ class Pending:
     receipts: list
     prompt_ids: list[int]  # the step's prompts (rows of the prompt file), each sampled k times
     dispatched_at: float
-    ready_at: float | None = None  # set when a checkpoint waited for it (or it was restored)
+    # when the driver saw it sampled, where it waited before the step that trains on it: for
+    # the sync after an overlapped update, for a checkpoint, or it was restored
+    ready_at: float | None = None
     sampled: list[dict] | None = None  # every shard's receipt, once sampled
 
     def generator_stats(self) -> dict[str, dict]:
