@@ -487,7 +487,7 @@ class RunConfig(Section):
     # tensorboard (DIR/tb), wandb, mlflow; on the command line: --run.report_to tensorboard wandb
     report_to: tuple[str, ...] = ("tensorboard",)
     # Delete this phase's outputs and those of every phase after it, then train them again
-    # (after a settings change; see README, "Changed settings"). Give it once, not on reruns.
+    # (after a settings change; see docs/faults.md, "Changed settings"). Give it once, not on reruns.
     redo: str | None = None
 
     def validate(self) -> None:
