@@ -138,3 +138,22 @@ def test_a_redo_that_cannot_start_deletes_nothing(local_ray, tmp_path, capsys):
     assert code == 2 and "the PPO learner asks for CPU=64" in err
     assert (phase_dir(tmp_path, "reward") / "metrics.json").is_file()
     assert fingerprints.record_path(tmp_path, "reward").is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "then", "now", "phase"),
+    [
+        ("sft.weight_decay", 0.0, "0.1", "sft"),
+        ("reward.weight_decay", 0.01, "0.0", "reward"),
+        ("ppo.weight_decay", 0.01, "0.0", "ppo"),
+    ],
+)
+def test_a_changed_weight_decay_is_refused(tmp_path, key, then, now, phase):
+    """AdamW's weight decay changes what every phase learns (defaults: 0 for SFT, 0.01 for
+    the reward model and PPO, torch's AdamW default, as before they were settings)."""
+    _finished_run(tmp_path)
+    cfg = smoke_config(tmp_path, **{key: now})
+    with raises_with(
+        f"its {phase} outputs", f"{key}: {then} then, {float(now)} now", exc=ConfigError
+    ):
+        phases.check_recorded_settings(tmp_path, _settings(cfg))

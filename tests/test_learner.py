@@ -128,6 +128,18 @@ def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(roll
         assert any(moved), f"the {name} did not change after one minibatch step"
 
 
+def test_policy_and_critic_optimizers_take_the_ppo_weight_decay(rollouts):
+    settings, _, _, _ = rollouts
+    assert (
+        settings.ppo.weight_decay == 0.01
+    )  # the default: AdamW's, applied before it was a setting
+    learner = PPOLearner(replace(settings, ppo=replace(settings.ppo, weight_decay=0.2)))
+    decays = {
+        name: opt.param_groups[0]["weight_decay"] for name, (_, opt) in learner.trained.items()
+    }
+    assert decays == {"policy": 0.2, "critic": 0.2}
+
+
 def test_vf_coef_is_an_unknown_key():
     """vf_coef was removed (it was a no-op with two Adam optimizers); using it is an error."""
     with raises_with("unknown key ppo.vf_coef", "critic_lr", exc=ConfigError):

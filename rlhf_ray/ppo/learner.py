@@ -72,7 +72,8 @@ class PPOLearner:
         for name, model in (("policy", self.policy), ("critic", self.critic)):
             if model is not None:
                 params = [p for p in model.parameters() if p.requires_grad]
-                self.trained[name] = (params, torch.optim.AdamW(params, lr=lrs[name]))
+                opt = torch.optim.AdamW(params, lr=lrs[name], weight_decay=self.cfg.weight_decay)
+                self.trained[name] = (params, opt)
         self.version = 0
 
     def _build_critic(self):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from peft import TaskType
 from transformers import PreTrainedModel
 
-from rlhf_ray.config import LoraConfig
+from rlhf_ray.config import LoraConfig, RewardConfig, SFTConfig
 from rlhf_ray.models.adapters import add_lora
 from rlhf_ray.models.loading import use_cpus
 from rlhf_ray.run.console import Lines, quiet_libraries
@@ -106,6 +106,11 @@ def batches(items: list, batch_size: int, rng: random.Random) -> list[list]:
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def phase_optimizer(params: list, phase: SFTConfig | RewardConfig) -> torch.optim.AdamW:
+    """AdamW at the phase's peak learning rate (the schedule scales it) and weight decay."""
+    return torch.optim.AdamW(params, lr=phase.lr, weight_decay=phase.weight_decay)
 
 
 def optimizer_step(
