@@ -400,6 +400,12 @@ class PPOConfig(Section):
         return placement == "loss"
 
     @property
+    def reward_kl_coef(self) -> float:
+        """beta of the KL penalty in the per-token rewards: kl_coef, or 0 when the KL is a loss
+        term instead."""
+        return 0.0 if self.kl_in_loss else self.kl_coef
+
+    @property
     def loss_per_sequence(self) -> bool:
         """GRPO averages each response's token losses first, then over responses."""
         return self.estimator == "grpo"

@@ -137,7 +137,7 @@ class PPOLearner:
         return {
             **stats,
             **sampler,
-            **_rollout_stats(batch, targets, self.cfg.kl_coef),
+            **_rollout_stats(batch, targets, self.cfg.reward_kl_coef),
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
@@ -199,7 +199,7 @@ class PPOLearner:
         self, batch: RolloutBatch, scores: torch.Tensor, ref_logprobs: torch.Tensor
     ) -> Targets:
         cfg = self.cfg
-        kl_coef = 0.0 if cfg.kl_in_loss else cfg.kl_coef  # the KL is in the reward or the loss
+        kl_coef = cfg.reward_kl_coef  # 0 when the KL is a loss term instead
         if self.critic is None:
             return critic_free_targets(
                 cfg.estimator,
@@ -320,7 +320,8 @@ class PPOLearner:
 
 
 def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dict[str, float]:
-    """What the batch looked like: TRL's objective/* metrics, lengths, EOS."""
+    """What the batch looked like: TRL's objective/* metrics, lengths, EOS. `kl_coef`: the KL
+    penalty's weight in the rewards (0 when the KL is a loss term: loss/kl_avg shows that)."""
     kl_sum = targets.kl.sum(1)  # (B,) summed over each response's tokens
     return {
         metrics.KL: kl_sum.mean().item(),
