@@ -283,6 +283,11 @@ class ResourcesConfig(Section):
                 f"would be reserved and sit idle{MORE_GPUS.get(role, '')}",
             )
 
+    @property
+    def learner_torch_threads(self) -> int:
+        """The PPO learner's torch threads: learner_threads, or as many as its whole CPUs."""
+        return self.learner_threads or max(1, int(self.learner_cpus))
+
 
 @dataclass(frozen=True)
 class PPOConfig(Section):
