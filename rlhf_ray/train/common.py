@@ -129,7 +129,11 @@ def optimizer_step(
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float = 0.05):
-    """Linear warm-up over the first `warmup_frac` of steps, then cosine decay to 10%."""
+    """Linear warm-up over the first `warmup_frac` of steps, then cosine decay to 10%.
+
+    Not transformers' `get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1)`: the same
+    rates after the warm-up, but its warm-up runs one step behind, from 0, so its first step
+    would move no weight (a quarter of a 4-step run; tests/test_optimizers.py)."""
     warmup = max(1, int(total_steps * warmup_frac))
 
     def scale(step: int) -> float:
