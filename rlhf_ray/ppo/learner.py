@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from peft import TaskType
 
-from rlhf_ray.models.adapters import add_lora, save_merged, stack_onto
+from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
     disable_dropout,
@@ -312,10 +312,9 @@ class PPOLearner:
         original base model where SFT was LoRA too), written atomically."""
         with atomic_dir(Path(out_dir)) as tmp:
             policy = self.settings.policy
-            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model)
             sft_adapter = Path(policy.sft_path) / ADAPTER_DIR
-            if sft_adapter.is_dir() and (tmp / ADAPTER_DIR).is_dir():
-                stack_onto(sft_adapter, tmp / ADAPTER_DIR)
+            stack_on = sft_adapter if sft_adapter.is_dir() else None
+            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model, stack_on)
             write_metrics(tmp, run_metrics)
 
 
