@@ -406,6 +406,11 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
             ("scoring.reward_model_weight=0.0", "or reward functions"),
         ),
         (["--scoring.reward_model_weight", "-1"], ("scoring.reward_model_weight=-1.0", ">= 0")),
+        # AdamW's weight decay, a setting of every phase that trains.
+        (["--sft.weight_decay", "-0.1"], ("sft.weight_decay=-0.1", ">= 0")),
+        (["--reward.weight_decay", "-0.1"], ("reward.weight_decay=-0.1", ">= 0")),
+        (["--ppo.weight_decay", "-0.1"], ("ppo.weight_decay=-0.1", ">= 0")),
+        (["--ppo.weight_decay", "inf"], ("ppo.weight_decay=inf", "finite")),
     ],
 )
 def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, args, parts):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import phases, rlhf
+from jobs import phases, rlhf, roles
 from rlhf_ray.config import PHASES
 from rlhf_ray.data.prepare import prepare_run
 from rlhf_ray.errors import ConfigError
@@ -138,3 +138,83 @@ def test_a_redo_that_cannot_start_deletes_nothing(local_ray, tmp_path, capsys):
     assert code == 2 and "the PPO learner asks for CPU=64" in err
     assert (phase_dir(tmp_path, "reward") / "metrics.json").is_file()
     assert fingerprints.record_path(tmp_path, "reward").is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "then", "now", "phase"),
+    [
+        ("sft.weight_decay", 0.0, "0.1", "sft"),
+        ("reward.weight_decay", 0.01, "0.0", "reward"),
+        ("ppo.weight_decay", 0.01, "0.0", "ppo"),
+    ],
+)
+def test_a_changed_weight_decay_is_refused(tmp_path, key, then, now, phase):
+    """AdamW's weight decay changes what every phase learns (defaults: 0 for SFT, 0.01 for
+    the reward model and PPO, torch's AdamW default, as before they were settings)."""
+    _finished_run(tmp_path)
+    cfg = smoke_config(tmp_path, **{key: now})
+    with raises_with(
+        f"its {phase} outputs", f"{key}: {then} then, {float(now)} now", exc=ConfigError
+    ):
+        phases.check_recorded_settings(tmp_path, _settings(cfg))
+
+
+@pytest.mark.parametrize(
+    ("made_with", "now", "change"),
+    [
+        # GPU generators under auto may sample with vLLM; hf is another sampler
+        ({"resources.rollout_gpus": "1"}, {"rollout.engine": "hf"}, "'auto' then, 'hf' now"),
+        # more threads split the learner's reductions into other partial sums
+        ({}, {"resources.learner_threads": "2"}, "learner_threads: 1 then, 2 now"),
+        (
+            {"resources.learner_threads": "2"},
+            {"resources.learner_threads": "0"},  # as many as learner_cpus 0.25: one
+            "learner_threads: 2 then, 1 now",
+        ),
+    ],
+)
+def test_a_changed_sampler_or_learner_thread_count_is_refused(tmp_path, made_with, now, change):
+    _finished_run(tmp_path, **made_with)
+    cfg = smoke_config(tmp_path, **{**made_with, **now})
+    with raises_with("its ppo outputs", change, exc=ConfigError):
+        phases.check_recorded_settings(tmp_path, _settings(cfg))
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        {"rollout.engine": "hf"},  # auto on CPU generators is hf
+        {"resources.learner_threads": "1"},  # 0 with learner_cpus 0.25: one thread
+        {"resources.learner_cpus": "1.5"},  # still one whole CPU, one thread
+    ],
+)
+def test_the_same_sampler_and_learner_thread_count_said_otherwise_is_accepted(tmp_path, now):
+    _finished_run(tmp_path)
+    phases.check_recorded_settings(tmp_path, _settings(smoke_config(tmp_path, **now)))
+
+
+def test_the_embedded_model_shape_counts_only_for_the_embedded_model(tmp_path):
+    """model.hidden_size and the like build the embedded model; a hub model or directory has
+    its own shape, so changing them there changes nothing."""
+    data_dir = prepare_run(smoke_config(tmp_path)).data_dir
+    hub = {"model.name_or_path": str(tmp_path / "a-hub-model")}
+    made = fingerprints.phase_settings(smoke_config(tmp_path, **hub), data_dir)
+    assert "model.hidden_size" not in made["sft"] and "model.name_or_path" in made["sft"]
+    for phase in ("sft", "reward", "ppo"):
+        fingerprints.write_record(tmp_path, phase, made[phase])
+    reshaped = {"model.hidden_size": "64", "model.num_layers": "3", "model.vocab_size": "400"}
+    now = fingerprints.phase_settings(smoke_config(tmp_path, **hub, **reshaped), data_dir)
+    for phase in ("sft", "reward", "ppo"):
+        fingerprints.check_against_record(tmp_path, phase, now[phase], redo="sft")
+    embedded = fingerprints.phase_settings(smoke_config(tmp_path, **reshaped), data_dir)
+    assert embedded["sft"]["model.hidden_size"] == 64
+
+
+@pytest.mark.parametrize(("threads", "cpus", "expected"), [(0, 0.25, 1), (0, 2.5, 2), (3, 1.0, 3)])
+def test_the_recorded_learner_threads_are_those_the_learner_runs_with(
+    tmp_path, threads, cpus, expected
+):
+    overrides = {"resources.learner_threads": str(threads), "resources.learner_cpus": str(cpus)}
+    cfg = smoke_config(tmp_path, **overrides)
+    assert cfg.resources.learner_torch_threads == expected
+    assert max(1, int(roles.policy_settings(cfg, tmp_path).cpus)) == expected  # use_cpus's rule

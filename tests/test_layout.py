@@ -226,8 +226,12 @@ def test_rayjob_manifest_has_token_auth_and_keeps_the_dashboard_inside():
 
 def test_runtime_envs_install_what_pyproject_asks_for():
     """Nodes without the project get pyproject's dependencies (less ray, which they run)."""
-    import tomllib
     import yaml
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # requires-python is 3.10: the dev extra brings tomli, what became tomllib
+        import tomli as tomllib
 
     wanted = [
         d.split("#")[0].strip()

@@ -128,6 +128,41 @@ def test_one_step_trains_policy_and_critic_and_kl_is_policy_minus_reference(roll
         assert any(moved), f"the {name} did not change after one minibatch step"
 
 
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_rlhf_reward_subtracts_only_the_kl_penalty_the_reward_holds(rollouts, estimator):
+    """objective/rlhf_reward is the score minus the KL penalty in the per-token rewards: with
+    the KL as a loss term (GRPO's placement) the rewards hold none, and loss/kl_avg shows it."""
+    settings, shards, _, _ = rollouts
+    ppo = replace(settings.ppo, estimator=estimator, samples_per_prompt=2, kl_coef=0.5)
+    learner = LearnerCore(replace(settings, ppo=ppo))
+    grouped = [
+        replace(shards[0], group=torch.tensor([0, 0, 1, 1])),
+        replace(shards[1], group=torch.tensor([2, 2, 3, 3])),
+    ]
+    refs = [(s.logprobs - 0.25) * s.response_mask for s in shards]  # kl 0.25 per token
+    stats = learner.train(grouped, Scores(torch.ones(8), {}), refs)
+
+    lengths = torch.cat([s.response_mask.sum(1) for s in shards])
+    kl = 0.25 * lengths.mean().item()
+    assert stats[metrics.KL] == pytest.approx(kl, abs=1e-4)
+    penalty = 0.0 if ppo.kl_in_loss else 0.5 * kl
+    assert stats[metrics.NON_SCORE_REWARD] == pytest.approx(-penalty, abs=1e-4)
+    assert stats[metrics.RLHF_REWARD] == pytest.approx(stats[metrics.SCORES] - penalty, abs=1e-4)
+    assert (metrics.KL_LOSS in stats) == ppo.kl_in_loss
+
+
+def test_policy_and_critic_optimizers_take_the_ppo_weight_decay(rollouts):
+    settings, _, _, _ = rollouts
+    assert (
+        settings.ppo.weight_decay == 0.01
+    )  # the default: AdamW's, applied before it was a setting
+    learner = LearnerCore(replace(settings, ppo=replace(settings.ppo, weight_decay=0.2)))
+    decays = {
+        name: opt.param_groups[0]["weight_decay"] for name, (_, opt) in learner.trained.items()
+    }
+    assert decays == {"policy": 0.2, "critic": 0.2}
+
+
 def test_vf_coef_is_an_unknown_key():
     """vf_coef was removed (it was a no-op with two Adam optimizers); using it is an error."""
     with raises_with("unknown key ppo.vf_coef", "critic_lr", exc=ConfigError):

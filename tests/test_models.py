@@ -193,6 +193,50 @@ def test_four_bit_save_merged_reloads_the_base_in_full_precision(base_dir, tok, 
     torch.testing.assert_close(logits(merged), logits(reference), atol=1e-4, rtol=0)
 
 
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+STACKINGS = {  # SFT adapter, PPO adapter, how the policy's base is loaded
+    "as the project trains them": (LORA, LORA, FLOAT),
+    "other ranks and alphas": (LORA, LoraConfig(r=8, alpha=32, dropout=0.0), FLOAT),
+    "other target modules": (
+        LORA,
+        LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=QKVO),
+        FLOAT,
+    ),
+    "a 4-bit policy": (LORA, LORA, QuantizationConfig(load_in_4bit=True, compute_dtype="float32")),
+}
+
+
+@pytest.mark.parametrize("case", list(STACKINGS))
+def test_sft_and_ppo_adapters_ship_stacked_on_the_base_model(base_dir, tok, tmp_path, case):
+    """The policy's adapter alone (PPO's, trained on the merged SFT model) stacked onto SFT's:
+    one rank r1 + r2 adapter on the original base computes what the merged policy computes,
+    whatever the two adapters' ranks, alphas and target modules, and from a 4-bit policy."""
+    sft_lora, ppo_lora, quant = STACKINGS[case]
+    if quant.load_in_4bit:
+        pytest.importorskip("bitsandbytes")
+    sft = add_lora(load_causal_lm(base_dir, MODEL, FLOAT), sft_lora, TaskType.CAUSAL_LM, False)
+    perturb_lora(sft, seed=1)
+    save_merged(sft, tok, tmp_path / "sft")
+    policy = add_lora(
+        load_causal_lm(tmp_path / "sft", MODEL, quant), ppo_lora, TaskType.CAUSAL_LM, False
+    )
+    perturb_lora(policy, seed=2)
+    trained = logits(policy)
+    out = tmp_path / "policy"
+    save_merged(policy, tok, out, tmp_path / "sft", MODEL, stack_on=tmp_path / "sft" / "adapter")
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (sft_lora.r + ppo_lora.r,) * 2  # scaling 1
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert set(config["target_modules"]) == set(sft_lora.target_modules + ppo_lora.target_modules)
+    stacked = PeftModel.from_pretrained(load_causal_lm(base_dir, MODEL, FLOAT), out / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    torch.testing.assert_close(logits(stacked), logits(merged), atol=1e-5, rtol=0)
+    if not quant.load_in_4bit:  # the policy as it trained (4-bit computes otherwise)
+        torch.testing.assert_close(logits(stacked), trained, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(stacked), logits(load_causal_lm(base_dir, MODEL, FLOAT)))
+
+
 # --- tokenizers ----------------------------------------------------------------------------------
 
 

@@ -90,7 +90,7 @@ def policy_settings(cfg: Config, out: Path) -> PolicySettings:
         cfg.lora,
         limits_of(cfg.data),
         cfg.ppo.temperature,
-        res.learner_threads or res.learner_cpus,  # sets the learner's torch threads
+        res.learner_torch_threads,
         res.learner_gpus,
         cfg.run.seed,
     )

@@ -196,7 +196,7 @@ class SFTConfig(Section):
     epochs: int = 3  # passes over the demonstrations
     batch_size: int = 32  # rows per optimizer step, per Ray Train worker
     lr: float = 1e-3  # peak learning rate (linear warm-up, cosine decay to 10%)
-    weight_decay: float = 0.0  # AdamW weight decay
+    weight_decay: float = 0.0  # AdamW weight decay (decoupled, on every trained weight)
     max_grad_norm: float = 1.0  # gradients clipped to this global norm
 
     def validate(self) -> None:
@@ -214,12 +214,14 @@ class RewardConfig(Section):
     epochs: int = 2  # passes over the preference pairs
     batch_size: int = 32  # pairs per optimizer step, per Ray Train worker
     lr: float = 5e-4  # peak learning rate (linear warm-up, cosine decay to 10%)
+    weight_decay: float = 0.01  # AdamW weight decay (decoupled, on every trained weight)
     max_grad_norm: float = 1.0  # gradients clipped to this global norm
     eval_fraction: float = 0.1  # share of preference pairs held out for pairwise accuracy
 
     def validate(self) -> None:
         self.one_of("method", TRAIN_METHODS)
         self.positive("epochs", "batch_size", "lr", "max_grad_norm")
+        self.non_negative("weight_decay")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
 
 
@@ -281,6 +283,11 @@ class ResourcesConfig(Section):
                 f"would be reserved and sit idle{MORE_GPUS.get(role, '')}",
             )
 
+    @property
+    def learner_torch_threads(self) -> int:
+        """The PPO learner's torch threads: learner_threads, or as many as its whole CPUs."""
+        return self.learner_threads or max(1, int(self.learner_cpus))
+
 
 @dataclass(frozen=True)
 class PPOConfig(Section):
@@ -308,6 +315,7 @@ class PPOConfig(Section):
     epochs: int = 4  # passes of the learner over each batch
     lr: float = 5e-4  # learning rate of the policy's LoRA adapter
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
+    weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
     kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
     gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
     lam: float = 0.95  # lambda of GAE
@@ -354,7 +362,7 @@ class PPOConfig(Section):
         )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
-        self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag")
+        self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
         self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
         self.positive("keep_checkpoints")
         self.check(0 < self.gamma <= 1, "gamma", "a discount in (0, 1]")
@@ -395,6 +403,12 @@ class PPOConfig(Section):
             KL_PLACEMENT[self.estimator] if self.kl_placement == "auto" else self.kl_placement
         )
         return placement == "loss"
+
+    @property
+    def reward_kl_coef(self) -> float:
+        """beta of the KL penalty in the per-token rewards: kl_coef, or 0 when the KL is a loss
+        term instead."""
+        return 0.0 if self.kl_in_loss else self.kl_coef
 
     @property
     def loss_per_sequence(self) -> bool:
@@ -487,7 +501,7 @@ class RunConfig(Section):
     # tensorboard (DIR/tb), wandb, mlflow; on the command line: --run.report_to tensorboard wandb
     report_to: tuple[str, ...] = ("tensorboard",)
     # Delete this phase's outputs and those of every phase after it, then train them again
-    # (after a settings change; see docs/faults.md, "Changed settings"). Give it once, not on reruns.
+    # (after a settings change; docs/faults.md, "Changed settings"). Give it once, not on reruns.
     redo: str | None = None
 
     def validate(self) -> None:

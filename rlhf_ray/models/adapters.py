@@ -10,6 +10,7 @@ was LoRA too, the two are stacked into one adapter on the original base model:
 
 a rank r1 + r2 adapter with scaling 1 (alpha = r1 + r2), exact up to float rounding, so the
 policy ships as megabytes on the public base model instead of gigabytes of merged weights.
+PEFT builds it (`add_weighted_adapter`, "cat"), for adapters of any ranks and target modules.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.config import LoraConfig, ModelConfig
@@ -30,6 +31,7 @@ from rlhf_ray.models.source import ADAPTER_DIR
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
+_FIRST, _STACKED = "stack-first", "stacked"  # adapter names, only while stacking
 
 
 def add_lora(
@@ -52,28 +54,45 @@ def save_merged(
     out_dir: Path,
     reload_base: str | Path | None = None,
     model_cfg: ModelConfig | None = None,
+    stack_on: Path | None = None,
 ) -> None:
     """Save a standard model directory, with any LoRA adapter merged into the weights and also
-    saved alone in `adapter/` (PEFT format).
+    saved alone in `adapter/` (PEFT format). `stack_on`: the adapter that was merged into the
+    model's base (SFT's, for the policy); the adapter saved alone is then the two stacked into
+    one on that adapter's base model, where they stack (`stack_onto`).
 
     4-bit weights cannot absorb an adapter, so for QLoRA the base is reloaded in `model.dtype`
     from `reload_base`, the saved adapter loaded onto it, and that merged.
     """
     if isinstance(model, PeftModel):
         save_adapter(model, out_dir)
+        to_merge = model
         if getattr(model, "is_loaded_in_4bit", False):
-            inner = model.get_base_model()
-            base = type(inner).from_pretrained(
-                str(reload_base),
-                num_labels=inner.config.num_labels,
-                dtype=DTYPES[model_cfg.dtype],
-                use_safetensors=True,
-            )
-            base.config.pad_token_id = tokenizer.pad_token_id
-            model = PeftModel.from_pretrained(base, out_dir / ADAPTER_DIR)
-        model = model.merge_and_unload()
+            to_merge = _reloaded_with_adapter(model, tokenizer, out_dir, reload_base, model_cfg)
+        if stack_on is not None:  # before merging: merge_and_unload takes the adapter out of model
+            stack_onto(model, stack_on, out_dir / ADAPTER_DIR)
+        model = to_merge.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def _reloaded_with_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    reload_base: str | Path,
+    model_cfg: ModelConfig,
+) -> PeftModel:
+    """The 4-bit model's base reloaded in `model_cfg.dtype`, with the adapter saved in out_dir."""
+    inner = model.get_base_model()
+    base = type(inner).from_pretrained(
+        str(reload_base),
+        num_labels=inner.config.num_labels,
+        dtype=DTYPES[model_cfg.dtype],
+        use_safetensors=True,
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(base, out_dir / ADAPTER_DIR)
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
@@ -112,47 +131,36 @@ def write_adapter(
     peft_lora_config(lora, TaskType.CAUSAL_LM, base).save_pretrained(str(out_dir))
 
 
-def stack_onto(first: Path, second: Path) -> bool:
-    """Replace adapter `second` (trained on the model `first` was merged into) by one adapter
-    on `first`'s base model. False (and `second` kept as it is) when they cannot be stacked:
-    other target modules, or parts that are not LoRA matrices (a trained head)."""
-    config1, config2 = (json.loads((d / _CONFIG).read_text()) for d in (first, second))
-    if not _stackable(config1, config2):
+def stack_onto(model: PeftModel, first: Path, second: Path) -> bool:
+    """Replace adapter `second`, saved from `model`'s active adapter (trained on the model that
+    `first` was merged into), by one adapter on `first`'s base model: PEFT's
+    `add_weighted_adapter(combination_type="cat")`, on `model` for its module structure alone
+    (the base weights play no part; only adapter-sized tensors are added, then removed again).
+    False (and `second` kept as it is) when they cannot be stacked: a part that is not LoRA
+    matrices (a trained head), or rsLoRA scaling, which PEFT's "cat" keeps on the sum adapter
+    (scaling alpha / sqrt(r) = sqrt(r1 + r2) instead of 1; the project trains none)."""
+    configs = [json.loads((d / _CONFIG).read_text()) for d in (first, second)]
+    if not all(_stackable(c) for c in configs):
         return False
-    weights1, weights2 = (load_file(str(d / _WEIGHTS)) for d in (first, second))
-    lora_only = all(".lora_A." in k or ".lora_B." in k for k in weights1)
-    if weights1.keys() != weights2.keys() or not lora_only:
-        return False
-    s1, s2 = _scaling(config1), _scaling(config2)
-    stacked = {}
-    for name, a_or_b in weights1.items():
-        if ".lora_A." in name:  # (r, in): rows stack
-            stacked[name] = torch.cat([a_or_b, weights2[name]], dim=0)
-        else:  # lora_B (out, r): columns stack, each scaled by its own alpha / r
-            stacked[name] = torch.cat([s1 * a_or_b, s2 * weights2[name]], dim=1)
-    rank = config1["r"] + config2["r"]
-    config = dict(config2, r=rank, lora_alpha=rank, use_rslora=False)
-    config["base_model_name_or_path"] = config1["base_model_name_or_path"]
+    trained = model.active_adapter
+    model.load_adapter(str(first), adapter_name=_FIRST)
+    # (r1 + r2) rows of A as [A1; A2], columns of B as [s1*B1, s2*B2], alpha = r1 + r2: exact
+    model.add_weighted_adapter([_FIRST, trained], [1.0, 1.0], _STACKED, combination_type="cat")
+    staging = second.with_name(f"{second.name}.stacked")
+    model.save_pretrained(staging, selected_adapters=[_STACKED], safe_serialization=True)
+    for name in (_FIRST, _STACKED):
+        model.delete_adapter(name)
+    model.set_adapter(trained)
     shutil.rmtree(second)
-    second.mkdir()
-    save_file({k: v.contiguous() for k, v in stacked.items()}, str(second / _WEIGHTS))
-    (second / _CONFIG).write_text(json.dumps(config, indent=2))
+    (staging / _STACKED).rename(second)  # PEFT saves an adapter not named "default" in a folder
+    shutil.rmtree(staging)
+    (second / "README.md").unlink(missing_ok=True)
     return True
 
 
-def _stackable(config1: dict, config2: dict) -> bool:
-    def plain(c: dict) -> bool:
-        return (
-            c.get("peft_type") == "LORA"
-            and not c.get("modules_to_save")
-            and not c.get("rank_pattern")
-            and not c.get("alpha_pattern")
-        )
-
-    same_targets = sorted(config1["target_modules"]) == sorted(config2["target_modules"])
-    return plain(config1) and plain(config2) and same_targets
-
-
-def _scaling(config: dict) -> float:
-    root = config["r"] ** 0.5 if config.get("use_rslora") else config["r"]
-    return config["lora_alpha"] / root
+def _stackable(config: dict) -> bool:
+    return (
+        config.get("peft_type") == "LORA"
+        and not config.get("modules_to_save")
+        and not config.get("use_rslora")
+    )

@@ -34,7 +34,7 @@ import torch
 from peft import TaskType
 
 from rlhf_ray.models import token_math
-from rlhf_ray.models.adapters import add_lora, save_merged, stack_onto
+from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
 from rlhf_ray.models.loading import (
     disable_dropout,
@@ -81,7 +81,8 @@ class LearnerCore:
         for name, model in (("policy", self.policy), ("critic", self.critic)):
             if model is not None:
                 params = [p for p in model.parameters() if p.requires_grad]
-                self.trained[name] = (params, torch.optim.AdamW(params, lr=lrs[name]))
+                opt = torch.optim.AdamW(params, lr=lrs[name], weight_decay=self.cfg.weight_decay)
+                self.trained[name] = (params, opt)
         self.version = 0
 
     def _build_critic(self):
@@ -146,7 +147,7 @@ class LearnerCore:
         return {
             **stats,
             **sampler,
-            **_rollout_stats(batch, targets, self.cfg.kl_coef),
+            **_rollout_stats(batch, targets, self.cfg.reward_kl_coef),
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
@@ -208,7 +209,7 @@ class LearnerCore:
         self, batch: RolloutBatch, scores: torch.Tensor, ref_logprobs: torch.Tensor
     ) -> Targets:
         cfg = self.cfg
-        kl_coef = 0.0 if cfg.kl_in_loss else cfg.kl_coef  # the KL is in the reward or the loss
+        kl_coef = cfg.reward_kl_coef  # 0 when the KL is a loss term instead
         if self.critic is None:
             return critic_free_targets(
                 cfg.estimator,
@@ -319,15 +320,15 @@ class LearnerCore:
         original base model where SFT was LoRA too), written atomically."""
         with atomic_dir(Path(out_dir)) as tmp:
             policy = self.settings.policy
-            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model)
             sft_adapter = Path(policy.sft_path) / ADAPTER_DIR
-            if sft_adapter.is_dir() and (tmp / ADAPTER_DIR).is_dir():
-                stack_onto(sft_adapter, tmp / ADAPTER_DIR)
+            stack_on = sft_adapter if sft_adapter.is_dir() else None
+            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model, stack_on)
             write_metrics(tmp, run_metrics)
 
 
 def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dict[str, float]:
-    """What the batch looked like: TRL's objective/* metrics, lengths, EOS."""
+    """What the batch looked like: TRL's objective/* metrics, lengths, EOS. `kl_coef`: the KL
+    penalty's weight in the rewards (0 when the KL is a loss term: loss/kl_avg shows that)."""
     kl_sum = targets.kl.sum(1)  # (B,) summed over each response's tokens
     return {
         metrics.KL: kl_sum.mean().item(),

@@ -1,6 +1,6 @@
 """A console a person can read: rlhf-ray's own lines, each once; library noise (weight loading
-and saving bars, load reports, deprecation and kernel warnings, Ray Train's per-checkpoint
-lines) only with `run.verbose`.
+and saving bars, load reports, deprecation and kernel warnings, the UserWarnings known to be
+noise, Ray Train's per-checkpoint lines) only with `run.verbose`.
 
 Every process of a run (the driver, Ray Train workers, the PPO actors, evaluation tasks) calls
 `quiet_libraries()` first. The driver records the choice in RLHF_RAY_VERBOSE before it starts a
@@ -18,8 +18,15 @@ import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "RLHF_RAY_VERBOSE"
-# Libraries whose warnings are advice to their own developers or about their own deprecations.
+# Libraries whose deprecation warnings are about their own internals, not a run's settings.
 _NOISY_MODULES = r"(transformers|peft|bitsandbytes|torch|accelerate|datasets|huggingface_hub|vllm)"
+# Their UserWarnings that are known noise, by the start of the message (a regex), each seen in
+# this project's runs; any other UserWarning of theirs is shown, since it may concern the run.
+KNOWN_NOISE = (
+    # torch, under gradient checkpointing (seen in 4-bit training): the Hugging Face libraries
+    # call checkpoint without use_reentrant; advice to their developers, no setting of a run
+    r"torch\.utils\.checkpoint: the use_reentrant parameter should be passed explicitly",
+)
 
 
 def set_verbose(verbose: bool) -> None:
@@ -52,8 +59,10 @@ def quiet_libraries() -> None:
         sys.modules["datasets"].utils.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the CPU kernel warning
     logging.getLogger(_ray_train_context_logger()).setLevel(logging.WARNING)
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
+    for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message, UserWarning, _NOISY_MODULES)
 
 
 def _ray_train_context_logger() -> str:

@@ -33,7 +33,15 @@ OPERATIONAL = {
     "ppo.checkpoint_every",
     "ppo.keep_checkpoints",
 }
-_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+# What builds the embedded model alone: a hub model or directory brings its own shape
+_EMBEDDED_ONLY = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+)
 _DATA_LIMITS = ("prompt_template", "max_prompt_tokens", "max_completion_tokens", "overlong")
 
 
@@ -52,15 +60,39 @@ def _rows_digest(data_dir: Path, name: str) -> str:
 
 def base_settings(cfg: Config) -> dict:
     """What the embedded base model (tokenizer and random weights) is built from."""
-    model = {f"model.{k}": getattr(cfg.model, k) for k in (*_ARCHITECTURE, "num_kv_heads")}
+    model = {f"model.{k}": getattr(cfg.model, k) for k in _EMBEDDED_ONLY}
     positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     return {**model, "model.max_positions": positions, "run.seed": cfg.run.seed}
+
+
+def _model(cfg: Config) -> dict:
+    """The model section less, for a hub model or directory, the embedded model's shape
+    (`_EMBEDDED_ONLY`), which nothing reads then."""
+    model = _section(cfg, "model")
+    if cfg.model.is_embedded:
+        return model
+    return {k: v for k, v in model.items() if k.removeprefix("model.") not in _EMBEDDED_ONLY}
+
+
+def _rollout(cfg: Config) -> dict:
+    """What decides how PPO's rollouts are sampled and weighed; the vLLM memory settings change
+    how fast, not what. The engine as far as the config can say: `auto` is hf on CPUs, and on
+    GPUs stays `auto` (each generator picks where it runs), so a change to it is one too."""
+    engine = cfg.rollout_engine
+    rollout = {
+        "rollout.engine": engine,  # hf and vLLM are other samplers of the same policy
+        **{f"rollout.{k}": getattr(cfg.rollout, k) for k in ("logprob_correction", "tis_cap")},
+        "rollout.logprob_source": cfg.logprob_source,  # resolved: the ratio's old logprobs
+    }
+    if engine != "hf":  # how vLLM holds the base: e.g. fp8 weights give other logits
+        rollout["rollout.vllm_quantization"] = cfg.rollout.vllm_quantization
+    return rollout
 
 
 def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
     """Phase ("sft", "reward", "ppo") -> {"section.key": value} its result depends on."""
     shared = {
-        **_section(cfg, "model"),
+        **_model(cfg),
         **_section(cfg, "quantization"),
         **{f"data.{k}": getattr(cfg.data, k) for k in _DATA_LIMITS},
         "data.chat_template": chat.read_template(cfg.data.chat_template),  # the text, not a path
@@ -86,9 +118,10 @@ def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
         **_section(cfg, "ppo"),
         **_section(cfg, "scoring"),
         **lora,  # the policy always trains a LoRA adapter
-        # the engine and its memory settings change how rollouts are sampled, not the loss
-        **{f"rollout.{k}": getattr(cfg.rollout, k) for k in ("logprob_correction", "tis_cap")},
-        "rollout.logprob_source": cfg.logprob_source,  # resolved: which logprobs the ratio uses
+        **_rollout(cfg),
+        # the learner's torch threads (learner_cpus when 0): they split its reductions (losses,
+        # whitening, gradient norms) into other partial sums, so the floats it learns differ
+        "resources.learner_threads": cfg.resources.learner_torch_threads,
         "data.prompt_rows_sha256": _rows_digest(data_dir, "prompts"),
     }
     return {"sft": sft, "reward": reward, "ppo": ppo}

@@ -20,8 +20,10 @@ REWARD_EVAL_MARGIN = "reward/eval_margin"
 # PPO (names as in TRL's PPOTrainer)
 KL = "objective/kl"  # mean over rollouts of the summed per-token k1 KL to the reference
 SCORES = "objective/scores"  # reward-model score (after the missing-EOS penalty)
-RLHF_REWARD = "objective/rlhf_reward"  # scores - kl_coef * kl
-NON_SCORE_REWARD = "objective/non_score_reward"
+# scores - the KL penalty the rewards hold: kl_coef * kl, or nothing when ppo.kl_placement puts
+# the KL in the loss (GRPO's default; then loss/kl_avg is its k3 estimate, weighted by kl_coef)
+RLHF_REWARD = "objective/rlhf_reward"
+NON_SCORE_REWARD = "objective/non_score_reward"  # -(that KL penalty): rlhf_reward - scores
 APPROXKL = "policy/approxkl_avg"
 CLIPFRAC = "policy/clipfrac_avg"
 ENTROPY = "policy/entropy_avg"

@@ -23,6 +23,7 @@ from rlhf_ray.train.common import (
     Worker,
     batches,
     optimizer_step,
+    phase_optimizer,
     ready_to_train,
     shard,
     step_count,
@@ -95,7 +96,7 @@ def reward_worker_loop(config: dict) -> None:
     train = shard(train, worker.rank, worker.world)
     model = build_reward_model(settings, worker, tok.pad_token_id)
     params = trainable_params(model)
-    opt = torch.optim.AdamW(params, lr=settings.reward.lr)
+    opt = phase_optimizer(params, settings.reward)
     total = step_count(len(train), settings.reward.batch_size, settings.reward.epochs)
     loop = LoopState(
         model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)

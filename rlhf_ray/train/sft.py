@@ -23,6 +23,7 @@ from rlhf_ray.train.common import (
     Worker,
     batches,
     optimizer_step,
+    phase_optimizer,
     ready_to_train,
     shard,
     step_count,
@@ -76,7 +77,7 @@ def sft_worker_loop(config: dict) -> None:
     examples = [sft_example(tok, r["prompt"], r["completion"], settings.limits) for r in rows]
     model = build_sft_model(settings, worker)
     params = trainable_params(model)
-    opt = torch.optim.AdamW(params, lr=settings.sft.lr, weight_decay=settings.sft.weight_decay)
+    opt = phase_optimizer(params, settings.sft)
     total = step_count(len(examples), settings.sft.batch_size, settings.sft.epochs)
     loop = LoopState(
         model, opt, warmup_cosine(opt, total), random.Random(settings.seed + worker.rank)
