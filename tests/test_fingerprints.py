@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import phases, rlhf, roles
+from jobs import phases, rlhf
+from jobs.ppo import roles
 from rlhf_ray.config import PHASES
 from rlhf_ray.data.prepare import prepare_run
 from rlhf_ray.errors import ConfigError
