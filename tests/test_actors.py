@@ -20,6 +20,7 @@ from rlhf_ray.run.resources import ppo_requests
 from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import ROLE_TIMEOUT as TIMEOUT
 from tests.conftest import ppo_loop, running_roles, smoke_config
+from tests.held_prompts import closed_gate
 
 # What a synced adapter carries beside its tensors' bytes: each tensor's name and metadata as
 # pickled (measured: 10,396 bytes for the default preset's 28 tensors)
@@ -107,13 +108,17 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     loop._step(pending, more=False)  # the batch in flight trains: the roles are left synced
 
 
-def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run):
+def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run, tmp_path):
     _, prepared = tiny_run
     generator = roles.generators[0]
     first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
     loop = _loop(roles, prepared)
-    pending = loop._dispatch()
-    ray.kill(generator, no_restart=False)  # dies with its generate task in flight
+    with closed_gate(tmp_path / "gate") as gate:
+        loop.prompts.prompts = [gate.hold(p) for p in loop.prompts.prompts]
+        pending = loop._dispatch()
+        gate.wait_entered(first_pid, TIMEOUT)  # the generator is inside generate, held there
+        assert ray.wait(pending.refs[:1], timeout=0)[0] == []
+        ray.kill(generator, no_restart=False)  # dies with its generate task in flight
     for step in range(1, 4):
         pending, stats, _ = loop._step(pending, more=step < 3)
         assert stats[metrics.POLICY_LAG] == 0
