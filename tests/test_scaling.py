@@ -95,6 +95,7 @@ def _back_to_one(lines: list[dict]) -> bool:
     return 2 in counts and 1 in counts[counts.index(2) :]
 
 
+@pytest.mark.slow  # the PPO driver loop, run to its end
 def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
     out, prepared = tiny_run
     steps = 80
@@ -154,6 +155,7 @@ def test_generators_scaled_1_2_1_while_the_run_trains(local_ray, tiny_run):
         assert sorted(used[start : start + per_pass]) == list(range(per_pass))
 
 
+@pytest.mark.slow  # a cluster of its own
 def test_auto_scaling_grows_onto_a_joining_node_and_survives_its_removal(tiny_run, tmp_path):
     """tests/autoscale_scenario.py, in its own process: one 1-CPU node at the start, a second
     joins after step 2 and is removed two steps after a generator started there."""
