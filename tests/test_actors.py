@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,20 @@ import torch
 
 from jobs import cluster, rlhf
 from jobs.ppo.loop import PPOLoop
+from jobs.ppo.roles import policy_settings
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.errors import ResourceError, RoleFailed
+from rlhf_ray.models.forward import response_logprobs
+from rlhf_ray.models.loading import load_trainable_state
 from rlhf_ray.models.sampling import decode_responses
+from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.run import metrics
 from rlhf_ray.run.resources import ppo_requests
 from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import ROLE_TIMEOUT as TIMEOUT
 from tests.conftest import ppo_loop, running_roles, smoke_config
+from tests.held_prompts import closed_gate
 
 # What a synced adapter carries beside its tensors' bytes: each tensor's name and metadata as
 # pickled (measured: 10,396 bytes for the default preset's 28 tensors)
@@ -108,19 +114,51 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     loop.step(pending, more=False)  # the batch in flight trains: the roles are left synced
 
 
-def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run):
+def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run, tmp_path):
     _, prepared = tiny_run
     generator = roles.generators[0]
     first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
     loop = _loop(roles, prepared)
-    pending = loop.dispatch()
-    ray.kill(generator, no_restart=False)  # dies with its generate task in flight
+    with closed_gate(tmp_path / "gate") as gate:
+        loop.prompts.prompts = [gate.hold(p) for p in loop.prompts.prompts]
+        pending = loop.dispatch()
+        gate.wait_entered(first_pid, TIMEOUT)  # the generator is inside generate, held there
+        assert ray.wait(pending.refs[:1], timeout=0)[0] == []
+        ray.kill(generator, no_restart=False)  # dies with its generate task in flight
     for step in range(1, 4):
         pending, stats, _ = loop.step(pending, more=step < 3)
         assert stats[metrics.POLICY_LAG] == 0
     assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
-    version = ray.get(generator.load_weights.remote(roles.learner.weights.remote()))
-    assert version == _learner_version(roles)  # the restarted generator follows the learner
+    _check_generators_sample_with_the_learners_weights(roles, prepared)
+
+
+def _check_generators_sample_with_the_learners_weights(roles, prepared) -> None:
+    """Each generator's sampling logprobs are those of a policy given the learner's current
+    weights, and not the SFT model's (the reference's): the weights reached the sampler."""
+    cfg = _config(roles.out)
+    weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+    settings = replace(policy_settings(cfg, roles.out), cpus=torch.get_num_threads())
+    _, policy = build_policy(settings)
+    load_trainable_state(policy.eval(), weights.tensors)
+    prompts = [read_rows(prepared.data_dir, "prompts")[0]["prompt"]] * 3
+    for generator in roles.generators.values():
+        batch_ref, _ = generator.generate.remote(prompts, [0, 0, 0])
+        batch = ray.get(batch_ref, timeout=TIMEOUT)
+        assert batch.policy_version == weights.version
+        with torch.no_grad():
+            learners = response_logprobs(
+                policy,
+                batch.query,
+                batch.query_mask,
+                batch.response,
+                batch.response_mask,
+                cfg.ppo.temperature,
+            )
+        torch.testing.assert_close(
+            batch.logprobs, learners * batch.response_mask, atol=1e-4, rtol=0
+        )
+        sft = ray.get(roles.reference.logprobs.remote(batch_ref), timeout=TIMEOUT)
+        assert not torch.allclose(batch.logprobs, sft.logprobs, atol=1e-3)
 
 
 def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, tiny_run):

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+
+import pytest
 
 from rlhf_ray.ppo.run_state import RunTotals
 from rlhf_ray.run.busy import BusyClock, busy_since
 
 
+class ManualClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_busy_clock_counts_only_the_time_inside_working():
-    clock = BusyClock()
-    time.sleep(0.05)  # idle: not counted
-    with clock.working():
-        time.sleep(0.05)
-    assert 0.04 < clock.seconds < 0.5
+    clock = ManualClock()
+    busy = BusyClock(clock)
+    clock.now += 5.0  # idle: not counted
+    with busy.working():
+        clock.now += 2.0
+    clock.now += 3.0
+    with pytest.raises(RuntimeError), busy.working():  # work that fails still took its time
+        clock.now += 0.5
+        raise RuntimeError("failed work")
+    assert busy.seconds == 2.5
 
 
 def test_busy_since_counts_a_restarted_role_from_zero():

@@ -17,6 +17,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,6 +25,8 @@ from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import read_metrics
 from rlhf_ray.run.trackers import read_metrics_log
 from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
+
+pytestmark = pytest.mark.slow  # a driver in its own process
 
 STEPS, KILL_EVERY_STEPS = 18, 3
 STATELESS = ("ray::RolloutGenerator", "ray::RewardScorer", "ray::ReferenceModel")

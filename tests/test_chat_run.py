@@ -101,6 +101,7 @@ def scrape_while_running(port: int, keep: Path):
         thread.join(timeout=30)
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_conversational_files_run_every_phase_and_are_judged(chat_run):
     out, code = chat_run
     assert code == 0
@@ -114,6 +115,7 @@ def test_conversational_files_run_every_phase_and_are_judged(chat_run):
     assert summary["rm_accuracy_gold"] is not None
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 @pytest.mark.parametrize("folder", ["sft", "reward", "policy"])
 def test_every_phase_directory_carries_the_chat_template_and_a_card(chat_run, folder):
     out, _ = chat_run
@@ -127,12 +129,14 @@ def test_every_phase_directory_carries_the_chat_template_and_a_card(chat_run, fo
     assert not (adapter / "README.md").exists()  # PEFT's blank template; the card above covers it
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_policy_card_has_the_gold_judge_numbers(chat_run):
     out, _ = chat_run
     card = (out / "policy" / "README.md").read_text()
     assert "| gold_reward_policy |" in card and "| win_rate_vs_sft |" in card
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_policy_adapter_on_the_base_model_equals_the_merged_policy(chat_run):
     """SFT and PPO adapters stacked into one on the original base: the policy in megabytes."""
     out, _ = chat_run
@@ -154,6 +158,7 @@ def test_policy_adapter_on_the_base_model_equals_the_merged_policy(chat_run):
         assert not torch.allclose(base(input_ids=ids["input_ids"]).logits, expected, atol=1e-3)
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_reward_model_loads_in_transformers_and_scores_as_rlhf_ray(chat_run):
     out, _ = chat_run
     tok = AutoTokenizer.from_pretrained(out / "reward")
@@ -267,6 +272,7 @@ def _last(out: Path, phase: str, name: str) -> tuple[int, float]:
     return rows[-1]["step"], rows[-1][name]
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_mlflow_file_store_holds_every_phase_s_metrics(chat_run):
     from mlflow.tracking import MlflowClient
 
@@ -283,6 +289,7 @@ def test_mlflow_file_store_holds_every_phase_s_metrics(chat_run):
     assert runs["out-ppo"].data.params["ppo.steps"] == "2"
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_wandb_offline_runs_hold_every_step(chat_run):
     out, _ = chat_run
     runs = dict(wandb_offline_run(p) for p in (out / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -293,6 +300,7 @@ def test_wandb_offline_runs_hold_every_step(chat_run):
         assert tracked == pytest.approx(logged) and logged
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run):
     """The dashboard's Metrics view reads what this endpoint exports (and so does Prometheus):
     its last page showing the PPO gauges during the run holds the last step's values."""
@@ -313,6 +321,7 @@ def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run):
     assert "ray_rlhf_rollout_completions_per_s{" in page
 
 
+@pytest.mark.slow  # the chat run is a driver through every phase
 def test_report_renders_in_a_browser_with_every_plot(chat_run):
     out, _ = chat_run
     shown = render_in_browser(out / "report.html", out / "report.png")

@@ -23,7 +23,7 @@ from jobs import rlhf
 from rlhf_ray.run import metrics
 from rlhf_ray.run.trackers import read_metrics_log
 
-pytestmark = [pytest.mark.gpu_path, pytest.mark.e2e]
+pytestmark = [pytest.mark.gpu_path, pytest.mark.e2e, pytest.mark.slow]
 
 RUNS = {
     "qlora": {

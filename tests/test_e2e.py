@@ -29,6 +29,8 @@ from rlhf_ray.run.checkpoints import read_metrics
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from tests.conftest import check_console, copy_outputs, free_port
 
+pytestmark = pytest.mark.slow  # a `ray start` head and `ray job submit`
+
 REPO = Path(__file__).resolve().parent.parent
 STOPPED_RUN_STEPS = 60
 SUMMARY_KEYS = (

@@ -38,6 +38,7 @@ def sft_only(tiny_run, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow  # a driver through its phases
 def test_grpo_oracle_run_skips_the_reward_phase_and_trains_on_the_gold_judge(
     local_ray, sft_only, capsys
 ):
@@ -76,6 +77,7 @@ def test_a_reward_function_that_cannot_be_imported_stops_the_run_before_any_phas
     assert not (tmp_path / "run" / "sft").exists()
 
 
+@pytest.mark.slow  # a driver through its phases
 def test_a_bad_reward_value_names_function_and_prompt_at_the_first_step(
     local_ray, sft_only, capsys
 ):

@@ -18,6 +18,8 @@ from rlhf_ray.run.checkpoints import read_metrics
 from tests.cluster_scenario import REMOVE_AT_STEPS, STEPS
 from tests.conftest import run_scenario
 
+pytestmark = pytest.mark.slow  # a Ray cluster of its own (ray.cluster_utils.Cluster)
+
 
 @pytest.fixture(scope="module")
 def scenario(tiny_run, tmp_path_factory):

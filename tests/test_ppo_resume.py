@@ -15,12 +15,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_ray.run import metrics
 from rlhf_ray.run.ppo_checkpoints import complete_steps
 from tests.conftest import copy_outputs, finish, session_ray_processes, start_driver
+
+pytestmark = pytest.mark.slow  # a driver in its own process
 
 STEPS = 8  # three faults, each once a step is saved: later steps leave room for the next
 TIMEOUT = 300

@@ -108,6 +108,7 @@ def _up_again(lines: list[dict]) -> bool:
     return 2 in counts[down:]
 
 
+@pytest.mark.slow  # the PPO driver loop, run to its end
 def test_generators_scaled_1_2_1_2_while_the_run_trains(local_ray, tiny_run):
     """The second scale-up starts rollout-2: rank 1, retired, is never used again (its seed and
     actor name are the retired generator's, which may still be being stopped)."""
@@ -178,6 +179,7 @@ def test_generators_scaled_1_2_1_2_while_the_run_trains(local_ray, tiny_run):
         assert sorted(used[start : start + per_pass]) == list(range(per_pass))
 
 
+@pytest.mark.slow  # a cluster of its own
 def test_auto_scaling_grows_onto_a_joining_node_and_survives_its_removal(tiny_run, tmp_path):
     """tests/autoscale_scenario.py, in its own process: one 1-CPU node at the start, a second
     joins after step 2 and is removed two steps after a generator started there."""

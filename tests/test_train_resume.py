@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -31,6 +32,8 @@ from tests.conftest import (
     session_ray_processes,
     start_driver,
 )
+
+pytestmark = pytest.mark.slow  # a driver in its own process
 
 TIMEOUT = 300
 EPOCHS, STEPS_PER_EPOCH = 4, 32

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 class BusyClock:
     """Seconds spent inside `working()` since this process started (a restart starts at 0)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.seconds, self.clock = 0.0, clock
 
     @contextmanager
     def working(self) -> Iterator[None]:
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
 
 def busy_since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
