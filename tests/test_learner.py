@@ -139,8 +139,9 @@ def test_rlhf_reward_subtracts_only_the_kl_penalty_the_reward_holds(rollouts, es
         replace(shards[0], group=torch.tensor([0, 0, 1, 1])),
         replace(shards[1], group=torch.tensor([2, 2, 3, 3])),
     ]
-    refs = [(s.logprobs - 0.25) * s.response_mask for s in shards]  # kl 0.25 per token
-    stats = learner.train(grouped, Scores(torch.ones(8), {}), refs)
+    # kl 0.25 per token
+    refs = [ReferenceLogprobs(s.key, (s.logprobs - 0.25) * s.response_mask) for s in shards]
+    stats = learner.train(grouped, Scores(torch.ones(8), {}, [s.key for s in shards]), refs)
 
     lengths = torch.cat([s.response_mask.sum(1) for s in shards])
     kl = 0.25 * lengths.mean().item()
