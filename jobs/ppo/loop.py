@@ -45,9 +45,9 @@ class StopRequest:
     requested: bool = False
 
 
-def stopped_after(step: int, checkpoint: Path) -> RunStopped:
+def stopped_after(step: int, saved: Path) -> RunStopped:
     return RunStopped(
-        f"PPO stopped after step {step}; its state is in {checkpoint}. "
+        f"PPO stopped after step {step}; its state is in {saved}. "
         "Run the same command again to continue from there."
     )
 
@@ -114,7 +114,7 @@ class PPOLoop:
         receipts = self.wait_sampled(pending) if pending else []
         batches = self.get(pending.refs, "generating") if pending else []
         if pending:
-            pending.ready_at = time.perf_counter()
+            pending.ready_at = pending.ready_at or time.perf_counter()
         learner_tensors, learner_state = self.learner_call(
             self.roles.learner.checkpoint_state.remote(), "the learner's state"
         )
