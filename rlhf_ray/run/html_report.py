@@ -9,7 +9,9 @@
   SFT and policy answers to the same prompts  DIR/eval_samples.jsonl
 
 Plots are PNG files in DIR/report/ and embedded in the page, so report.html alone can be sent.
-A section whose source is missing (a run without PPO or evaluation) says so instead.
+A section whose source is missing (a run without PPO or evaluation) says so instead. A line or
+file that is not JSON (a run killed while writing it, an edit gone wrong) is left out, and the
+page and stderr name it (file and line): one bad line costs that line, not the report.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import base64
 import html
 import io
 import json
+import sys
 from pathlib import Path
 
 from rlhf_ray.data.chat import prompt_text
-from rlhf_ray.data.jsonl import read_jsonl
 from rlhf_ray.run import metrics
-from rlhf_ray.run.trackers import read_metrics_log
+from rlhf_ray.run.trackers import metrics_log
 from rlhf_ray.world.gold_judge import GoldJudge
 
 REPORT_FILE = "report.html"
@@ -37,8 +39,9 @@ def write_report(out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no screen: draw to files
-    summary = _read_json(out / "summary.json")
-    ppo = read_metrics_log(out, "ppo")
+    sources = _Sources(out)
+    summary = sources.json("summary.json")
+    ppo = sources.jsonl(str(metrics_log(out, "ppo").relative_to(out)))
     sections = [
         _section("PPO over steps", _plot(out, "ppo_steps", _ppo_steps, ppo), _why_not(ppo)),
         _section("Time", _plot(out, "time", _time, summary), _why_not(summary, "summary.json")),
@@ -50,9 +53,11 @@ def write_report(out: Path) -> Path:
             _plot(out, "overoptimisation", _overoptimisation, ppo),
             _why_not([r for r in ppo if _GOLD in r and _RM in r], "steps scored by both"),
         ),
-        _samples(out),
+        _samples(sources),
     ]
-    page = _page(out, summary, sections)
+    for what in sources.skipped:
+        print(f"[report] skipped {what}", file=sys.stderr)
+    page = _page(out, summary, [*sections, _skipped(sources.skipped)])
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
     return out / REPORT_FILE
 
@@ -153,11 +158,11 @@ def _overoptimisation(rows: list[dict]):
 # --- page ----------------------------------------------------------------------------------------
 
 
-def _samples(out: Path) -> str:
-    path = out / "eval_samples.jsonl"
-    if not path.is_file():
+def _samples(sources: _Sources) -> str:
+    if not (sources.out / "eval_samples.jsonl").is_file():
         return _section("Sample responses", None, "no eval_samples.jsonl (evaluation skipped)")
-    rows = [r for r in read_jsonl(path) if r.get("sft") and r.get("policy")][:SAMPLES_SHOWN]
+    rows = sources.jsonl("eval_samples.jsonl")
+    rows = [r for r in rows if r.get("sft") and r.get("policy")][:SAMPLES_SHOWN]
     if not rows:
         return _section("Sample responses", None, "no prompt was answered by both SFT and policy")
     judge = GoldJudge()
@@ -189,7 +194,14 @@ def _section(title: str, body: str | None, missing: str | None) -> str:
 
 
 def _why_not(data, source: str = "metrics/ppo.jsonl") -> str | None:
-    return None if data else f"no {source} in this run directory"
+    return None if data else f"no readable {source} in this run directory"
+
+
+def _skipped(skipped: list[str]) -> str:
+    if not skipped:
+        return ""
+    items = "".join(f"<li>{html.escape(what)}</li>" for what in skipped)
+    return f'<section><h2>Skipped (not JSON)</h2><ul class="missing">{items}</ul></section>'
 
 
 def _page(out: Path, summary: dict, sections: list[str]) -> str:
@@ -220,5 +232,42 @@ text-align: left; vertical-align: top; }} img {{ max-width: 100%; }}
 """
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+# --- reading the run directory -------------------------------------------------------------------
+
+
+class _Sources:
+    """The run directory's files, read leniently: what is not a JSON object is left out and
+    named in `skipped` ("FILE line N: why"), since a run killed mid-write leaves half a line."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.skipped: list[str] = []
+
+    def json(self, name: str) -> dict:
+        """The object in DIR/name; {} when it is missing or not a JSON object."""
+        path = self.out / name
+        if not path.is_file():
+            return {}
+        return self._object(path.read_text(encoding="utf-8", errors="replace"), name)
+
+    def jsonl(self, name: str) -> list[dict]:
+        """The objects of DIR/name, one a line; [] when it is missing."""
+        path = self.out / name
+        if not path.is_file():
+            return []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = [self._object(line, f"{name} line {n}") for n, line in enumerate(lines, 1)]
+        return [row for row in rows if row]  # blank and skipped lines are {}
+
+    def _object(self, text: str, where: str) -> dict:
+        if not text.strip():
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            self.skipped.append(f"{where}: not JSON ({err.msg} at column {err.colno})")
+            return {}
+        if not isinstance(value, dict):
+            self.skipped.append(f"{where}: a JSON {type(value).__name__}, not an object")
+            return {}
+        return value
