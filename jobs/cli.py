@@ -30,13 +30,19 @@ USAGE = """usage: rlhf-ray run [--config PRESET_OR_YAML] [--section.key VALUE ..
   scale         set the number of rollout generators of a running job, from its next step
   report        write DIR/report.html (plots, gold rewards, samples) from a run's directory
 Every setting and its default: rlhf-ray run --help"""
+CONFIG_USAGE = "usage: rlhf-ray config show [--config PRESET_OR_YAML] [--section.key VALUE ...]"
+REPORT_USAGE = """usage: rlhf-ray report DIR
+
+Write DIR/report.html (and its plots in DIR/report/) from what the run in DIR left:
+metrics/ppo.jsonl, summary.json, eval_samples.jsonl. DIR is a run's --output_dir."""
+HELP = (["-h"], ["--help"])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[:1]
     try:
-        if command in (["-h"], ["--help"]):
+        if command in HELP:
             print(USAGE)
             return 0
         if command == ["--version"]:
@@ -54,18 +60,35 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:2] == ["config", "show"]:
             print(config_to_yaml(parse_run_args(argv[2:], prog="rlhf-ray config show")), end="")
             return 0
+        if command == ["config"]:
+            return run_config_without_show(argv[1:])
     except UserInputError as err:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 2
-    wrong = " ".join(argv[:2]) if argv[:1] == ["config"] else (argv[0] if argv else "")
-    problem = f"unknown command {wrong!r}" if wrong else "a command is required"
+    return usage_error(f"unknown command {argv[0]!r}" if argv else "a command is required")
+
+
+def usage_error(problem: str) -> int:
     print(f"{USAGE}\n\nrlhf-ray: error: {problem}", file=sys.stderr)
     return 2
 
 
+def run_config_without_show(argv: list[str]) -> int:
+    """`rlhf-ray config --help` prints the usage; anything else lacks `show` (the only one)."""
+    if argv[:1] in HELP:
+        print(CONFIG_USAGE)
+        return 0
+    if argv:
+        return usage_error(f"unknown command 'config {argv[0]}'")
+    return usage_error("rlhf-ray config needs a subcommand: show")
+
+
 def run_report(argv: list[str]) -> int:
+    if argv[:1] in HELP:
+        print(REPORT_USAGE)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: rlhf-ray report DIR", file=sys.stderr)
+        print(f"{REPORT_USAGE}\n\nrlhf-ray: error: give one run directory", file=sys.stderr)
         return 2
     from pathlib import Path
 
@@ -73,7 +96,11 @@ def run_report(argv: list[str]) -> int:
 
     out = Path(argv[0])
     if not (out / "config.yaml").is_file():
-        print(f"rlhf-ray: error: {out} is not a run directory (no config.yaml)", file=sys.stderr)
+        print(
+            f"rlhf-ray: error: {out} is not an rlhf-ray run directory: expected the "
+            "--output_dir of a run, which holds config.yaml",
+            file=sys.stderr,
+        )
         return 2
     print(f"[report] {write_report(out)}")
     return 0
