@@ -1,0 +1,191 @@
+"""A new user's first mistakes with `rlhf-ray scale`, `rlhf-ray report` and `rlhf-ray config`
+end quickly with a message naming what is wrong and what is expected, never a traceback or a
+hang. No Ray cluster is started here: the scale commands point at addresses where none runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+from rlhf_ray.run import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_S = 15  # what "ends within seconds" means here, Python and Ray's import included
+
+
+def _scale(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`rlhf-ray scale --rollout 2 ...` in its own process -> (its result, its seconds)."""
+    command = [sys.executable, "-m", "jobs.cli", "scale", "--rollout", "2", *args]
+    start = time.monotonic()
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=QUICK_S + 15, env=env
+    )
+    return done, time.monotonic() - start
+
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections and never answers (not a Ray GCS); -> (socket, port)."""
+    with socket.create_server(("0.0.0.0", 0)) as server:  # Ray dials the node's IP, not 127.0.0.1
+        yield server, server.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [("127.0.0.1:1", "connection refused"), ("no-such-host.invalid:6379", "unknown host")],
+)
+def test_scale_at_an_address_with_no_cluster_ends_quickly_naming_it(address, reason):
+    done, seconds = _scale("--address", address)
+    assert seconds < QUICK_S, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert f"no Ray cluster at {address!r}" in done.stderr and reason in done.stderr
+    assert "GCS address HOST:PORT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_scale_at_a_port_that_is_not_a_ray_gcs_gives_up_quickly(silent_port):
+    _, port = silent_port
+    done, seconds = _scale("--address", f"127.0.0.1:{port}")
+    assert seconds < QUICK_S, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert f"no Ray GCS answered at '127.0.0.1:{port}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sigterm_while_scale_connects_ends_it_at_once(silent_port):
+    server, port = silent_port
+    command = [sys.executable, "-m", "jobs.cli", "scale", "--rollout", "2"]
+    process = subprocess.Popen(
+        [*command, "--address", f"127.0.0.1:{port}"], cwd=REPO, stderr=subprocess.PIPE
+    )
+    try:
+        server.settimeout(QUICK_S)
+        server.accept()[0].close()  # the command is connecting to the cluster now
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) != 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.parametrize("where", ["--address", "RAY_ADDRESS"])
+def test_scale_given_the_dashboard_url_asks_for_the_gcs_address(where):
+    url = "http://127.0.0.1:8265"
+    env = {**os.environ, "RAY_ADDRESS": url} if where == "RAY_ADDRESS" else None
+    args = ("--address", url) if where == "--address" else ()
+    done, _ = _scale(*args, env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    if where == "--address":
+        assert done.returncode == 2, done.stderr
+        assert f"--address {url} is the dashboard's URL" in done.stderr
+        assert "the GCS address HOST:PORT" in done.stderr and "RAY_ADDRESS" in done.stderr
+    else:  # RAY_ADDRESS is the dashboard's for `ray job submit`: scale looks for a local Ray
+        assert done.returncode == 1, done.stderr
+        assert "no Ray cluster at 'auto'" in done.stderr
+
+
+# --- rlhf-ray report ------------------------------------------------------------------------
+
+
+def _fake_run(out: Path) -> Path:
+    """What a finished run leaves for its report: config, summary, PPO metrics, samples."""
+    (out / "metrics").mkdir(parents=True)
+    (out / "config.yaml").write_text("run: {}\n")
+    summary = {"gold_reward_sft": 0.2, "gold_reward_policy": 0.5, "phase_seconds": {"sft": 3.0}}
+    (out / "summary.json").write_text(json.dumps(summary))
+    rows = [
+        {"step": s, metrics.SCORES: 0.1 * s, metrics.KL: 0.05 * s, metrics.RLHF_REWARD: 0.1}
+        for s in (1, 2, 3)
+    ]
+    _write_lines(out / "metrics" / "ppo.jsonl", [json.dumps(r) for r in rows])
+    samples = [
+        {"prompt": f"question {i}?", "sft": ["an answer"], "policy": ["a better one"]}
+        for i in range(3)
+    ]
+    _write_lines(out / "eval_samples.jsonl", [json.dumps(s) for s in samples])
+    return out
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _report(capsys, out: Path) -> tuple[int, str]:
+    """`rlhf-ray report DIR` -> (exit code, what it printed to stdout and stderr)."""
+    code = cli.main(["report", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_report_skips_a_bad_metrics_line_and_names_it(capsys, tmp_path):
+    out = _fake_run(tmp_path / "run")
+    path = out / "metrics" / "ppo.jsonl"
+    lines = path.read_text().splitlines()
+    _write_lines(path, [lines[0], "{not json", *lines[1:]])
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert "skipped metrics/ppo.jsonl line 2" in printed and "Traceback" not in printed
+    assert (out / "report" / "ppo_steps.png").is_file()  # the other steps are plotted
+    assert "metrics/ppo.jsonl line 2" in (out / "report.html").read_text()
+
+
+def test_report_skips_a_truncated_sample_and_names_it(capsys, tmp_path):
+    out = _fake_run(tmp_path / "run")
+    path = out / "eval_samples.jsonl"
+    path.write_text(path.read_text()[:-20])  # a run killed while writing its last line
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert "skipped eval_samples.jsonl line 3" in printed
+    assert "question 0?" in (out / "report.html").read_text()
+
+
+def test_report_skips_a_corrupt_summary_and_names_it(capsys, tmp_path):
+    out = _fake_run(tmp_path / "run")
+    (out / "summary.json").write_text('{"gold_reward_sft": 0.')
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert "skipped summary.json" in printed and "Traceback" not in printed
+    assert (out / "report" / "ppo_steps.png").is_file()
+
+
+@pytest.mark.parametrize("what", ["empty directory", "missing", "file"])
+def test_report_on_what_is_not_a_run_directory_says_so(capsys, tmp_path, what):
+    path = tmp_path / "x"
+    if what == "empty directory":
+        path.mkdir()
+    elif what == "file":
+        path.write_text("hello")
+    code, printed = _report(capsys, path)
+    assert code == 2
+    assert f"{path} is not an rlhf-ray run directory" in printed and "config.yaml" in printed
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_report_help_prints_its_usage(capsys, flag):
+    assert cli.main(["report", flag]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: rlhf-ray report DIR") and captured.err == ""
+
+
+def test_config_without_a_subcommand_prints_the_usage(capsys):
+    assert cli.main(["config"]) == 2
+    captured = capsys.readouterr()
+    assert "rlhf-ray config show [--config" in captured.err
+    assert "rlhf-ray config needs a subcommand: show" in captured.err
+
+
+def test_config_help_prints_the_usage(capsys):
+    assert cli.main(["config", "--help"]) == 0
+    assert "usage: rlhf-ray config show" in capsys.readouterr().out
