@@ -7,16 +7,30 @@ finds the running job's control actor (named after its output directory; `--outp
 one when several jobs run) and sets the target there. The PPO driver applies it before its
 next step: new generators load the current policy weights before they sample, retired ones
 finish the batch they made. The count asked for is checked before anything connects.
+
+Ray's own connect retries a GCS that is not there for over a minute and, its SIGTERM handler
+being Python's, cannot be stopped meanwhile. So the address is checked first (the dashboard's
+http URL is refused, the GCS port must take a TCP connection within seconds), and Ray connects in
+a background thread that is given up on after CONNECT_TIMEOUT_S: the main thread stays free to
+end the process on SIGTERM (Ray installs no handler off the main thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
+import threading
 from pathlib import Path
 
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.scaling import CONTROL_PREFIX, check_generator_count
+
+CONNECT_TIMEOUT_S = 10  # a GCS that takes TCP connections answers Ray in a second or two
+EXPECTED = (
+    "expected the GCS address HOST:PORT the job printed when PPO started "
+    "(`ray start --head` prints it too; 6379 by default), or RAY_ADDRESS set to it"
+)
 
 
 class NoRunningJob(Exception):
@@ -29,10 +43,9 @@ def scale(argv: list[str]) -> dict:
     import ray
 
     address = args.address or _default_address()
-    try:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    except ConnectionError as err:
-        raise NoRunningJob(f"no Ray cluster at {address!r}: {err}") from None
+    if address != "auto":
+        _check_gcs_reachable(*_host_and_port(address))
+    _connect(address)
     try:
         control = ray.get_actor(**_find_control(args.output_dir))
         return ray.get(control.scale_rollout.remote(args.rollout), timeout=60)
@@ -60,9 +73,66 @@ def parse_scale_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _default_address() -> str:
-    """RAY_ADDRESS when it names a GCS (not the dashboard URL `ray job submit` uses)."""
+    """RAY_ADDRESS when it names a GCS, else "auto" (the Ray running on this machine). The
+    dashboard URL `ray job submit` uses is dropped from the environment: ray.init would read it
+    back for "auto" and fail on it."""
     env = os.environ.get("RAY_ADDRESS", "")
-    return env if env and not env.startswith("http") else "auto"
+    if env.startswith(("http://", "https://")):
+        del os.environ["RAY_ADDRESS"]
+        return "auto"
+    return env or "auto"
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port); anything else (the dashboard's URL above all) is refused."""
+    if address.startswith(("http://", "https://")):
+        raise UserInputError(
+            f"--address {address} is the dashboard's URL (what `ray job submit` uses); "
+            f"scale joins the cluster itself: {EXPECTED}"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--address {address!r} is not HOST:PORT: {EXPECTED}")
+    return host, int(port)
+
+
+def _check_gcs_reachable(host: str, port: int) -> None:
+    """A TCP connection to the GCS port, in seconds, before Ray's minute of retries."""
+    address = f"{host}:{port}"
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except socket.gaierror:
+        raise NoRunningJob(f"no Ray cluster at {address!r}: unknown host; {EXPECTED}") from None
+    except ConnectionRefusedError:
+        reason = "connection refused (nothing listens on that port)"
+        raise NoRunningJob(f"no Ray cluster at {address!r}: {reason}; {EXPECTED}") from None
+    except OSError as err:  # unreachable network, or no answer within the timeout
+        reason = err.strerror or "no answer"
+        raise NoRunningJob(f"no Ray cluster at {address!r}: {reason}; {EXPECTED}") from None
+
+
+def _connect(address: str) -> None:
+    """ray.init, given up on after CONNECT_TIMEOUT_S (see the module's docstring)."""
+    import ray
+
+    failed: list[Exception] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ConnectionError as err:
+            failed.append(err)
+
+    connecting = threading.Thread(target=init, name="ray-connect", daemon=True)
+    connecting.start()
+    connecting.join(CONNECT_TIMEOUT_S)
+    if connecting.is_alive():
+        raise NoRunningJob(
+            f"no Ray GCS answered at {address!r} within {CONNECT_TIMEOUT_S} s (is it another "
+            f"service's port?); {EXPECTED}"
+        )
+    if failed:
+        raise NoRunningJob(f"no Ray cluster at {address!r}: {failed[0]}") from None
 
 
 def _find_control(output_dir: str | None) -> dict:
