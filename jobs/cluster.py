@@ -7,9 +7,9 @@ import os
 
 import ray
 
-from rlhf_ray.config import RunConfig
+from rlhf_ray.config import ResourcesConfig, RunConfig
 from rlhf_ray.run.console import is_verbose
-from rlhf_ray.run.resources import RoleRequest, check_fits
+from rlhf_ray.run.resources import RoleRequest, check_fits, check_learner_threads
 
 
 def connect(run: RunConfig) -> str:
@@ -39,3 +39,8 @@ def alive_nodes() -> list[dict[str, float]]:
 def check_resources(requests: list[RoleRequest], what: str) -> None:
     """Raise ResourceError (exit 2) when the live cluster can never satisfy `requests`."""
     check_fits(requests, alive_nodes(), what)
+
+
+def check_threads(res: ResourcesConfig) -> None:
+    """Raise ResourceError (exit 2) when the learner asks for more threads than a node has."""
+    check_learner_threads(res, alive_nodes())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
+from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.ppo.settings import engine_quantization
 from rlhf_ray.run import evaluation, fingerprints, trackers
@@ -83,6 +85,17 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
                 )
             where = f"{phase_dir(out, needed)} (the {needed} phase of an earlier run)"
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
+
+
+def check_lora_targets(cfg: Config, prepared: PreparedRun) -> None:
+    """`lora.target_modules` name modules of the base model, when a phase of this run builds
+    an adapter (PPO always does; SFT and the reward model with `method: lora`)."""
+    trains_lora = "ppo" in cfg.run.phases or any(
+        phase.section in cfg.run.phases and phase.method == "lora"
+        for phase in (cfg.sft, cfg.reward)
+    )
+    if trains_lora:
+        check_target_modules(cfg.lora, prepared.base_path, cfg.model.trust_remote_code)
 
 
 def say_how_vllm_holds_the_base(cfg: Config) -> None:
@@ -158,6 +171,28 @@ def print_data_report(cfg: Config, report: dict) -> None:
     conversational = any(info["format"] != "text" for info in report.values())
     if conversational and cfg.data.prompt_template != DataConfig.prompt_template:
         print("[data] data.prompt_template is not used: message lists go through the chat template")
+
+
+def warn_of_trained_eval_prompts(data_dir: Path) -> None:
+    """Held-out prompts that are also training prompts measure memory, not generalisation:
+    said before the run, naming how many, so a user can split their files."""
+    trained = {
+        _prompt_key(row)
+        for name in ("sft", "preferences", "prompts")
+        for row in read_rows(data_dir, name)
+    }
+    held_out = [row for row in read_rows(data_dir, "eval_prompts") if _prompt_key(row) in trained]
+    if held_out:
+        print(
+            f"[data] warning: {len(held_out)} of the held-out eval prompts are also training "
+            f"prompts (the first: {held_out[0]['prompt']!r}); the evaluation of those measures "
+            "what was trained on, not held-out performance"
+        )
+
+
+def _prompt_key(row: dict) -> str:
+    """A prompt as a hashable key (a message list as JSON)."""
+    return json.dumps(row["prompt"], sort_keys=True)
 
 
 def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:

@@ -64,13 +64,23 @@ def run_holding_the_lock(cfg: Config, out: Path) -> int:
     try:
         # 1. Everything the user gave is checked before any model loads or Ray starts.
         phases.check_phase_inputs(cfg, out)
-        prepared = prepare_run(cfg)
+        redone = phases.phases_to_redo(cfg)
+        # Settings are compared with the recorded ones before the new rows replace the old
+        prepared = prepare_run(
+            cfg,
+            before_writing=lambda rows: phases.check_recorded_settings(
+                out, fingerprints.phase_settings(cfg, rows), redone=redone
+            ),
+        )
         phases.print_data_report(cfg, prepared.report)
+        phases.warn_of_trained_eval_prompts(prepared.data_dir)
+        phases.check_lora_targets(cfg, prepared)
         settings = fingerprints.phase_settings(cfg, prepared.data_dir)
-        phases.check_recorded_settings(out, settings, redone=phases.phases_to_redo(cfg))
         print(cluster.connect(cfg.run), flush=True)
         for what, requests in phases.resource_checks(cfg):
             cluster.check_resources(requests, what)
+        if "ppo" in cfg.run.phases:
+            cluster.check_threads(cfg.resources)
     except UserInputError as err:
         return report_input_error(err)
     phases.redo_phases(cfg, out)  # only now: a run that could not start deletes nothing

@@ -199,10 +199,10 @@ def test_output_dir_and_phases_shortcuts():
     assert cfg.run.phases == ("sft", "ppo")
 
 
-def test_shortcut_beats_the_same_key_given_as_override():
-    # Both name run.output_dir; the shortcut is applied last.
-    cfg = parse_run_args(["--run.output_dir", "a", "--output_dir", "b"])
-    assert cfg.run.output_dir == "b"
+def test_shortcut_and_the_same_key_given_as_override_are_refused():
+    # Both name run.output_dir: which one was meant is the user's to say (issue 26).
+    with pytest.raises(ConfigError, match="--run.output_dir given twice"):
+        parse_run_args(["--run.output_dir", "a", "--output_dir", "b"])
 
 
 def test_config_option_selects_a_yaml_file_then_overrides_apply(tmp_path):

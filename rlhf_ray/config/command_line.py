@@ -13,6 +13,7 @@ Only the standard library, yaml and tyro are imported here, so `--help` is quick
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from collections.abc import Sequence
 
 import tyro
@@ -20,8 +21,11 @@ from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, Pri
 
 from rlhf_ray.config.loading import DEFAULT_PRESET, load_config, preset_names
 from rlhf_ray.config.sections import Config
+from rlhf_ray.errors import ConfigError
 
 _TRUE, _FALSE = ("true", "True"), ("false", "False")
+# The shortcuts and the settings they stand for
+_SHORTCUTS = {"--output_dir": "--run.output_dir", "--phases": "--run.phases"}
 _REGISTRY = ConstructorRegistry()
 
 
@@ -55,6 +59,7 @@ def description(prog: str) -> str:
 def parse_run_args(argv: Sequence[str], prog: str = "rlhf-ray run") -> Config:
     """The run's config; exits 2 (tyro) on a malformed argument, raises ConfigError on a bad
     value or config file."""
+    _refuse_repeated_options(argv)
     shortcuts = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     shortcuts.add_argument("--config")
     shortcuts.add_argument("--output_dir")
@@ -74,3 +79,22 @@ def parse_run_args(argv: Sequence[str], prog: str = "rlhf-ray run") -> Config:
         registry=_REGISTRY,
         config=(tyro.conf.FlagConversionOff,),
     )
+
+
+def _refuse_repeated_options(argv: Sequence[str]) -> None:
+    """A setting given twice (also as its shortcut and its long form) is refused: taking the
+    last one silently would run with a value the user may not have meant."""
+    given = Counter(_setting_of(arg) for arg in argv if arg.startswith("--"))
+    twice = [name for name, count in given.items() if count > 1]
+    if twice:
+        raise ConfigError(
+            f"{', '.join(twice)} given twice on the command line; expected each setting once "
+            "(--output_dir is short for --run.output_dir, --phases for --run.phases)"
+        )
+
+
+def _setting_of(option: str) -> str:
+    """`--output_dir=a` -> `--run.output_dir`: the setting an option names."""
+    name = option.split("=", 1)[0].replace("-", "_")
+    name = "--" + name.removeprefix("__")
+    return _SHORTCUTS.get(name, name)

@@ -7,6 +7,7 @@ loaded or Ray resource taken. The rows every phase uses are written to `<output_
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from rlhf_ray.run.checkpoints import replace_dir
 from rlhf_ray.world import dataset_rows
 from rlhf_ray.world.gold_judge import GoldJudge
 
+# Written into <output_dir>/data/ beside the rows: it tells rlhf-ray's own output from a user's
+DATA_MARKER = ".written-by-rlhf-ray"
+_MARKER_TEXT = "rlhf-ray writes this directory anew on every run: keep no files of your own here\n"
 DATASETS = ("sft", "preferences", "preferences_eval", "prompts", "eval_prompts")
 _CORPUS_CHARS = 4096
 _COMPLETION_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected")}
@@ -51,8 +55,11 @@ def read_rows(data_dir: Path, name: str) -> list[dict]:
     return read_jsonl(data_dir / f"{name}.jsonl")
 
 
-def prepare_run(cfg: Config) -> PreparedRun:
+def prepare_run(cfg: Config, before_writing: Callable[[Path], None] | None = None) -> PreparedRun:
+    """`before_writing(staged_dir)`, given the rows as they are about to be written, may raise
+    to keep the rows already in `<output_dir>/data/` (a run refused for changed settings)."""
     out = Path(cfg.run.output_dir)
+    check_data_dir_is_ours(out / "data")
     rows, report = gather_rows(cfg.data, cfg.reward.eval_fraction, cfg.run.seed)
     limits = limits_of(cfg.data)
     tokenizer, base_path = _base_model(cfg, rows, out)
@@ -65,7 +72,29 @@ def prepare_run(cfg: Config) -> PreparedRun:
     with replace_dir(out / "data") as tmp:
         for name, dataset in rows.items():
             write_jsonl(tmp / f"{name}.jsonl", dataset)
+        (tmp / DATA_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+        if before_writing is not None:
+            before_writing(tmp)
     return PreparedRun(base_path, out / "data", report)
+
+
+def check_data_dir_is_ours(data_dir: Path) -> None:
+    """`<output_dir>/data/` is replaced by every run: refuse, naming them, if it holds files
+    rlhf-ray did not write there (a user's own sft.jsonl, notes), instead of deleting them."""
+    if not data_dir.is_dir():
+        if data_dir.exists():
+            raise ConfigError(f"{data_dir} is a file; rlhf-ray writes its data directory there")
+        return
+    entries = sorted(p.name for p in data_dir.iterdir())
+    own = {f"{name}.jsonl" for name in DATASETS}
+    written_by_us = DATA_MARKER in entries or set(entries) == own  # the latter: before the marker
+    foreign = [e for e in entries if e not in own | {DATA_MARKER}] if written_by_us else entries
+    if foreign:
+        raise ConfigError(
+            f"run.output_dir: {data_dir} holds files rlhf-ray did not write "
+            f"({', '.join(foreign)}); every run replaces that directory, so move them "
+            "elsewhere (and point data.* at their new place) or choose another run.output_dir"
+        )
 
 
 def gather_rows(cfg: DataConfig, eval_fraction: float, seed: int) -> tuple[dict, dict]:

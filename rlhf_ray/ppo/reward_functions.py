@@ -50,7 +50,25 @@ def import_reward_function(spec: str) -> Callable:
         raise ConfigError(
             f"scoring.functions: {spec!r} is a {type(function).__name__}, not a function"
         )
+    _check_takes_the_call(spec, function)
     return function
+
+
+def _check_takes_the_call(spec: str, function: Callable) -> None:
+    """The function can be called as `call_reward_function` calls it, by keyword: found now
+    rather than as a TypeError in the first PPO step, after SFT and the reward model."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have no signature: found when called
+        return
+    try:
+        signature.bind(prompts=[], completions=[])
+    except TypeError as err:
+        raise ConfigError(
+            f"scoring.functions: {spec!r} has the signature {signature}, which cannot take the "
+            f"reward call ({err}); expected f(prompts=[...], completions=[...], **kwargs) -> "
+            "one float per completion (TRL's reward_funcs)"
+        ) from None
 
 
 def call_reward_function(

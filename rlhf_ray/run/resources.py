@@ -80,3 +80,16 @@ def check_fits(requests: list[RoleRequest], nodes: list[dict[str, float]], what:
                 f"{what}: the roles together need {name}={needed:g} ({parts}), but the "
                 f"cluster has {name}={have:g}"
             )
+
+
+def check_learner_threads(res: ResourcesConfig, nodes: list[dict[str, float]]) -> None:
+    """Raise ResourceError when `resources.learner_threads` is more than the largest node has
+    CPUs: the learner runs on one node, where threads beyond its cores only wait for each other,
+    and tens of thousands fail to start at all ("can't start new thread") once PPO begins."""
+    most = int(max((node.get("CPU", 0.0) for node in nodes), default=0.0))
+    if res.learner_threads > most:
+        raise ResourceError(
+            f"resources.learner_threads={res.learner_threads}: expected at most {most}, the CPUs "
+            "of the largest node in the Ray cluster (the learner's threads all run on its one "
+            "node), or 0 for as many as resources.learner_cpus"
+        )

@@ -1,0 +1,142 @@
+"""Issue 26, a new user's first hour: settings that used to pass every check and fail only once
+work had started (PEFT tracebacks in PPO, a learner that cannot start its threads, a reward
+function that cannot take the call) are refused with exit 2 before any phase runs.
+
+Each case runs the real driver entry point (`jobs/rlhf.py`'s `main`) in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from jobs import rlhf
+from rlhf_ray.config.command_line import parse_run_args
+from rlhf_ray.data.prepare import prepare_run
+from rlhf_ray.errors import ConfigError
+from rlhf_ray.run import fingerprints
+from rlhf_ray.run.checkpoints import write_metrics
+from tests.conftest import smoke_config
+
+
+def _run(capsys, out: Path, *args: str) -> str:
+    """The driver's stderr, once it has exited 2 with no phase started."""
+    return _refused(capsys, out, *args)[1]
+
+
+def _refused(capsys, out: Path, *args: str) -> tuple[str, str]:
+    """The driver's stdout and stderr, once it has exited 2 with no phase started."""
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(out), *args])
+    printed = capsys.readouterr()
+    assert code == 2, printed.err
+    for phase in ("sft", "reward", "policy"):
+        assert not (out / phase).exists(), f"the {phase} phase ran"
+    return printed.out, printed.err
+
+
+def test_lora_target_modules_that_match_nothing_in_the_model(tmp_path, capsys):
+    err = _run(capsys, tmp_path / "out", "--lora.target_modules", "q_proj", "nonexistent_proj")
+    given = "lora.target_modules=['q_proj', 'nonexistent_proj']"
+    assert f"{given}: 'nonexistent_proj' matches no module of the model" in err  # q_proj does
+    for linear in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert linear in err.split("linear modules")[1]
+    assert not ray.is_initialized()
+
+
+def test_learner_threads_beyond_the_largest_node_are_refused(tmp_path, capsys, local_ray):
+    err = _run(capsys, tmp_path / "out", "--resources.learner_threads", "100000")
+    assert "resources.learner_threads=100000" in err
+    assert "at most 2" in err and "largest node" in err  # the session's local Ray has 2 CPUs
+
+
+def test_a_reward_function_that_cannot_take_the_call_is_refused(tmp_path, capsys):
+    err = _run(capsys, tmp_path / "out", "--scoring.functions", "os:system")
+    assert "scoring.functions: 'os:system'" in err
+    assert "prompts=" in err and "completions=" in err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--ppo.steps", "3", "--ppo.steps", "4"], "--ppo.steps"),
+        (["--output_dir", "a", "--output_dir", "b"], "--output_dir"),
+        (["--output_dir", "a", "--run.output_dir", "b"], "run.output_dir"),
+        (["--output_dir=a", "--run.output_dir=b"], "run.output_dir"),
+        (["--config", "smoke", "--config", "default"], "--config"),
+        (["--phases", "sft", "--phases", "ppo"], "--phases"),
+        (["--lora.target_modules", "q_proj", "--lora.target_modules", "v_proj"], "target_modules"),
+    ],
+)
+def test_a_setting_given_twice_on_the_command_line_is_refused(argv, key):
+    with pytest.raises(ConfigError, match="given twice") as refused:
+        parse_run_args(argv)
+    assert key in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--data.sft_path",
+        "--data.preference_path",
+        "--data.prompt_path",
+        "--data.eval_prompt_path",
+        "--data.chat_template",
+        "--output_dir",
+        "--run.output_dir",
+        "--model.name_or_path",
+    ],
+)
+def test_an_empty_path_is_refused_naming_the_setting(option):
+    with pytest.raises(ConfigError, match="=''"):
+        parse_run_args(["--config", "smoke", option, ""])
+
+
+def test_held_out_prompts_that_are_also_trained_on_are_named(tmp_path, capsys):
+    rows = [{"prompt": f"Say {word}.", "completion": word} for word in ("one", "two", "three")]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    held = [{"prompt": "Say two."}, {"prompt": "Say three."}, {"prompt": "Say four."}]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in held) + "\n")
+    data = ("--data.sft_path", str(tmp_path / "sft.jsonl"))
+    data += ("--data.eval_prompt_path", str(tmp_path / "eval.jsonl"))
+    # a refusal that comes after the data report stops the run there
+    printed, _ = _refused(capsys, tmp_path / "out", *data, "--lora.target_modules", "nope")
+    assert "warning: 2 of the held-out eval prompts are also training prompts" in printed
+    assert "'Say two.'" in printed
+
+
+def test_synthetic_held_out_prompts_are_never_trained_on(tmp_path, capsys):
+    printed, _ = _refused(capsys, tmp_path / "out", "--lora.target_modules", "nope")
+    assert "[data] eval_prompts" in printed and "held-out eval prompts" not in printed
+
+
+# --- what is in the output directory already --------------------------------------------------
+
+
+def test_a_users_own_files_in_the_data_directory_are_kept(tmp_path, capsys):
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    (data / "sft.jsonl").write_text('{"prompt": "Say one.", "completion": "one"}\n')
+    (data / "notes.txt").write_text("my notes\n")
+    err = _run(capsys, tmp_path / "proj", "--data.sft_path", str(data / "sft.jsonl"))
+    assert "holds files rlhf-ray did not write (notes.txt, sft.jsonl)" in err
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "sft.jsonl"]
+    assert (data / "notes.txt").read_text() == "my notes\n"
+
+
+def test_a_run_refused_for_changed_settings_keeps_the_rows_it_was_trained_on(tmp_path, capsys):
+    out = tmp_path / "out"
+    prepared = prepare_run(smoke_config(out))
+    settings = fingerprints.phase_settings(smoke_config(out), prepared.data_dir)
+    fingerprints.write_record(out, "sft", settings["sft"])
+    (out / "sft").mkdir()
+    write_metrics(out / "sft", {"loss": 1.0})  # a complete SFT phase made with those rows
+    before = {p.name: p.read_bytes() for p in prepared.data_dir.iterdir()}
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(out), "--data.num_sft", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.sft_rows_sha256" in err, err
+    assert {p.name: p.read_bytes() for p in prepared.data_dir.iterdir()} == before
+    assert not ray.is_initialized()
