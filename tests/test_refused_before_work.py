@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from jobs import rlhf
 from rlhf_ray.config.command_line import parse_run_args
@@ -27,6 +26,14 @@ def _run(capsys, out: Path, *args: str) -> str:
     return _refused(capsys, out, *args)[1]
 
 
+def _refused_before_ray(capsys, out: Path, *args: str) -> str:
+    """The driver's stderr, once it has exited 2 before it joined or started a Ray (whose line
+    it prints as it does: cluster.connect's; a session's Ray may already run in this process)."""
+    printed, err = _refused(capsys, out, *args)
+    assert "Ray" not in printed, printed
+    return err
+
+
 def _refused(capsys, out: Path, *args: str) -> tuple[str, str]:
     """The driver's stdout and stderr, once it has exited 2 with no phase started."""
     code = rlhf.main(["--config", "smoke", "--output_dir", str(out), *args])
@@ -38,12 +45,12 @@ def _refused(capsys, out: Path, *args: str) -> tuple[str, str]:
 
 
 def test_lora_target_modules_that_match_nothing_in_the_model(tmp_path, capsys):
-    err = _run(capsys, tmp_path / "out", "--lora.target_modules", "q_proj", "nonexistent_proj")
+    args = ("--lora.target_modules", "q_proj", "nonexistent_proj")
+    err = _refused_before_ray(capsys, tmp_path / "out", *args)
     given = "lora.target_modules=['q_proj', 'nonexistent_proj']"
     assert f"{given}: 'nonexistent_proj' matches no module of the model" in err  # q_proj does
     for linear in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert linear in err.split("linear modules")[1]
-    assert not ray.is_initialized()
 
 
 def test_learner_threads_beyond_the_largest_node_are_refused(tmp_path, capsys, local_ray):
@@ -53,10 +60,9 @@ def test_learner_threads_beyond_the_largest_node_are_refused(tmp_path, capsys, l
 
 
 def test_a_reward_function_that_cannot_take_the_call_is_refused(tmp_path, capsys):
-    err = _run(capsys, tmp_path / "out", "--scoring.functions", "os:system")
+    err = _refused_before_ray(capsys, tmp_path / "out", "--scoring.functions", "os:system")
     assert "scoring.functions: 'os:system'" in err
     assert "prompts=" in err and "completions=" in err
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize(
@@ -136,7 +142,7 @@ def test_a_run_refused_for_changed_settings_keeps_the_rows_it_was_trained_on(tmp
     write_metrics(out / "sft", {"loss": 1.0})  # a complete SFT phase made with those rows
     before = {p.name: p.read_bytes() for p in prepared.data_dir.iterdir()}
     code = rlhf.main(["--config", "smoke", "--output_dir", str(out), "--data.num_sft", "7"])
-    err = capsys.readouterr().err
-    assert code == 2 and "data.sft_rows_sha256" in err, err
+    printed = capsys.readouterr()
+    assert code == 2 and "data.sft_rows_sha256" in printed.err, printed.err
+    assert "Ray" not in printed.out, printed.out  # refused before it joined or started a Ray
     assert {p.name: p.read_bytes() for p in prepared.data_dir.iterdir()} == before
-    assert not ray.is_initialized()
