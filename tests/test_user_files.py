@@ -4,6 +4,10 @@ Every error test checks that the message names the option, the file, the line or
 field, since that is what lets a user fix the file.
 """
 
+import bz2
+import gzip
+import lzma
+import os
 import time
 
 import datasets
@@ -275,3 +279,33 @@ def test_datasets_split_named_in_row_errors(tmp_path):
     path = save(tmp_path, datasets.DatasetDict({"train": ds}))
     with raises_with(path, "split 'train', row 1", "'prompt' is empty"):
         load_rows(str(path), PROMPT_FIELDS, "data.prompt_path")
+
+
+# --- paths that exist but are no data file ------------------------------------------------------
+
+
+def test_a_named_pipe_is_named_for_what_it_is_instead_of_blocking(tmp_path):
+    """Opening a FIFO with no writer blocks forever: it must be refused before it is opened."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    with raises_with(OPT, str(fifo), "is a named pipe (FIFO), not a data file"):
+        load_rows(str(fifo), SFT_FIELDS, OPT)
+
+
+def test_a_symlink_loop_is_named_for_what_it_is(tmp_path):
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    path = tmp_path / "a.jsonl"
+    with raises_with(OPT, str(path), "is a symbolic link to", "missing target or a loop"):
+        load_rows(str(path), SFT_FIELDS, OPT)
+
+
+@pytest.mark.parametrize(
+    ("kind", "compress"),
+    [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)],
+)
+def test_a_compressed_file_is_named_for_what_it_is(tmp_path, kind, compress):
+    rows = b'{"prompt": "Say one.", "completion": "one"}\n'
+    path = write(tmp_path, compress(rows), name="rows.jsonl")
+    with raises_with(OPT, str(path), f"is a {kind}-compressed file; decompress it first"):
+        load_rows(str(path), SFT_FIELDS, OPT)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,13 @@ def read_records(path: str, option: str) -> Records:
     if p.is_dir():
         return _read_directory(p, option)
     if p.exists():
+        _check_regular_file(p, option)
         return _read_file(p, option)
+    if p.is_symlink():  # exists() follows the link: it leads nowhere, or around in a loop
+        raise DataError(
+            f"{option}: {path} is a symbolic link to {p.readlink()}, which does not resolve to a "
+            f"file (a missing target or a loop of links); expected {EXPECTED_SOURCE}"
+        )
     name, colon, split = path.rpartition(":")
     if colon and Path(name).is_dir():
         where = f"{option}: {name}, split {split!r}"
@@ -63,11 +71,45 @@ def _looks_like_path(path: str) -> bool:
 # --- files ---------------------------------------------------------------------------------------
 
 
+# Special files open without end or at all: a FIFO with no writer blocks its reader forever.
+_SPECIAL_FILES = {
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+}
+# Compressed files by their first bytes (no text file starts so): read as text they would give
+# a misleading row error.
+_COMPRESSED = {
+    "gzip": re.compile(rb"\x1f\x8b"),
+    "bzip2": re.compile(rb"BZh[1-9]1AY&SY"),
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+    "zstd": re.compile(rb"\x28\xb5\x2f\xfd"),
+    "zip": re.compile(rb"PK\x03\x04"),
+}
+
+
+def _check_regular_file(path: Path, option: str) -> None:
+    """A path that exists but is no regular file is named for what it is, before it is opened."""
+    mode = path.stat().st_mode
+    for is_kind, kind in _SPECIAL_FILES.items():
+        if is_kind(mode):
+            raise DataError(
+                f"{option}: {path} is {kind}, not a data file; expected {EXPECTED_SOURCE}"
+            )
+
+
 def _read_file(path: Path, option: str) -> Records:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{option}: {path} cannot be read ({e}); expected {EXPECTED_SOURCE}") from e
+    for kind, magic in _COMPRESSED.items():
+        if magic.match(data):
+            raise DataError(
+                f"{option}: {path} is a {kind}-compressed file; decompress it first "
+                f"(rlhf-ray reads {EXPECTED_SOURCE})"
+            )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path, option)
