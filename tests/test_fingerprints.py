@@ -191,7 +191,9 @@ def test_a_changed_sampler_or_learner_thread_count_is_refused(tmp_path, made_wit
 )
 def test_the_same_sampler_and_learner_thread_count_said_otherwise_is_accepted(tmp_path, now):
     _finished_run(tmp_path)
-    phases.check_recorded_settings(tmp_path, _settings(smoke_config(tmp_path, **now)))
+    settings = _settings(smoke_config(tmp_path, **now))
+    assert settings["ppo"] == fingerprints.read_record(tmp_path, "ppo")  # the same fingerprint
+    phases.check_recorded_settings(tmp_path, settings)  # so the resume is not refused
 
 
 def test_the_embedded_model_shape_counts_only_for_the_embedded_model(tmp_path):
