@@ -1,32 +1,54 @@
-"""PPOLearner: the policy (SFT + LoRA) and the critic (from the reward model), updated by PPO."""
+"""PPOLearner: the policy (SFT + LoRA) and the critic (from the reward model), updated by PPO.
+
+One rank of the learner group (jobs/ppo/learner_group.py): with resources.learner_workers N,
+N of these join one torch.distributed group and train every step together."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
 from rlhf_ray.errors import RoleFailed, UserInputError
+from rlhf_ray.ppo.data_parallel import Ranks, join_group
 from rlhf_ray.ppo.messages import Weights
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
+from rlhf_ray.run.saved_state import rng_state
 
 
 @ray.remote
 class PPOLearner:
-    def __init__(self, settings: LearnerSettings, timeout_s: float) -> None:
+    def __init__(self, settings: LearnerSettings, timeout_s: float, ranks: Ranks) -> None:
         quiet_libraries()  # before any library loads a model
         # Imported here, in the role's process: the driver imports this module only to create
         # the actor, and never needs the model libraries the core imports (~4 s of CPU).
         from rlhf_ray.ppo.learner import LearnerCore
 
         self.learner = LearnerCore(settings)
-        self.timeout_s = timeout_s
+        self.settings, self.timeout_s, self.ranks = settings, timeout_s, ranks
         self.busy = BusyClock()  # the update itself, not the wait for its inputs
 
     def ready(self) -> int:
         return os.getpid()
+
+    def address(self) -> tuple[str, int]:
+        """(this node's address, a port free on it now): where the group meets, on rank 0."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, address: str, port: int) -> int:
+        """Join the group at rank 0's address; from now on every update is the group's."""
+        import torch
+
+        gpu = self.settings.policy.gpus > 0 and torch.cuda.is_available()
+        join_group(address, port, self.ranks, self.timeout_s, gpu)
+        self.learner.use_ranks(self.ranks)
+        return self.ranks.rank
 
     def weights(self) -> Weights:
         """Trainable tensors only; stored once in the object store, read by every generator."""
@@ -62,6 +84,10 @@ class PPOLearner:
     def checkpoint_state(self) -> tuple[dict, dict]:
         """(tensors, JSON state): weights, optimizers, RNG and version, for a PPO checkpoint."""
         return self.learner.checkpoint_state()
+
+    def rng_state(self) -> dict:
+        """This rank's RNG: what a rank other than 0 adds to rank 0's checkpoint state."""
+        return rng_state()
 
     def restore(self, tensors: dict, state: dict) -> int:
         self.learner.restore(tensors, state)

@@ -281,7 +281,7 @@ def main() -> None:
 def roles(results: dict[str, list[dict]]) -> list[str]:
     """Every role name any rlhf-ray run reported, learner first."""
     names = {role for runs in results.values() for r in runs for role in r.get("role_busy", {})}
-    return sorted(names, key=lambda n: (n != "learner", n))
+    return sorted(names, key=lambda n: (not n.startswith("learner"), n))
 
 
 def share_table(results: dict[str, list[dict]], title: str, key: str, columns: list[str]) -> list:

@@ -125,8 +125,7 @@ def running_roles(cfg, out: Path):
     try:
         yield roles
     finally:
-        for actor in roles.all():
-            ray.kill(actor, no_restart=True)
+        roles.stop()
 
 
 def ppo_loop(cfg, roles, prepared) -> PPOLoop:

@@ -59,7 +59,7 @@ def roles(local_ray, tiny_run):
 
 
 def _learner_version(roles) -> int:
-    return ray.get(roles.learner.weights.remote(), timeout=TIMEOUT).version
+    return ray.get(roles.learner.weights(), timeout=TIMEOUT).version
 
 
 def _check_version_zero(roles, out: Path) -> None:
@@ -100,7 +100,7 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     assert set(times) == set(metrics.STAGES)
     after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
     assert after_sync.policy_version == 1  # the learner's update reached the generators
-    learner_weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+    learner_weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
     assert learner_weights.version == 1
     assert all(name.count("lora_") == 1 for name in learner_weights.tensors)
     lora_b = [t for n, t in learner_weights.tensors.items() if "lora_B" in n]
@@ -136,7 +136,7 @@ def _check_generators_sample_with_the_learners_weights(roles, prepared) -> None:
     """Each generator's sampling logprobs are those of a policy given the learner's current
     weights, and not the SFT model's (the reference's): the weights reached the sampler."""
     cfg = _config(roles.out)
-    weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+    weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
     settings = replace(policy_settings(cfg, roles.out), cpus=torch.get_num_threads())
     _, policy = build_policy(settings)
     load_trainable_state(policy.eval(), weights.tensors)

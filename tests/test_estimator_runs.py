@@ -113,8 +113,7 @@ def test_weighted_sources_add_up_and_each_is_logged(local_ray, tiny_run, tmp_pat
         batch, _ = roles.generators[0].generate.remote(prompts, [0, 1])
         scores = ray.get(roles.scorer.score.remote(batch), timeout=120)
     finally:
-        for actor in roles.all():
-            ray.kill(actor, no_restart=True)
+        roles.stop()
     assert set(scores.components) == {"reward_model", f"{TESTS}:length"}
     rm, words = scores.components["reward_model"], scores.components[f"{TESTS}:length"]
     texts = decode_responses(load_tokenizer(str(out / "sft")), ray.get(batch))

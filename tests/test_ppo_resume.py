@@ -1,6 +1,6 @@
 """Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight) stopped by SIGTERM, its
 rerun SIGKILLed, and its second rerun losing its learner (rebuilt from its checkpoint), equals
-one never stopped.
+one never stopped; with one learner rank, and with two (one of them SIGKILLed).
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -10,6 +10,7 @@ step exactly once, and the exported policy's weights, bit for bit (CPU, fp32).
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -84,9 +85,9 @@ def _log(tmp_path: Path) -> str:
     return (tmp_path / "stopped.log").read_text()
 
 
-def _until_saved(out: Path, step: int) -> subprocess.Popen:
+def _until_saved(out: Path, step: int, workers: int) -> subprocess.Popen:
     """The driver started on `out` (the same command every time), once `step` is saved."""
-    driver = start_driver(out, *DRIVER_ARGS)
+    driver = start_driver(out, *DRIVER_ARGS, "--resources.learner_workers", str(workers))
     _wait_for_checkpoint(out, step, driver)
     return driver
 
@@ -99,37 +100,42 @@ def _last_saved(out: Path, tmp_path: Path) -> int:
     return saved
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_end_as_one_never_stopped(
-    local_ray, tiny_run, tmp_path
+    local_ray, tiny_run, tmp_path, workers
 ):
     never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
-    code = finish(start_driver(never_stopped, *DRIVER_ARGS))
+    ranks = ("--resources.learner_workers", str(workers))
+    code = finish(start_driver(never_stopped, *DRIVER_ARGS, *ranks))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     out = _run_dir(tmp_path, tiny_run, "stopped")
 
     # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.
-    first = _until_saved(out, 2)
+    first = _until_saved(out, 2, workers)
     first.send_signal(signal.SIGTERM)
     assert finish(first) == 143, _log(tmp_path)[-3000:]
     assert "Run the same command again to continue" in _log(tmp_path)
     stopped_at = _last_saved(out, tmp_path)
 
     # 2. The same command, SIGKILLed once it has saved a step of its own.
-    second = _until_saved(out, stopped_at + 1)
+    second = _until_saved(out, stopped_at + 1, workers)
     second.kill()
     assert finish(second) == -signal.SIGKILL
     killed_at = _last_saved(out, tmp_path)
 
-    # 3. Once more; its learner is SIGKILLed (the process and everything it held are gone)
-    # once it has saved a step, and every role is rebuilt from the newest checkpoint.
-    third = _until_saved(out, killed_at + 1)
+    # 3. Once more; its learner (one of its ranks) is SIGKILLed (the process and everything it
+    # held are gone) once it has saved a step, and every role is rebuilt from the newest
+    # checkpoint; the other rank, if any, may be waiting for it in a collective.
+    third = _until_saved(out, killed_at + 1, workers)
     learners = session_ray_processes("ray::PPOLearner")
-    assert len(learners) == 1
-    learners[0].kill()
+    assert len(learners) == workers
+    learners[-1].kill()
     assert finish(third) == 0, _log(tmp_path)[-3000:]
     log = _log(tmp_path)
     for resumed_at in (stopped_at, killed_at):
         assert f"[ppo] resuming after step {resumed_at}" in log
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log
+    if workers > 1:  # the error names the rank that died
+        assert re.search(r"\(learner-[01]\): The actor died", log), log[-3000:]
     _assert_same_run(out, never_stopped)

@@ -149,8 +149,8 @@ def test_generators_scaled_1_2_1_2_while_the_run_trains(local_ray, tiny_run):
         run.join(timeout=300)
         _, saved = read_checkpoint(loop.save_checkpoint(steps, None))
     finally:
-        for actor in [*roles.all(), control]:
-            ray.kill(actor, no_restart=True)
+        roles.stop()
+        ray.kill(control, no_restart=True)
     assert "error" not in result, result.get("error")
     assert two, "never saw two generators"
 

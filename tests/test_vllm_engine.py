@@ -139,7 +139,7 @@ def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray
             # sampler and learner agree, so the truncated importance weights are all ~1
             assert stats[metrics.TIS_WEIGHT] == pytest.approx(1.0, abs=1e-3)
             assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
-        weights = ray.get(roles.learner.weights.remote(), timeout=TIMEOUT)
+        weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
         assert weights.version == 2
         assert stats[metrics.SYNC_BYTES] >= _adapter_bytes(weights)
 

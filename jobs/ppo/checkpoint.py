@@ -46,6 +46,18 @@ def check_resumable(state: dict, rollouts_per_step: int, path: Path) -> None:
         )
 
 
+def say_learner_change(learner_state: dict, workers: int) -> None:
+    """A checkpoint of another learner rank count resumes (every rank holds the same weights
+    and optimizer under DDP; only the floats' summation order changes): say so."""
+    saved = learner_state.get("learner_workers", 1)
+    if saved != workers:
+        print(
+            f"[ppo] the checkpoint was written by {saved} learner rank(s); resuming with "
+            f"resources.learner_workers={workers}",
+            flush=True,
+        )
+
+
 def restored_pending(tensors: dict, state: dict) -> Pending:
     """The batch that was generated for the next step, back in the object store."""
     batches = [

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
 from jobs.ppo import checkpoint
+from jobs.ppo.learner_group import GroupCall, LearnerDied
 from jobs.ppo.pending import Pending, Shard
 from jobs.ppo.recorder import StepRecorder
 from jobs.ppo.roles import Roles
@@ -34,10 +35,6 @@ from rlhf_ray.ppo.scaling import split_rows
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.ledger import RolloutLedger
-
-
-class LearnerDied(RoleFailed):
-    """The learner's process is gone; `run_ppo` rebuilds the roles from the newest checkpoint."""
 
 
 @dataclass
@@ -116,7 +113,7 @@ class PPOLoop:
         if pending:
             pending.ready_at = pending.ready_at or time.perf_counter()
         learner_tensors, learner_state = self.learner_call(
-            self.roles.learner.checkpoint_state.remote(), "the learner's state"
+            self.roles.learner.checkpoint_state(), "the learner's state"
         )
         rngs = self.on_generators("rng_state", (), "generator RNG states")
         state = {
@@ -145,12 +142,13 @@ class PPOLoop:
         checkpoint.check_resumable(state, self.ppo.rollouts_per_step, path)
         learner = self.roles.learner
         learner_tensors = saved_state.under_prefix("learner/", tensors)
-        self.learner_call(learner.restore.remote(learner_tensors, state["learner"]), "restoring")
+        checkpoint.say_learner_change(state["learner"], learner.workers)
+        self.learner_call(learner.restore(learner_tensors, state["learner"]), "restoring")
         # The generators the run had when it stopped, so the resumed run samples as it would
         # have; `rlhf-ray scale` or the config's count applies from the next step on.
         self.scaler.use_ranks(state["generator_ranks"], self.get)
         self.roles.next_rank = state["next_generator_rank"]  # retired ranks stay retired
-        self.on_generators("load_weights", (learner.weights.remote(),), "loading weights")
+        self.on_generators("load_weights", (learner.weights(),), "loading weights")
         rngs = {
             rank: saved_state.under_prefix(f"generator{rank}/rng/", tensors)
             for rank in self.roles.generators
@@ -248,9 +246,7 @@ class PPOLoop:
         times["reference"] = self._wait(ref_refs, "reference", t)
         t = time.perf_counter()
         stats = self.learner_call(
-            self.roles.learner.train.remote(
-                list(zip(batch_refs, ref_refs, strict=True)), [scores_ref]
-            ),
+            self.roles.learner.train(list(zip(batch_refs, ref_refs, strict=True)), [scores_ref]),
             "the learner update",
         )
         times["learn"] = time.perf_counter() - t
@@ -260,7 +256,7 @@ class PPOLoop:
             self.wait_sampled(pending)
             pending.ready_at = pending.ready_at or time.perf_counter()
         t = time.perf_counter()
-        weights = self.roles.learner.weights.remote()  # put once, read by every generator
+        weights = self.roles.learner.weights()  # put once, read by every generator
         self.on_generators("load_weights", (weights,), "loading new weights into the generators")
         times["sync"] = time.perf_counter() - t
         synced = object_bytes(weights, self.timeout)
@@ -277,9 +273,9 @@ class PPOLoop:
         needed = ppo.min_rollout_actors if ppo.autoscales else len(self.roles.generators)
         capacity_watch(self.cfg, needed)()
 
-    def learner_call(self, ref, what: str):
-        """The result of a call on the learner; if its process died, LearnerDied."""
-        return self.get(ref, what, died=LearnerDied)
+    def learner_call(self, call: GroupCall, what: str):
+        """The result of a call on the learner's ranks; if a rank's process died, LearnerDied."""
+        return self.roles.learner.results(call, what, self._watch)
 
     def _wait(self, refs: list, stage: str, since: float | None = None) -> float:
         """Seconds from `since` (default: now) until every ref is ready; nothing is fetched."""
@@ -287,26 +283,17 @@ class PPOLoop:
         wait_ready(refs, self.timeout, f"PPO stage '{stage}'", self._watch)
         return time.perf_counter() - since
 
-    def get(self, refs, what: str, died: type[RoleFailed] = RoleFailed):
+    def get(self, refs, what: str):
         """`get_results` for this loop; a call that failed because the learner died (as loading its
         weights into the generators does when it dies first) is a LearnerDied, which
         `run_ppo` recovers from."""
         try:
-            return get_results(refs, self.timeout, what, died, self._watch)
+            return get_results(refs, self.timeout, what, watch=self._watch)
         except RoleFailed as err:
-            if isinstance(err, LearnerDied) or not self._learner_is_dead():
+            dead = [] if isinstance(err, LearnerDied) else self.roles.learner.dead()
+            if not dead:
                 raise
-            raise LearnerDied(f"{what}: the learner died: {err}") from None
-
-    def _learner_is_dead(self) -> bool:
-        """Only on a failure path; a learner that does not answer in time is busy, not dead."""
-        try:
-            ray.get(self.roles.learner.ready.remote(), timeout=self.timeout)
-        except RayActorError:
-            return True
-        except GetTimeoutError:
-            return False
-        return False
+            raise LearnerDied(f"{what}: {', '.join(dead)} died: {err}") from None
 
 
 def object_bytes(ref, timeout_s: float) -> int | None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import ray
 
-from actors.ppo_learner import PPOLearner
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
+from jobs.ppo.learner_group import LearnerGroup
 from jobs.ppo.waiting import capacity_watch, get_results
 from rlhf_ray.config import Config
 from rlhf_ray.data.chat import prompt_text
@@ -28,8 +28,9 @@ from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.resources import actor_options
 from rlhf_ray.world.gold_judge import GoldJudge
 
-# Actor names, as the Ray dashboard and the roles/<name>_busy metrics show them.
-LEARNER, SCORER, REFERENCE = "learner", "reward", "reference"
+# Actor names, as the Ray dashboard and the roles/<name>_busy metrics show them (the learner's
+# ranks: learner_group.learner_names).
+SCORER, REFERENCE = "reward", "reference"
 
 
 def generator_name(rank: int) -> str:
@@ -38,7 +39,7 @@ def generator_name(rank: int) -> str:
 
 @dataclass
 class Roles:
-    learner: ray.actor.ActorHandle
+    learner: LearnerGroup
     scorer: ray.actor.ActorHandle
     reference: ray.actor.ActorHandle
     generators: dict[int, ray.actor.ActorHandle]  # rank -> generator, by rank
@@ -47,11 +48,18 @@ class Roles:
     next_rank: int = 0  # above every generator rank this run has used, also before a resume
 
     def all(self) -> list:
-        return [self.learner, self.scorer, self.reference, *self.generators.values()]
+        """Every role's actor: each learner rank, the scorer, the reference, each generator."""
+        return [*self.learner.ranks, self.scorer, self.reference, *self.generators.values()]
 
     def names(self) -> list[str]:
         """The actor names of `all()`, in its order, as the dashboard shows them."""
-        return [LEARNER, SCORER, REFERENCE, *map(generator_name, self.generators)]
+        return [*self.learner.names, SCORER, REFERENCE, *map(generator_name, self.generators)]
+
+    def stop(self) -> None:
+        """Every role's process, and the learner's placement group."""
+        for actor in [self.scorer, self.reference, *self.generators.values()]:
+            ray.kill(actor, no_restart=True)
+        self.learner.stop()
 
     def start_generators(self, ranks: list[int]) -> dict[int, ray.actor.ActorHandle]:
         """New generators (not yet waited for, except vLLM engines that share a GPU: each
@@ -70,7 +78,7 @@ class Roles:
                 name=generator_name(rank),
                 **generator_restarts(self.cfg),
                 **actor_options(res.rollout_cpus, res.rollout_gpus),
-            ).remote(settings, engine, rank, self.learner, timeout)
+            ).remote(settings, engine, rank, self.learner.chief, timeout)
             if one_by_one:
                 get_results(
                     started[rank].ready.remote(), timeout, f"starting {generator_name(rank)}"
@@ -93,6 +101,19 @@ def policy_settings(cfg: Config, out: Path) -> PolicySettings:
         res.learner_torch_threads,
         res.learner_gpus,
         cfg.run.seed,
+    )
+
+
+def learner_settings(cfg: Config, out: Path) -> LearnerSettings:
+    """The policy, and the critic: from the reward model, or without one from the SFT model."""
+    critic_from = "reward" if cfg.scoring.uses_reward_model else "sft"
+    return LearnerSettings(
+        policy_settings(cfg, out),
+        str(phase_dir(out, critic_from)),
+        cfg.reward.method,
+        cfg.ppo,
+        logprob_source=cfg.logprob_source,
+        rollout=cfg.rollout,
     )
 
 
@@ -134,18 +155,7 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
     generators of `ranks` (default: 0 .. ppo.num_rollout_actors - 1)."""
     res, timeout = cfg.resources, cfg.run.ray_timeout_s
     sft_dir, reward_dir = str(phase_dir(out, "sft")), str(phase_dir(out, "reward"))
-    critic_path = reward_dir if cfg.scoring.uses_reward_model else sft_dir
-    learner_settings = LearnerSettings(
-        policy_settings(cfg, out),
-        critic_path,
-        cfg.reward.method,
-        cfg.ppo,
-        logprob_source=cfg.logprob_source,
-        rollout=cfg.rollout,
-    )
-    learner = PPOLearner.options(
-        name=LEARNER, **actor_options(res.learner_cpus, res.learner_gpus)
-    ).remote(learner_settings, timeout)
+    learner = LearnerGroup(cfg, learner_settings(cfg, out))
 
     def frozen(path: str, cpus: float, gpus: float) -> FrozenModelSettings:
         return FrozenModelSettings(path, cfg.model, cfg.quantization, cpus, gpus)
@@ -169,10 +179,15 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
         **actor_options(res.reference_cpus, res.reference_gpus),
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
     roles = Roles(learner, scorer, reference, {}, cfg, out)
-    roles.start_generators(list(range(cfg.ppo.num_rollout_actors)) if ranks is None else ranks)
-    refs = [a.ready.remote() for a in roles.all()]
-    watch = capacity_watch(cfg, len(roles.generators))
-    get_results(refs, timeout, "starting the PPO actors", watch=watch)
+    try:
+        roles.start_generators(list(range(cfg.ppo.num_rollout_actors)) if ranks is None else ranks)
+        refs = [a.ready.remote() for a in roles.all()]
+        watch = capacity_watch(cfg, len(roles.generators))
+        get_results(refs, timeout, "starting the PPO actors", watch=watch)
+        learner.connect(watch)
+    except BaseException:
+        roles.stop()  # nothing is left holding resources (the learner's placement group)
+        raise
     if cfg.rollout_engine == "auto":
         record_engine_choices(roles)
     return roles

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import ray
 
-from jobs.ppo.loop import LearnerDied, PPOLoop, StopRequest
+from jobs.ppo.learner_group import LearnerDied
+from jobs.ppo.loop import PPOLoop, StopRequest
 from jobs.ppo.roles import create_roles
 from jobs.ppo.scaling import start_control
 from rlhf_ray.config import Config
@@ -70,12 +71,10 @@ def train_from_newest_checkpoint(cfg: Config, out: Path, prompts: list[str], con
             loop.restore(resume_from)
         totals = loop.run(stop)
         loop.learner_call(
-            roles.learner.export.remote(str(phase_dir(out, "ppo")), totals),
-            "exporting the policy",
+            roles.learner.export(str(phase_dir(out, "ppo")), totals), "exporting the policy"
         )
     finally:
-        for actor in roles.all():
-            ray.kill(actor, no_restart=True)
+        roles.stop()
         loop.scaler.release_retired()
 
 

@@ -226,6 +226,7 @@ class RewardConfig(Section):
 
 
 ROLES = ("train_worker", "rollout", "reward", "reference", "learner")
+LEARNER_PLACEMENTS = ("pack", "spread")
 
 
 # Where more GPUs do help, by role (ResourcesConfig's check of *_gpus)
@@ -258,9 +259,17 @@ class ResourcesConfig(Section):
     # cores the generators reserved, which without ppo.overlap sit idle during the update
     # (measured: 2 threads update 1.5x faster; 2 threads per generator gained nothing).
     learner_threads: int = 0
+    # PPO learner ranks: each trains on its slice of every minibatch, gradients averaged by
+    # torch.distributed DDP (gloo on CPU, NCCL on GPU); learner_cpus, learner_gpus and
+    # learner_threads are per rank
+    learner_workers: int = 1
+    # how Ray's placement group lays out the learner ranks: pack (as few nodes as can hold
+    # them) or spread (one per node where it can)
+    learner_placement: str = "pack"
 
     def validate(self) -> None:
-        self.positive("train_workers")
+        self.positive("train_workers", "learner_workers")
+        self.one_of("learner_placement", LEARNER_PLACEMENTS)
         self.non_negative("train_worker_restarts", "learner_threads")
         for role in ROLES:
             for kind in ("cpus", "gpus"):
@@ -554,6 +563,13 @@ class Config:
         if self.rollout_engine == "vllm" and self.vllm_misfit():
             raise ConfigError(self.vllm_misfit())
         self._check_logprob_source()
+        ranks = self.resources.learner_workers
+        if self.ppo.minibatch_size % ranks:
+            raise ConfigError(
+                f"ppo.minibatch_size={self.ppo.minibatch_size}: expected a multiple of "
+                f"resources.learner_workers={ranks} (each learner rank trains on an equal slice "
+                "of every minibatch)"
+            )
         if self.quantization.load_in_4bit:
             for phase in (self.sft, self.reward):
                 if phase.method != "lora":

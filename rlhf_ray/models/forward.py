@@ -78,3 +78,26 @@ def response_values(critic, query, query_mask, response, response_mask) -> torch
     """(B, R) critic values of the state before each response token."""
     ids, mask = prompt_response(query, query_mask, response, response_mask)
     return token_scalars(critic, ids, mask)[:, query.shape[1] - 1 : -1]
+
+
+class ResponseLogits(torch.nn.Module):
+    """`response_logits` of `model` as a module's forward: what the learner trains through,
+    so that DDP, wrapping it, readies the gradient reduction in the forward it sees."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, query, query_mask, response, response_mask) -> torch.Tensor:
+        return response_logits(self.model, query, query_mask, response, response_mask)
+
+
+class ResponseValues(torch.nn.Module):
+    """`response_values` of a critic as a module's forward (see ResponseLogits)."""
+
+    def __init__(self, critic: PreTrainedModel) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, query, query_mask, response, response_mask) -> torch.Tensor:
+        return response_values(self.critic, query, query_mask, response, response_mask)

@@ -35,7 +35,12 @@ from peft import TaskType
 
 from rlhf_ray.models import token_math
 from rlhf_ray.models.adapters import add_lora, save_merged
-from rlhf_ray.models.forward import response_logits, response_logprobs, response_values
+from rlhf_ray.models.forward import (
+    ResponseLogits,
+    ResponseValues,
+    response_logprobs,
+    response_values,
+)
 from rlhf_ray.models.loading import (
     disable_dropout,
     load_scalar_model,
@@ -45,6 +50,7 @@ from rlhf_ray.models.loading import (
 )
 from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.ppo import estimators, losses, masked
+from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.messages import (
     ReferenceLogprobs,
     RolloutBatch,
@@ -84,6 +90,14 @@ class LearnerCore:
                 opt = torch.optim.AdamW(params, lr=lrs[name], weight_decay=self.cfg.weight_decay)
                 self.trained[name] = (params, opt)
         self.version = 0
+        self.use_ranks(Ranks())
+
+    def use_ranks(self, ranks: Ranks) -> None:
+        """Train as `ranks.rank` of `ranks.world` learner ranks, in the process group this
+        process has joined (`data_parallel.join_group`): the training passes go through DDP."""
+        self.ranks = ranks
+        self.policy_pass = ranks.wrap(ResponseLogits(self.policy))
+        self.critic_pass = ranks.wrap(None if self.critic is None else ResponseValues(self.critic))
 
     def _build_critic(self):
         policy = self.settings.policy
@@ -101,7 +115,8 @@ class LearnerCore:
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON state) to continue exactly: trainable weights and optimizer of each
-        trained model (policy, and critic if any), this process's RNG and the policy version."""
+        trained model (policy, and critic if any), this process's RNG and the policy version.
+        Every rank holds the same weights and optimizer; another rank's own part is its RNG."""
         tensors = with_prefix("rng/", rng_state())
         state: dict = {"version": self.version}
         for name, (_, opt) in self.trained.items():
@@ -178,9 +193,10 @@ class LearnerCore:
     @torch.no_grad()
     def _own_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """(B, R) logprobs of the response tokens under the policy as it is, before the update,
-        in minibatches; 0 on padding."""
+        in minibatches of this rank's rows, gathered from every rank; 0 on padding."""
         parts = []
-        for idx in torch.arange(batch.response.shape[0]).split(self.cfg.minibatch_size):
+        mine = self.ranks.share(torch.arange(batch.response.shape[0]))
+        for idx in mine.split(self.cfg.minibatch_size):
             parts.append(
                 response_logprobs(
                     self.policy,
@@ -191,7 +207,7 @@ class LearnerCore:
                     self.settings.policy.temperature,
                 )
             )
-        return torch.cat(parts) * batch.response_mask
+        return self.ranks.gather_rows(torch.cat(parts)) * batch.response_mask
 
     def _check_groups(self, group: torch.Tensor) -> None:
         """Every prompt group of the step is whole: samples_per_prompt rows each."""
@@ -223,15 +239,20 @@ class LearnerCore:
                 gamma=cfg.gamma,
                 missing_eos_penalty=cfg.missing_eos_penalty,
             )
+        mine = self.ranks.share(torch.arange(batch.response.shape[0], device=scores.device))
         values = response_values(
-            self.critic, batch.query, batch.query_mask, batch.response, batch.response_mask
+            self.critic,
+            batch.query[mine],
+            batch.query_mask[mine],
+            batch.response[mine],
+            batch.response_mask[mine],
         )
         return ppo_targets(
             scores,
             batch.has_eos,
             batch.logprobs,
             ref_logprobs,
-            values,
+            self.ranks.gather_rows(values),
             batch.response_mask,
             kl_coef=kl_coef,
             gamma=cfg.gamma,
@@ -245,14 +266,16 @@ class LearnerCore:
     ) -> dict[str, float]:
         """`epochs` passes over shuffled minibatches -> each stat averaged over all minibatch
         steps, plus RATIO_FIRST: the ratio of the very first step, before any update.
-        `weights`: (B, R) per-token weights of the policy loss (tis), or None."""
+        `weights`: (B, R) per-token weights of the policy loss (tis), or None. Every rank
+        draws the same order (the same seed, the same draws) and trains on its slice."""
         sums: dict[str, float] = {}
         first_ratio, count = None, 0
         for _ in range(self.cfg.epochs):
             order = torch.randperm(batch.response.shape[0], device=batch.response.device)
             for idx in order.split(self.cfg.minibatch_size):
+                mine = self.ranks.share(idx)
                 step = self._minibatch_step(
-                    batch, targets, idx, None if weights is None else weights[idx]
+                    batch, targets, idx, mine, None if weights is None else weights[mine]
                 )
                 first_ratio = step[metrics.RATIO] if first_ratio is None else first_ratio
                 for name, value in step.items():
@@ -268,44 +291,60 @@ class LearnerCore:
         batch: RolloutBatch,
         targets: Targets,
         idx: torch.Tensor,
+        mine: torch.Tensor,
         weights: torch.Tensor | None,
     ) -> dict[str, float]:
-        cfg, mask = self.cfg, targets.mask[idx]
-        query, query_mask, response = batch.query[idx], batch.query_mask[idx], batch.response[idx]
-        logits = response_logits(self.policy, query, query_mask, response, mask)
+        """One gradient step on minibatch `idx` (row indices), this rank training on its rows
+        `mine`; every loss is scaled to the mean over the whole minibatch (`Ranks.loss_scale`)
+        and every stat is the whole minibatch's."""
+        cfg, ranks, mask = self.cfg, self.ranks, targets.mask[mine]
+        query, query_mask = batch.query[mine], batch.query_mask[mine]
+        response = batch.response[mine]
+        tokens = mask.sum().item()
+        token_scale = ranks.loss_scale(tokens, targets.mask[idx].sum().item())
+        if cfg.loss_per_sequence:  # GRPO's mean over responses weighs rows, not tokens
+            policy_count, policy_scale = len(mine), ranks.loss_scale(len(mine), len(idx))
+        else:
+            policy_count, policy_scale = tokens, token_scale
+        logits = self.policy_pass(query, query_mask, response, mask)
         temperature = self.settings.policy.temperature
         logprobs = token_math.logprobs_from_logits(logits, response, temperature)
-        loss, pg = losses.policy_loss(
+        pg_loss, pg = losses.policy_loss(
             logprobs,
-            targets.old_logprobs[idx],
-            targets.advantages[idx],
+            targets.old_logprobs[mine],
+            targets.advantages[mine],
             mask,
             cfg.clip_range,
             per_sequence=cfg.loss_per_sequence,
             weights=weights,
         )
+        loss = pg_loss * policy_scale
         stats = {
-            metrics.POLICY_LOSS: loss.item(),
+            metrics.POLICY_LOSS: pg_loss.item(),
             metrics.APPROXKL: pg["approxkl"].item(),
             metrics.CLIPFRAC: pg["clipfrac"].item(),
             metrics.RATIO: pg["ratio"].item(),
         }
+        counts = dict.fromkeys(stats, tokens)
+        counts[metrics.POLICY_LOSS] = policy_count
         if cfg.kl_in_loss:  # [GRPO]: beta * k3 KL to the reference, aggregated as the loss is
-            kl = estimators.kl_k3(logprobs, targets.ref_logprobs[idx], mask)
+            kl = estimators.kl_k3(logprobs, targets.ref_logprobs[mine], mask)
             aggregate = masked.sequence_mean if cfg.loss_per_sequence else masked.masked_mean
             kl_loss = aggregate(kl, mask)
-            loss = loss + cfg.kl_coef * kl_loss
+            loss = loss + cfg.kl_coef * kl_loss * policy_scale
             stats[metrics.KL_LOSS] = kl_loss.item()
+            counts[metrics.KL_LOSS] = policy_count
         if self.critic is not None:
-            values = response_values(self.critic, query, query_mask, response, mask)
+            values = self.critic_pass(query, query_mask, response, mask)
             vf_loss, vf = losses.value_loss(
-                values, targets.old_values[idx], targets.returns[idx], mask, cfg.value_clip_range
+                values, targets.old_values[mine], targets.returns[mine], mask, cfg.value_clip_range
             )
             # Disjoint parameters: the policy terms reach only the policy, vf_loss the critic.
-            loss = loss + vf_loss
+            loss = loss + vf_loss * token_scale
             stats[metrics.VALUE_LOSS] = vf_loss.item()
             stats[metrics.VALUE_CLIPFRAC] = vf["value_clipfrac"].item()
-        loss.backward()
+            counts[metrics.VALUE_LOSS] = counts[metrics.VALUE_CLIPFRAC] = tokens
+        loss.backward()  # under DDP: the gradients averaged over the ranks
         for params, opt in self.trained.values():
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -313,7 +352,8 @@ class LearnerCore:
         with torch.no_grad():
             entropy = token_math.entropy_from_logits(logits, temperature)
             stats[metrics.ENTROPY] = masked.masked_mean(entropy, mask).item()
-        return stats
+            counts[metrics.ENTROPY] = tokens
+        return ranks.global_means(stats, counts, mask.device)
 
     def export(self, out_dir: str, run_metrics: dict) -> None:
         """The policy as a standard model directory (LoRA merged, and the adapter alone: on the

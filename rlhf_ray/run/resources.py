@@ -49,7 +49,7 @@ def ppo_requests(res: ResourcesConfig, num_rollout_actors: int) -> list[RoleRequ
         ),
         RoleRequest("reward scorer", 1, bundle(res.reward_cpus, res.reward_gpus)),
         RoleRequest("reference model", 1, bundle(res.reference_cpus, res.reference_gpus)),
-        RoleRequest("PPO learner", 1, bundle(res.learner_cpus, res.learner_gpus)),
+        RoleRequest("PPO learner", res.learner_workers, bundle(res.learner_cpus, res.learner_gpus)),
     ]
 
 

@@ -1,0 +1,168 @@
+"""The PPO learner as the driver sees it: `resources.learner_workers` PPOLearner ranks in one
+Ray placement group, joined in one torch.distributed group (rlhf_ray/ppo/data_parallel.py).
+
+The driver calls the group as it called the single learner; a call returns a `GroupCall` (a
+ref per rank that takes part) and `LearnerGroup.results` waits for all of them. A rank that
+dies ends the call at once with `LearnerDied` naming it (the others, left waiting in a
+collective, are stopped with the group), and `run_ppo` rebuilds the group from the newest
+checkpoint. Rank 0 alone answers what every rank holds alike: the weights the generators
+load (put once per update), the checkpoint's weights and optimizers, the export.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.ppo_learner import PPOLearner
+from jobs.ppo.waiting import WATCH_EVERY_S, get_results
+from rlhf_ray.config import Config
+from rlhf_ray.errors import RoleFailed
+from rlhf_ray.ppo.data_parallel import Ranks
+from rlhf_ray.ppo.settings import LearnerSettings
+from rlhf_ray.run import saved_state
+from rlhf_ray.run.resources import actor_options, bundle
+
+
+class LearnerDied(RoleFailed):
+    """A learner rank's process is gone; `run_ppo` rebuilds the roles from the newest
+    checkpoint."""
+
+
+def learner_names(workers: int) -> list[str]:
+    """The ranks' actor names, as the dashboard and roles/<name>_busy show them."""
+    return ["learner"] if workers == 1 else [f"learner-{r}" for r in range(workers)]
+
+
+@dataclass
+class GroupCall:
+    refs: list  # one ObjectRef per rank called, in rank order
+    # the call's result from every rank's: by default rank 0's (every rank returns the same)
+    combine: Callable[[list], object] = field(default=lambda values: values[0])
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, settings: LearnerSettings) -> None:
+        """Place the ranks (not yet waited for: `connect` does) in one placement group."""
+        res = cfg.resources
+        self.workers, self.timeout = res.learner_workers, cfg.run.ray_timeout_s
+        self.names = learner_names(self.workers)
+        one = bundle(res.learner_cpus, res.learner_gpus)
+        # Ray refuses a bundle of nothing: a learner asking for no resources goes anywhere
+        self.placement = (
+            placement_group([one] * self.workers, strategy=res.learner_placement.upper())
+            if any(one.values())
+            else None
+        )
+        self.ranks = [
+            PPOLearner.options(
+                name=name,
+                **actor_options(res.learner_cpus, res.learner_gpus),
+                **self._placed(rank),
+            ).remote(settings, self.timeout, Ranks(rank, self.workers))
+            for rank, name in enumerate(self.names)
+        ]
+
+    def _placed(self, rank: int) -> dict:
+        if self.placement is None:
+            return {}
+        strategy = PlacementGroupSchedulingStrategy(
+            self.placement, placement_group_bundle_index=rank
+        )
+        return {"scheduling_strategy": strategy}
+
+    @property
+    def chief(self) -> ray.actor.ActorHandle:
+        return self.ranks[0]
+
+    def ready(self) -> list:
+        return [rank.ready.remote() for rank in self.ranks]
+
+    def connect(self, watch: Callable[[], None] | None = None) -> None:
+        """Once every rank is up: the ranks join one process group at rank 0's address."""
+        if self.workers == 1:
+            return
+        meeting = GroupCall([self.chief.address.remote()])
+        address, port = self.results(meeting, "the learner group's address", watch)
+        joined = [rank.join.remote(address, port) for rank in self.ranks]
+        self.results(GroupCall(joined), "joining the learner ranks' process group", watch)
+
+    def train(self, shards: list[tuple], scores: list) -> GroupCall:
+        return GroupCall([rank.train.remote(shards, scores) for rank in self.ranks])
+
+    def weights(self):
+        """Rank 0's weights: the ref every generator loads (every rank holds the same)."""
+        return self.chief.weights.remote()
+
+    def checkpoint_state(self) -> GroupCall:
+        """(tensors, JSON state): rank 0's weights, optimizers, RNG and version, and the RNG of
+        every other rank under rank<r>/rng/."""
+        refs = [self.chief.checkpoint_state.remote()]
+        refs += [rank.rng_state.remote() for rank in self.ranks[1:]]
+
+        def combine(values: list) -> tuple[dict, dict]:
+            (tensors, state), rngs = values[0], values[1:]
+            for r, rng in enumerate(rngs, start=1):
+                tensors |= saved_state.with_prefix(f"rank{r}/rng/", rng)
+            return tensors, {**state, "learner_workers": self.workers}
+
+        return GroupCall(refs, combine)
+
+    def restore(self, tensors: dict, state: dict) -> GroupCall:
+        """Every rank takes the saved weights, optimizers and version, and its own saved RNG
+        (a rank the checkpoint did not have takes rank 0's: every rank draws the same)."""
+        shared = {k: v for k, v in tensors.items() if not k.startswith("rank")}
+        refs = []
+        for r, rank in enumerate(self.ranks):
+            own = saved_state.under_prefix(f"rank{r}/rng/", tensors)
+            mine = shared | saved_state.with_prefix("rng/", own) if own else shared
+            refs.append(rank.restore.remote(mine, state))
+        return GroupCall(refs)
+
+    def export(self, out_dir: str, run_metrics: dict) -> GroupCall:
+        return GroupCall([self.chief.export.remote(out_dir, run_metrics)])
+
+    def results(self, call: GroupCall, what: str, watch: Callable[[], None] | None = None):
+        """The call's result once every rank has answered. The first rank to fail ends the
+        wait: one that died raises LearnerDied naming it, without waiting for the others
+        (which would wait in a collective until run.ray_timeout_s)."""
+        deadline = time.monotonic() + self.timeout
+        names = dict(zip(call.refs, self.names, strict=False))  # refs[i] is rank i's
+        waiting, values = list(call.refs), {}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{what} took longer than run.ray_timeout_s={self.timeout:g}s")
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=min(WATCH_EVERY_S, left))
+            for ref in done:
+                where = what if self.workers == 1 else f"{what} ({names[ref]})"
+                values[ref] = get_results(ref, self.timeout, where, LearnerDied)
+            if waiting and watch is not None:
+                watch()
+        return call.combine([values[ref] for ref in call.refs])
+
+    def dead(self) -> list[str]:
+        """The names of ranks whose process is gone (a rank that does not answer in time is
+        busy, not dead). Only on a failure path."""
+        asked = dict(zip(self.names, self.ready(), strict=True))
+        ray.wait(list(asked.values()), num_returns=len(asked), timeout=self.timeout)
+        gone = []
+        for name, ref in asked.items():
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                gone.append(name)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return gone
+
+    def stop(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        if self.placement is not None:
+            remove_placement_group(self.placement)

@@ -1,0 +1,182 @@
+"""The learner group: N PPOLearner ranks under DDP do the same update as one learner.
+
+Each test trains one step's batches (several minibatches, two epochs) on a group of one rank and
+on a group of two, on a real local Ray, and compares every trainable tensor of the policy and
+the critic. Every batch statistic must be global for them to match: whitening the advantages
+or the rewards per rank, a per-rank group baseline, a per-rank token mean of a loss each move
+the weights by far more than the 1e-5 allowed (targets computed on each rank's half of the
+batch, whitening included: 5.6e-3 for gae; the group as built: 6.8e-6, from the order of the
+float sums in a full-parameter critic's Adam steps, and 1.5e-8 for the LoRA-only rloo, grpo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import pytest
+import ray
+import torch
+
+from jobs.ppo.learner_group import GroupCall, LearnerDied, LearnerGroup
+from jobs.ppo.roles import learner_settings, policy_settings
+from rlhf_ray.data.prepare import read_rows
+from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.ppo.reference_model import ReferenceCore
+from rlhf_ray.ppo.reward_scorer import ScorerCore
+from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
+from rlhf_ray.ppo.settings import ScorerSettings
+from rlhf_ray.run import metrics
+from tests.conftest import raises_with, smoke_config
+
+TIMEOUT = 120
+TOLERANCE = 1e-5  # float32: the ranks sum the same terms in another order
+
+# (estimator, overrides): GAE with a critic and whitening; RLOO's group baseline; GRPO's
+# per-response loss mean and its KL loss term
+ESTIMATORS = {
+    "gae": {"ppo.whiten_rewards": "true"},
+    "rloo": {"ppo.samples_per_prompt": "2"},
+    "grpo": {"ppo.samples_per_prompt": "2"},
+}
+
+
+def _config(out, estimator: str, workers: int):
+    return smoke_config(
+        out,
+        **{
+            "ppo.estimator": estimator,
+            **ESTIMATORS[estimator],
+            "ppo.rollouts_per_step": "8",
+            "ppo.minibatch_size": "4",
+            "ppo.epochs": "2",
+            "resources.learner_workers": str(workers),
+        },
+    )
+
+
+def _step_inputs(cfg, out, prepared) -> tuple[list[tuple], list]:
+    """One step's rollouts from two generators' shards, scored and referenced, in the object
+    store: (shards as (batch ref, reference-logprobs ref), [scores ref])."""
+    policy = policy_settings(cfg, out)
+    generator = HFGeneratorCore(policy, rank=0)
+    generator.load_weights(_fresh_weights(cfg, out))
+    k = cfg.ppo.samples_per_prompt
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")][: 8 // k]
+    rows = [p for p in prompts for _ in range(k)]
+    group = [i for i in range(len(prompts)) for _ in range(k)]
+    shards = [generator.generate(rows[:4], group[:4]), generator.generate(rows[4:], group[4:])]
+    frozen = dict(model=cfg.model, quantization=cfg.quantization, cpus=1, gpus=0)
+    reward_model = FrozenModelSettings(str(out / "reward"), **frozen)
+    scorer = ScorerCore(ScorerSettings(reward_model, 1.0, (), (), str(out / "sft"), False))
+    reference = ReferenceCore(FrozenModelSettings(str(out / "sft"), **frozen), policy.temperature)
+    scores = ray.put(scorer.score(shards))
+    refs = [ray.put(reference.logprobs(s)) for s in shards]
+    return [(ray.put(s), r) for s, r in zip(shards, refs, strict=True)], [scores]
+
+
+def _fresh_weights(cfg, out):
+    from rlhf_ray.ppo.learner import LearnerCore
+
+    return LearnerCore(learner_settings(cfg, out)).weights()
+
+
+def _trained(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the policy and the critic, by name."""
+    tensors, _ = group.results(group.checkpoint_state(), "the learner's state")
+    return {k: v for k, v in tensors.items() if k.startswith(("policy/", "critic/"))}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _started(tiny_run, estimator: str, counts: tuple[int, ...]):
+    """-> ({rank count: a learner group, started and joined}, one step's inputs); every group
+    is stopped at the end."""
+    out, prepared = tiny_run
+    configs = {n: _config(out, estimator, n) for n in counts}
+    inputs = _step_inputs(configs[counts[0]], out, prepared)
+    groups = {n: LearnerGroup(cfg, learner_settings(cfg, out)) for n, cfg in configs.items()}
+    try:
+        for group in groups.values():
+            group.results(GroupCall(group.ready()), "starting the learner ranks")
+            group.connect()
+        yield groups, inputs
+    finally:
+        for group in groups.values():
+            group.stop()
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_two_ranks_train_the_same_weights_as_one(estimator, tiny_run, local_ray):
+    with _started(tiny_run, estimator, (1, 2)) as (groups, (shards, scores)):
+        before = _trained(groups[1])
+        stats = {
+            n: group.results(group.train(shards, scores), "the update")
+            for n, group in groups.items()
+        }
+        after = {n: _trained(group) for n, group in groups.items()}
+        # every rank of the two holds exactly the same tensors after the update
+        per_rank = [
+            ray.get(rank.checkpoint_state.remote(), timeout=TIMEOUT)[0] for rank in groups[2].ranks
+        ]
+        trainable = [{k: v for k, v in t.items() if not k.startswith("rng/")} for t in per_rank]
+        assert _digest(trainable[0]) == _digest(trainable[1])
+
+    assert set(after[1]) == set(after[2]) and any(k.startswith("critic/") for k in after[1]) == (
+        estimator == "gae"
+    )
+    moved = max((after[1][k] - before[k]).abs().max().item() for k in before)
+    gaps = {k: (after[1][k] - after[2][k]).abs().max().item() for k in after[1]}
+    worst = max(gaps, key=gaps.get)
+    gap = gaps[worst]
+    print(
+        f"{estimator}: largest change {moved:.3e}, largest N=1 vs N=2 difference {gap:.3e} "
+        f"({worst})"
+    )
+    assert moved > 100 * TOLERANCE, "the update must move the weights for the test to mean much"
+    assert gap <= TOLERANCE
+    for name in (metrics.POLICY_LOSS, metrics.APPROXKL, metrics.CLIPFRAC, metrics.ENTROPY):
+        assert stats[2][name] == pytest.approx(stats[1][name], rel=1e-4, abs=1e-6), name
+    assert stats[2][metrics.KL] == stats[1][metrics.KL]  # from the same whole batch, not a slice
+
+
+def test_a_rank_killed_while_the_other_waits_in_a_collective_ends_the_update_naming_it(
+    tiny_run, local_ray
+):
+    """SIGKILL rank 1 as the update starts: rank 0 waits for it in DDP's gradient all-reduce.
+    The call ends at once (not after run.ray_timeout_s) with LearnerDied naming learner-1."""
+    with _started(tiny_run, "rloo", (2,)) as (groups, (shards, scores)):
+        group = groups[2]
+        pids = group.results(GroupCall(group.ready(), combine=list), "the ranks' processes")
+        update = group.train(shards, scores)
+        os.kill(pids[1], signal.SIGKILL)
+        started = time.monotonic()
+        with raises_with("the update (learner-1)", exc=LearnerDied):
+            group.results(update, "the update")
+        took = time.monotonic() - started
+        assert took < 10 < group.timeout, took
+        assert group.dead() == ["learner-1"]
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tiny_run, local_ray):
+    """Under DDP every rank holds the whole state: a checkpoint of N ranks restores on M."""
+    with _started(tiny_run, "gae", (1, 2)) as (groups, (shards, scores)):
+        for source, target in ((2, 1), (1, 2)):
+            group = groups[source]
+            group.results(group.train(shards, scores), "the update")
+            tensors, state = group.results(group.checkpoint_state(), "the learner's state")
+            assert state["learner_workers"] == source
+            groups[target].results(groups[target].restore(tensors, state), "restoring")
+            assert _digest(_trained(groups[target])) == _digest(_trained(group))
+            weights = ray.get(groups[target].weights(), timeout=TIMEOUT)
+            assert weights.version == state["version"]
