@@ -362,6 +362,13 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--model.dtype", "float8"], ("model.dtype='float8'", "bfloat16")),
         (["--model.hidden_size", "130"], ("model.hidden_size=130", "multiple of num_heads=4")),
         (["--resources.learner_gpus", "1.5"], ("resources.learner_gpus=1.5", "at most 1")),
+        (["--resources.learner_workers", "0"], ("resources.learner_workers=0", "> 0")),
+        (["--resources.learner_placement", "strict"], ("learner_placement='strict'", "spread")),
+        # the default preset's minibatches of 32 rows cannot be cut into 3 equal slices
+        (
+            ["--resources.learner_workers", "3"],
+            ("ppo.minibatch_size=32", "multiple of resources.learner_workers=3"),
+        ),
         (["--data.overlong", "drop"], ("data.overlong='drop'", "truncate, reject")),
         (["--ppo.gamma", "0"], ("ppo.gamma=0.0", "(0, 1]")),
         # Lists are space-separated; a bracketed or comma list is refused, never split.
