@@ -1,4 +1,9 @@
-"""Connecting to Ray and checking, before any actor exists, that the cluster can run the roles."""
+"""The Ray the run uses, and checking, before any work, that it can hold what the run asks.
+
+A cluster (RAY_ADDRESS) is joined before the data is prepared, so that its nodes can be checked
+first; a local Ray is checked as it will start (`local_node`) and started only once the data is
+ready, so a request no node can hold is refused before anything is written or started.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,37 @@ import logging
 import os
 
 import ray
+import ray._private.utils
+import torch
 
+from jobs.placement import check_placement
 from rlhf_ray.config import ResourcesConfig, RunConfig
 from rlhf_ray.run.console import is_verbose
-from rlhf_ray.run.resources import RoleRequest, check_fits, check_learner_threads
+from rlhf_ray.run.resources import PhaseResources, check_fits, check_learner_threads
 
 
-def connect(run: RunConfig) -> str:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local one.
+def join_cluster() -> str | None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`); -> the console line, or None
+    where there is none to join (no address, or a Ray this process holds already)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or ray.is_initialized():
+        return None
+    ray.init(address=address)
+    return f"joined the Ray cluster at {address}"
+
+
+def start_local(run: RunConfig) -> str:
+    """Start a local Ray of exactly `local_node(run)`, which the run was checked against.
 
     The local dashboard binds to 127.0.0.1 only. Returns a description for the console.
     """
     if ray.is_initialized():  # e.g. a test session's local Ray
         return "using the Ray already initialised in this process"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+    node = local_node(run)
     context = ray.init(
         address="local",  # a new local Ray, never one that `ray start` left on this machine
-        num_cpus=run.num_cpus,
+        num_cpus=int(node["CPU"]),
+        num_gpus=int(node.get("GPU", 0)),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level=logging.INFO if is_verbose() else logging.WARNING,
@@ -32,15 +49,43 @@ def connect(run: RunConfig) -> str:
     return f"started a local Ray; dashboard at http://{context.dashboard_url or 'n/a'}"
 
 
+def local_node(run: RunConfig) -> dict[str, float]:
+    """The one node of the local Ray `start_local` starts, known without starting it:
+    run.num_cpus CPUs (unset: as many as Ray itself detects, a container's limit included) and
+    every GPU torch sees (Ray's own count may include GPUs this torch cannot use)."""
+    node = {"CPU": float(run.num_cpus or ray._private.utils.get_num_cpus())}
+    gpus = torch.cuda.device_count()
+    return node | {"GPU": float(gpus)} if gpus else node
+
+
+def describe_local_node(run: RunConfig) -> str:
+    node = local_node(run)
+    cpus = "run.num_cpus" if run.num_cpus else "this machine's; run.num_cpus unset"
+    return f"CPU={node['CPU']:g} ({cpus}) and GPU={node.get('GPU', 0):g} (the GPUs torch sees)"
+
+
+def nodes_to_check(run: RunConfig) -> list[dict[str, float]]:
+    """The nodes the run will have: the live ones of the Ray this process holds (joined, or a
+    test session's), else the local Ray's one node as it will start."""
+    return alive_nodes() if ray.is_initialized() else [local_node(run)]
+
+
 def alive_nodes() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def check_resources(requests: list[RoleRequest], what: str) -> None:
-    """Raise ResourceError (exit 2) when the live cluster can never satisfy `requests`."""
-    check_fits(requests, alive_nodes(), what)
+def check_resources(phase: PhaseResources, nodes: list[dict[str, float]]) -> None:
+    """Raise ResourceError (exit 2) when `nodes` can never hold what `phase` asks at one time.
+
+    Every bundle must fit some node and the roles together the cluster (named plainly by
+    check_fits); on several live nodes Ray is then asked whether it can place the phase's
+    groups. On one node the totals are exact already: every bundle goes on that node.
+    """
+    check_fits(phase.requests, nodes, phase.what)
+    if ray.is_initialized() and len(nodes) > 1:
+        check_placement(phase, nodes)
 
 
-def check_threads(res: ResourcesConfig) -> None:
+def check_threads(res: ResourcesConfig, nodes: list[dict[str, float]]) -> None:
     """Raise ResourceError (exit 2) when the learner asks for more threads than a node has."""
-    check_learner_threads(res, alive_nodes())
+    check_learner_threads(res, nodes)

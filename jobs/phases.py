@@ -8,11 +8,12 @@ from pathlib import Path
 
 import ray
 
+from jobs import cluster
 from rlhf_ray.config import PHASES, Config, DataConfig
 from rlhf_ray.config.loading import config_to_yaml
 from rlhf_ray.config.rollout import check_engine_installed
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
-from rlhf_ray.errors import ConfigError
+from rlhf_ray.errors import ConfigError, ResourceError
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.models.target_modules import check_target_modules
@@ -22,10 +23,13 @@ from rlhf_ray.run import evaluation, fingerprints, trackers
 from rlhf_ray.run.checkpoints import is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
+    PhaseResources,
     RoleRequest,
     actor_options,
     bundle,
+    ppo_groups,
     ppo_requests,
+    training_groups,
     training_requests,
 )
 from rlhf_ray.train.launch import launch, reward_loop, sft_loop, train_storage
@@ -195,18 +199,40 @@ def _prompt_key(row: dict) -> str:
     return json.dumps(row["prompt"], sort_keys=True)
 
 
-def resource_checks(cfg: Config) -> list[tuple[str, list[RoleRequest]]]:
-    """Each set of roles that run at the same time, named for the error message."""
+def resource_checks(cfg: Config) -> list[PhaseResources]:
+    """Each set of roles that run at the same time, named for the error message, with the
+    groups in which Ray places them (the evaluator is one bundle: no group to pack)."""
     res = cfg.resources
     checks = []
     if {"sft", "reward"} & set(cfg.run.phases):
-        checks.append(("the SFT and reward phases", training_requests(res)))
+        what = "the SFT and reward phases"
+        checks.append(PhaseResources(what, training_requests(res), training_groups(res)))
     if "ppo" in cfg.run.phases:
-        checks.append(("the PPO phase", ppo_requests(res, cfg.ppo.num_rollout_actors)))
+        generators = cfg.ppo.num_rollout_actors
+        requests, groups = ppo_requests(res, generators), ppo_groups(res, generators)
+        checks.append(PhaseResources("the PPO phase", requests, groups))
     if cfg.run.evaluate:
         evaluator = RoleRequest("evaluator", 1, bundle(res.rollout_cpus, res.rollout_gpus))
-        checks.append(("the evaluation", [evaluator]))
+        checks.append(PhaseResources("the evaluation", [evaluator], []))
     return checks
+
+
+def check_resources(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """ResourceError (exit 2) when `nodes` can never hold what a phase asks at one time, or
+    the learner's threads; checked against the local Ray before it starts, the message says
+    what that Ray would have."""
+    try:
+        for phase in resource_checks(cfg):
+            cluster.check_resources(phase, nodes)
+        if "ppo" in cfg.run.phases:
+            cluster.check_threads(cfg.resources, nodes)
+    except ResourceError as err:
+        if ray.is_initialized():
+            raise
+        raise ResourceError(
+            f"{err}. The local Ray this run starts has {cluster.describe_local_node(cfg.run)}; "
+            "to run on a cluster, set RAY_ADDRESS or use `ray job submit` (docs/cluster.md)"
+        ) from None
 
 
 def save_resolved_config(cfg: Config, out: Path) -> None:

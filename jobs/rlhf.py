@@ -62,9 +62,16 @@ def run(cfg: Config) -> int:
 
 def run_holding_the_lock(cfg: Config, out: Path) -> int:
     try:
-        # 1. Everything the user gave is checked before any model loads or Ray starts.
+        # 1. Everything the user gave is checked before any model loads or Ray starts, and what
+        # the run asks of the cluster before the data is prepared: a request the cluster can
+        # never hold is refused with nothing written. A cluster (RAY_ADDRESS) is joined for
+        # that; a local Ray is checked as it will start, and started once the data is ready.
         phases.check_phase_inputs(cfg, out)
         redone = phases.phases_to_redo(cfg)
+        joined = cluster.join_cluster()
+        if joined:
+            print(joined, flush=True)
+        phases.check_resources(cfg, cluster.nodes_to_check(cfg.run))
         # Settings are compared with the recorded ones before the new rows replace the old
         prepared = prepare_run(
             cfg,
@@ -76,11 +83,9 @@ def run_holding_the_lock(cfg: Config, out: Path) -> int:
         phases.warn_of_trained_eval_prompts(prepared.data_dir)
         phases.check_lora_targets(cfg, prepared)
         settings = fingerprints.phase_settings(cfg, prepared.data_dir)
-        print(cluster.connect(cfg.run), flush=True)
-        for what, requests in phases.resource_checks(cfg):
-            cluster.check_resources(requests, what)
-        if "ppo" in cfg.run.phases:
-            cluster.check_threads(cfg.resources)
+        if not joined:
+            print(cluster.start_local(cfg.run), flush=True)
+            phases.check_resources(cfg, cluster.alive_nodes())  # the node as Ray started it
     except UserInputError as err:
         return report_input_error(err)
     phases.redo_phases(cfg, out)  # only now: a run that could not start deletes nothing

@@ -9,6 +9,8 @@ worker node has 1 CPU, exactly what the rollout generator asks for. Two runs, on
   lost   two worker nodes; the generator's node is removed at step 2 and the generator restarts
          on the spare one; that node is removed at step 4 and nothing can hold the generator;
   rerun  a node joins and the same command is run again.
+Before them, the checks of tests/placement_scenario.py: a request refused before any Ray starts,
+then on the two worker nodes groups Ray cannot place refused up front ("placement").
 Prints one JSON line: per run, the driver's exit code, per removal the node removed and where
 the generator lived afterwards, and the seconds from the last removal to the driver's exit.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -31,6 +34,7 @@ from ray.cluster_utils import Cluster
 from jobs import rlhf
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from tests.conftest import copy_outputs
+from tests.placement_scenario import placement_checks, refused_before_ray
 
 STEPS, REMOVE_AT_STEPS = 8, (2, 4)
 DRIVER_ARGS = (
@@ -95,13 +99,16 @@ def drive(cluster: Cluster, out: Path, remove_at_steps: tuple[int, ...] = ()) ->
 
 
 def main(source: Path, work: Path) -> dict:
+    os.environ.pop("RAY_ADDRESS", None)  # the local Ray the refused run would start: none here
+    checks = {"refused_before_ray": refused_before_ray(work)}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
+    checks["placement"] = placement_checks(cluster.address, work)
     ray.init(address=cluster.address, log_to_driver=False)
     out = work / "lost"
     copy_outputs(source, out, ("base", "sft", "reward"))
-    runs = {"lost": drive(cluster, out, REMOVE_AT_STEPS)}
+    runs = {**checks, "lost": drive(cluster, out, REMOVE_AT_STEPS)}
     cluster.add_node(num_cpus=1)
     # A rerun is a new driver: a new Ray job, whose actor names cannot clash with the old ones.
     ray.shutdown()

@@ -21,7 +21,7 @@ from rlhf_ray.models.loading import load_trainable_state
 from rlhf_ray.models.sampling import decode_responses
 from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.run import metrics
-from rlhf_ray.run.resources import ppo_requests
+from rlhf_ray.run.resources import PhaseResources, ppo_requests
 from rlhf_ray.world.gold_judge import gold_reward
 from tests.conftest import ROLE_TIMEOUT as TIMEOUT
 from tests.conftest import ppo_loop, running_roles, smoke_config
@@ -248,4 +248,5 @@ def test_roles_that_fit_alone_but_not_together_are_refused(local_ray):
     cfg = smoke_config("unused", **{"resources.rollout_cpus": "1"})
     # 3 generators x 1 CPU + reward 0.25 + reference 0.25 + learner 0.25 = 3.75 > 2 CPUs.
     with pytest.raises(ResourceError, match=r"CPU=3\.75.*rollout generator 3x1.*cluster has CPU=2"):
-        cluster.check_resources(ppo_requests(cfg.resources, 3), "the PPO phase")
+        phase = PhaseResources("the PPO phase", ppo_requests(cfg.resources, 3), [])
+        cluster.check_resources(phase, cluster.alive_nodes())

@@ -28,7 +28,8 @@ def _run(capsys, out: Path, *args: str) -> str:
 
 def _refused_before_ray(capsys, out: Path, *args: str) -> str:
     """The driver's stderr, once it has exited 2 before it joined or started a Ray (whose line
-    it prints as it does: cluster.connect's; a session's Ray may already run in this process)."""
+    it prints as it does: cluster.join_cluster's or start_local's; a session's Ray may already
+    run in this process)."""
     printed, err = _refused(capsys, out, *args)
     assert "Ray" not in printed, printed
     return err
@@ -53,10 +54,21 @@ def test_lora_target_modules_that_match_nothing_in_the_model(tmp_path, capsys):
         assert linear in err.split("linear modules")[1]
 
 
+def test_a_request_no_node_can_hold_is_refused_before_the_data_is_prepared(tmp_path, capsys):
+    """Against this session's Ray where one runs, else the local Ray the run would start (that
+    case, with no Ray in the process at all: tests/test_multinode.py)."""
+    out = tmp_path / "out"
+    err = _refused_before_ray(capsys, out, "--resources.train_worker_cpus", "4096")
+    assert "the train worker asks for CPU=4096 per replica, but the largest node has" in err
+    assert not out.exists() or not any(out.iterdir())  # no DIR/data, DIR/base, config.yaml
+
+
 def test_learner_threads_beyond_the_largest_node_are_refused(tmp_path, capsys, local_ray):
-    err = _run(capsys, tmp_path / "out", "--resources.learner_threads", "100000")
+    out = tmp_path / "out"
+    err = _refused_before_ray(capsys, out, "--resources.learner_threads", "100000")
     assert "resources.learner_threads=100000" in err
     assert "at most 2" in err and "largest node" in err  # the session's local Ray has 2 CPUs
+    assert not (out / "data").exists()  # refused before the data was prepared
 
 
 def test_a_reward_function_that_cannot_take_the_call_is_refused(tmp_path, capsys):

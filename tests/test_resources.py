@@ -1,6 +1,7 @@
 """Tests for rlhf_ray.run.resources: can the cluster ever run what the config asks for?
 
-Nodes are plain dicts as in `ray.nodes()[i]["Resources"]`; no Ray is started.
+Nodes are plain dicts as in `ray.nodes()[i]["Resources"]`; no Ray is started. What Ray says of
+the groups below on a cluster of several nodes: tests/test_multinode.py.
 """
 
 import re
@@ -9,7 +10,15 @@ import pytest
 
 from rlhf_ray.config import ResourcesConfig
 from rlhf_ray.errors import ResourceError
-from rlhf_ray.run.resources import RoleRequest, bundle, check_fits, ppo_requests, training_requests
+from rlhf_ray.run.resources import (
+    RoleRequest,
+    bundle,
+    check_fits,
+    ppo_groups,
+    ppo_requests,
+    training_groups,
+    training_requests,
+)
 
 CPU_NODE = {"CPU": 2.0, "memory": 8e9, "node:10.0.0.1": 1.0}
 GPU_NODE = {"CPU": 4.0, "GPU": 1.0, "memory": 8e9}
@@ -105,3 +114,33 @@ def test_total_gpus_over_the_cluster():
 def test_no_nodes_at_all():
     with raises_with("train worker", "CPU=1", "largest node has CPU=0"):
         check_fits(training_requests(ResourcesConfig()), [], "SFT")
+
+
+# --- the groups Ray is asked to place (jobs/placement.py) -------------------------------------
+
+
+def test_the_train_workers_are_one_pack_group_as_ray_train_places_them():
+    [group] = training_groups(ResourcesConfig(train_workers=3, train_worker_cpus=0.6))
+    assert (group.strategy, group.bundles()) == ("PACK", [{"CPU": 0.6}] * 3)
+    assert group.describe() == "3 x train worker {CPU: 0.6}; strategy PACK"
+
+
+def test_the_learner_group_keeps_its_strategy_and_the_other_roles_pack_beside_it():
+    res = ResourcesConfig(
+        learner_workers=2, learner_cpus=0.5, learner_placement="spread", reward_gpus=0.5
+    )
+    learner, others = ppo_groups(res, num_rollout_actors=2)
+    assert (learner.strategy, learner.bundles()) == ("SPREAD", [{"CPU": 0.5}] * 2)
+    assert learner.describe() == "2 x PPO learner {CPU: 0.5}; strategy SPREAD"
+    assert others.strategy == "PACK"
+    assert others.bundles() == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 0.5, "GPU": 0.5}, {"CPU": 0.5}]
+    assert "resources.learner_placement=spread" in others.hint  # spread may be why it fails
+    assert ppo_groups(ResourcesConfig(learner_workers=2), 1)[1].hint == ""
+
+
+def test_a_role_that_asks_for_nothing_has_no_bundle():
+    # Ray refuses a bundle of nothing, and a role asking for nothing fits any node
+    res = ResourcesConfig(learner_cpus=0.0, reference_cpus=0.0, reward_cpus=0.0)
+    learner, others = ppo_groups(res, num_rollout_actors=1)
+    assert learner.bundles() == [] and others.bundles() == [{"CPU": 1.0}]
+    assert others.describe() == "rollout generator {CPU: 1}; strategy PACK"
