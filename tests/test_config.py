@@ -364,6 +364,15 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--resources.learner_gpus", "1.5"], ("resources.learner_gpus=1.5", "at most 1")),
         (["--resources.learner_workers", "0"], ("resources.learner_workers=0", "> 0")),
         (["--resources.learner_placement", "strict"], ("learner_placement='strict'", "spread")),
+        (
+            ["--resources.train_sharding", "zero3"],
+            ("resources.train_sharding='zero3'", "one of ddp, fsdp"),
+        ),
+        (
+            ["--resources.train_sharding", "fsdp", "--quantization.load_in_4bit", "true"]
+            + ["--sft.method", "lora", "--reward.method", "lora"],
+            ("resources.train_sharding='fsdp'", "quantization.load_in_4bit", "expected 'ddp'"),
+        ),
         # the default preset's minibatches of 32 rows cannot be cut into 3 equal slices
         (
             ["--resources.learner_workers", "3"],

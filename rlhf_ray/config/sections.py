@@ -227,6 +227,7 @@ class RewardConfig(Section):
 
 ROLES = ("train_worker", "rollout", "reward", "reference", "learner")
 LEARNER_PLACEMENTS = ("pack", "spread")
+TRAIN_SHARDINGS = ("ddp", "fsdp")
 
 
 # Where more GPUs do help, by role (ResourcesConfig's check of *_gpus)
@@ -247,6 +248,11 @@ class ResourcesConfig(Section):
     # Times Ray Train restarts the SFT or reward workers after one dies, from the last epoch
     # checkpoint; past that the phase fails (its checkpoints are kept for a rerun).
     train_worker_restarts: int = 2
+    # how the SFT and reward workers train as one: ddp (each holds the whole model; gradients
+    # averaged during the backward pass) or fsdp (FSDP2: weights, gradients and optimizer state
+    # sharded over the workers, for a model one worker cannot hold). Same result up to float
+    # rounding; with one worker nothing is wrapped.
+    train_sharding: str = "ddp"
     rollout_cpus: float = 1.0  # CPUs per rollout generator
     rollout_gpus: float = 0.0  # GPUs per rollout generator
     reward_cpus: float = 0.5  # CPUs of the reward scorer
@@ -269,6 +275,7 @@ class ResourcesConfig(Section):
 
     def validate(self) -> None:
         self.positive("train_workers", "learner_workers")
+        self.one_of("train_sharding", TRAIN_SHARDINGS)
         self.one_of("learner_placement", LEARNER_PLACEMENTS)
         self.non_negative("train_worker_restarts", "learner_threads")
         for role in ROLES:
@@ -577,6 +584,13 @@ class Config:
                         f"{phase.section}.method={phase.method!r}: 4-bit weights cannot be "
                         "fully fine-tuned; expected 'lora' when quantization.load_in_4bit is true"
                     )
+            if self.resources.train_sharding == "fsdp":
+                # FSDP2 would cut bitsandbytes' packed 4-bit tensors apart from their
+                # quantisation state
+                raise ConfigError(
+                    "resources.train_sharding='fsdp' with quantization.load_in_4bit: FSDP2 "
+                    "cannot shard 4-bit weights; expected 'ddp'"
+                )
             if self.model.is_embedded and self.model.hidden_size % 64:
                 raise ConfigError(
                     f"model.hidden_size={self.model.hidden_size}: expected a multiple of 64 "
