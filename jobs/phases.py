@@ -253,6 +253,7 @@ def sft_worker_settings(cfg: Config, prepared: PreparedRun) -> SFTWorkerSettings
         sft=cfg.sft,
         limits=limits_of(cfg.data),
         worker_cpus=cfg.resources.train_worker_cpus,
+        sharding=cfg.resources.train_sharding,
         seed=cfg.run.seed,
     )
 
@@ -270,6 +271,7 @@ def reward_worker_settings(cfg: Config, prepared: PreparedRun) -> RewardWorkerSe
         reward=cfg.reward,
         limits=limits_of(cfg.data),
         worker_cpus=cfg.resources.train_worker_cpus,
+        sharding=cfg.resources.train_sharding,
         seed=cfg.run.seed,
     )
 

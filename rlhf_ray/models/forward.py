@@ -36,7 +36,10 @@ def token_scalars(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor)
 def sequence_scores(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reward-model score read at the last real token of each row: (B, T) -> (B,) float32."""
     scalars = token_scalars(model, ids, mask)
-    return scalars.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
+    rows = torch.arange(scalars.shape[0], device=scalars.device)
+    # indexing makes a new tensor, where gather + squeeze made a view: FSDP2 warns of a view
+    # that a module it wraps returns (SequenceScores)
+    return scalars[rows, last_token_index(mask)]
 
 
 def causal_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,3 +104,15 @@ class ResponseValues(torch.nn.Module):
 
     def forward(self, query, query_mask, response, response_mask) -> torch.Tensor:
         return response_values(self.critic, query, query_mask, response, response_mask)
+
+
+class SequenceScores(torch.nn.Module):
+    """`sequence_scores` of a reward model as a module's forward: what its training runs
+    through, wrapped by DDP or FSDP2 (see ResponseLogits). (B, T) ids, mask -> (B,) float32."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, ids, mask)

@@ -3,6 +3,8 @@ names, an optimizer's state, torch's RNG states."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,14 +17,21 @@ def under_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+def _itself(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def optimizer_to_tensors(
+    optimizer: torch.optim.Optimizer, whole: Callable[[torch.Tensor], torch.Tensor] = _itself
+) -> tuple[dict[str, torch.Tensor], list]:
     """An optimizer's state as (tensors "<param index>.<key>", param_groups as JSON); the
     tensors are copies on the CPU, so later steps do not change them and a process without a
     GPU (the driver, on a CPU-only head) can read them. Loading moves them back to each
-    parameter's device (`Optimizer.load_state_dict`)."""
+    parameter's device (`Optimizer.load_state_dict`). `whole`: a sharded tensor's whole tensor
+    (rlhf_ray/train/sharding.py), called on every tensor in the same order on every rank."""
     state = optimizer.state_dict()
     tensors = {
-        f"{index}.{key}": value.detach().to("cpu", copy=True)
+        f"{index}.{key}": whole(value.detach()).to("cpu", copy=True)
         if torch.is_tensor(value)
         else torch.tensor(value)
         for index, per_param in state["state"].items()

@@ -1,7 +1,6 @@
-"""What the SFT and reward-model loops share on their workers: sharding, gradient steps.
-
-Gradients are averaged with an explicit all-reduce rather than a DDP wrapper, so the loops can
-call the same forward functions (`forward.py`) that scoring and PPO use.
+"""What the SFT and reward-model loops share on their workers: set-up, the model to train, their
+shares of the data, the optimizer and its schedule, progress lines. How the workers train as one
+model (DDP or FSDP2) is rlhf_ray/train/sharding.py.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from peft import TaskType
 from transformers import PreTrainedModel
 
@@ -27,19 +25,21 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False  # FSDP2 over several workers: each holds a shard of every weight
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
 
 
-def worker_setup(cpus: float, seed: int) -> Worker:
-    """Threads to match the CPUs Ray gave us, the torch seed, the device.
+def worker_setup(cpus: float, seed: int, sharding: str) -> Worker:
+    """Threads to match the CPUs Ray gave us, the torch seed, the device, and whether the model
+    is sharded (`sharding` "fsdp" over several workers; rlhf_ray/train/sharding.py).
 
     Torch gets the base seed on every rank, not `seed + rank`: the model's random parts (a new
-    reward head, LoRA's `lora_A`) must start equal on all ranks, because averaged gradients
-    applied to different weights never converge. Data order differs per rank through the
-    loops' own `random.Random(seed + rank)`.
+    reward head, LoRA's `lora_A`) start equal on all ranks (and `sharding.wrap` then makes sure
+    of it from rank 0), because averaged gradients applied to different weights never
+    converge. Data order differs per rank through the loops' own `random.Random(seed + rank)`.
     """
     import ray.train
     import ray.train.torch
@@ -49,22 +49,9 @@ def worker_setup(cpus: float, seed: int) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cpus(cpus)
     torch.manual_seed(seed)
-    return Worker(rank, world, ray.train.torch.get_device())
-
-
-@torch.no_grad()
-def sync_initial_weights(model: torch.nn.Module, worker: Worker) -> None:
-    """Copy rank 0's trainable weights to every rank, once, before the first step.
-
-    The equal seed already makes the ranks build equal models when nothing draws from torch's
-    RNG before; this makes it a guarantee. Ranks draw different amounts as soon as they see
-    their own data (LoRA dropout draws per token), and a GPU kernel may not be deterministic.
-    From then on the all-reduced gradients in `optimizer_step` keep the ranks equal. Frozen
-    weights come from the same files on every rank and are not sent.
-    """
-    if worker.world > 1:
-        for p in trainable_params(model):
-            dist.broadcast(p.data, src=0)
+    return Worker(
+        rank, world, ray.train.torch.get_device(), sharded=world > 1 and sharding == "fsdp"
+    )
 
 
 def ready_to_train(
@@ -74,17 +61,15 @@ def ready_to_train(
     task: TaskType,
     gradient_checkpointing: bool,
 ) -> torch.nn.Module:
-    """The model as a loop trains it: with a new LoRA adapter when `lora` is given, on this
-    worker's device in train mode, and its trainable weights equal on every rank.
+    """The model as a loop trains it, not yet wrapped (`sharding.wrap`): with a new LoRA adapter
+    when `lora` is given, on this worker's device in train mode.
 
     Call after `worker_setup`: the random parts (a new reward head, LoRA's `lora_A`) are drawn
-    from its shared seed, then synced from rank 0.
+    from its shared seed.
     """
     if lora is not None:
         model = add_lora(model, lora, task, gradient_checkpointing)
-    model.to(worker.device).train()
-    sync_initial_weights(model, worker)
-    return model
+    return model.to(worker.device).train()
 
 
 def step_count(examples: int, batch_size: int, epochs: int) -> int:
@@ -111,21 +96,6 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def phase_optimizer(params: list, phase: SFTConfig | RewardConfig) -> torch.optim.AdamW:
     """AdamW at the phase's peak learning rate (the schedule scales it) and weight decay."""
     return torch.optim.AdamW(params, lr=phase.lr, weight_decay=phase.weight_decay)
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer, params: list, max_grad_norm: float, world: int
-) -> float:
-    """All-reduce-average gradients across workers, clip, step; returns the pre-clip norm."""
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float = 0.05):

@@ -4,9 +4,12 @@ Each epoch ends with `ray.train.report(metrics, checkpoint)`, so the epoch's met
 Ray dashboard's Train view and its state survives:
   rank-<r>.safetensors  every rank: its torch RNG states (LoRA dropout draws from them)
   rank-<r>.json         every rank: its data-order RNG (`random.Random.getstate()`)
-  trainable.safetensors the chief: the weights that train (equal on every rank)
-  optimizer.safetensors the chief: the optimizer's moments (equal on every rank)
+  trainable.safetensors the chief: the weights that train, whole (under FSDP2 every rank
+                        holds a shard; they are gathered)
+  optimizer.safetensors the chief: the optimizer's moments, whole (gathered as well)
   state.json            the chief: epochs done, step, optimizer param groups, LR schedule
+Whole tensors make the checkpoint the same under ddp and fsdp (`resources.train_sharding`), so
+a run may continue from it under either; every rank loads them and keeps its shard.
 Ray Train copies every rank's files into one `<storage>/<phase>/checkpoint_*/` and records it
 only once all are there. When a worker dies, Ray Train restarts the group (`FailureConfig`) and
 `ray.train.get_checkpoint()` returns the newest recorded one; a stopped job run again with the
@@ -26,14 +29,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_ray.models.loading import load_trainable_state, trainable_state
-from rlhf_ray.run.saved_state import (
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    rng_state,
-    set_rng_state,
-)
+from rlhf_ray.run.saved_state import rng_state, set_rng_state
 from rlhf_ray.train.common import Worker
+from rlhf_ray.train.sharding import (
+    load_whole_optimizer_state,
+    load_whole_trainable_state,
+    whole_optimizer_state,
+    whole_trainable_state,
+)
 
 TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE = (
     "trainable.safetensors",
@@ -69,19 +72,21 @@ def _rank_files(rank: int) -> tuple[str, str]:
 def save_epoch(phase: str, loop: LoopState, worker: Worker, position: Position) -> None:
     """Report the end of an epoch to Ray Train with this rank's part of the checkpoint.
 
-    Every rank must call it (Ray Train waits for all); `position.shown` (plain floats) is what
-    the Train view shows.
+    Every rank must call it (Ray Train waits for all, and under FSDP2 each whole tensor is
+    gathered from all); `position.shown` (plain floats) is what the Train view shows.
     """
     import ray.train
 
     started = time.perf_counter()
+    trainable = whole_trainable_state(loop.model, worker)  # None but on the chief
+    moments = whole_optimizer_state(loop.optimizer, worker)
     with tempfile.TemporaryDirectory(prefix="rlhf-ray-epoch-") as tmp:
         folder = Path(tmp)
         tensors_file, json_file = _rank_files(worker.rank)
         save_file(rng_state(), folder / tensors_file)
         (folder / json_file).write_text(json.dumps(loop.data_rng.getstate()))
         if worker.is_chief:
-            _save_chief_part(loop, position, folder)
+            _save_chief_part(trainable, moments, loop, position, folder)
         size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         metrics = {"epoch": position.epochs_done, "step": position.step, **position.shown}
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -93,10 +98,12 @@ def save_epoch(phase: str, loop: LoopState, worker: Worker, position: Position) 
         print(line, file=sys.__stdout__, flush=True)  # once on the console, as in ProgressLines
 
 
-def _save_chief_part(loop: LoopState, position: Position, folder: Path) -> None:
-    save_file(trainable_state(loop.model), folder / TRAINABLE_FILE)
-    moments, groups = optimizer_to_tensors(loop.optimizer)
-    save_file(moments, folder / OPTIMIZER_FILE)
+def _save_chief_part(
+    trainable: dict, moments: tuple[dict, list], loop: LoopState, position: Position, folder: Path
+) -> None:
+    save_file(trainable, folder / TRAINABLE_FILE)
+    tensors, groups = moments
+    save_file(tensors, folder / OPTIMIZER_FILE)
     state = {
         "epochs_done": position.epochs_done,
         "step": position.step,
@@ -136,10 +143,10 @@ def _load(loop: LoopState, worker: Worker, folder: Path) -> Position:
             "written by fewer Ray Train workers than this run has (resources.train_workers)"
         )
     state = json.loads((folder / STATE_FILE).read_text())
-    load_trainable_state(loop.model, load_file(folder / TRAINABLE_FILE, device=str(worker.device)))
-    optimizer_from_tensors(
-        loop.optimizer, load_file(folder / OPTIMIZER_FILE), state["param_groups"]
-    )
+    trainable = load_file(folder / TRAINABLE_FILE, device=str(worker.device))
+    load_whole_trainable_state(loop.model, trainable)
+    moments = load_file(folder / OPTIMIZER_FILE)
+    load_whole_optimizer_state(loop.optimizer, moments, state["param_groups"])
     loop.schedule.load_state_dict(state["schedule"])
     set_rng_state(load_file(folder / tensors_file))
     version, internal, gauss = json.loads((folder / json_file).read_text())

@@ -13,7 +13,7 @@ from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.adapters import save_merged
-from rlhf_ray.models.forward import sequence_scores
+from rlhf_ray.models.forward import SequenceScores
 from rlhf_ray.models.loading import load_scalar_model
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, is_complete, write_metrics
@@ -22,7 +22,6 @@ from rlhf_ray.train.common import (
     ProgressLines,
     Worker,
     batches,
-    optimizer_step,
     phase_optimizer,
     ready_to_train,
     shard,
@@ -33,6 +32,7 @@ from rlhf_ray.train.common import (
 )
 from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
 from rlhf_ray.train.settings import EVAL_SCORES_FILE, RewardWorkerSettings
+from rlhf_ray.train.sharding import optimizer_step, trained_model, wrap
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -47,10 +47,11 @@ def encode_pair(tok, row: dict, limits: Limits) -> tuple[list[int], list[int]]:
     return p + chosen, p + rejected
 
 
-def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
-    """Score chosen and rejected in one forward: -> (chosen (B,), rejected (B,))."""
+def pair_scores(scorer, pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """Score chosen and rejected in one forward of `scorer` (a SequenceScores, or one wrapped for
+    training): -> (chosen (B,), rejected (B,))."""
     ids, mask = pad_right([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    scores = sequence_scores(model, ids.to(device), mask.to(device))
+    scores = scorer(ids.to(device), mask.to(device))
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
@@ -64,18 +65,18 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
 @torch.no_grad()
 def evaluate_pairs(model, pairs, pad_id, device, batch_size):
     """Scores of all held-out pairs: -> (chosen (N,), rejected (N,))."""
-    model.eval()
+    scorer = SequenceScores(model).eval()
     parts = [
-        pair_scores(model, pairs[i : i + batch_size], pad_id, device)
+        pair_scores(scorer, pairs[i : i + batch_size], pad_id, device)
         for i in range(0, len(pairs), batch_size)
     ]
-    model.train()
+    scorer.train()
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
 
 def build_reward_model(settings: RewardWorkerSettings, worker: Worker, pad_id: int):
-    """The reward model to train, on this worker's device, equal on every rank; its `score`
-    head is new and random."""
+    """The reward model to train, on this worker's device, not yet wrapped (`sharding.wrap`);
+    its `score` head is new and random."""
     model = load_scalar_model(settings.sft_path, settings.model, settings.quantization, pad_id)
     lora = settings.lora if settings.reward.method == "lora" else None
     return ready_to_train(
@@ -88,14 +89,15 @@ def reward_worker_loop(config: dict) -> None:
     settings: RewardWorkerSettings = config["settings"]
     if is_complete(settings.out_dir):  # a restart after the chief saved the finished phase
         return
-    worker = worker_setup(settings.worker_cpus, settings.seed)
+    worker = worker_setup(settings.worker_cpus, settings.seed, settings.sharding)
     tok = load_tokenizer(settings.sft_path, settings.model.trust_remote_code)
     train = [
         encode_pair(tok, r, settings.limits) for r in read_rows(settings.data_dir, "preferences")
     ]
     train = shard(train, worker.rank, worker.world)
     model = build_reward_model(settings, worker, tok.pad_token_id)
-    params = trainable_params(model)
+    scorer = wrap(SequenceScores(model), worker)  # the training forward; `model` for saving
+    params = trainable_params(model)  # after wrap: FSDP2 replaces them by DTensors
     opt = phase_optimizer(params, settings.reward)
     total = step_count(len(train), settings.reward.batch_size, settings.reward.epochs)
     loop = LoopState(
@@ -112,10 +114,10 @@ def reward_worker_loop(config: dict) -> None:
     for epoch in range(start_at.epochs_done, settings.reward.epochs):
         losses, accuracies = [], []
         for batch in batches(train, settings.reward.batch_size, loop.data_rng):
-            chosen, rejected = pair_scores(model, batch, tok.pad_token_id, worker.device)
+            chosen, rejected = pair_scores(scorer, batch, tok.pad_token_id, worker.device)
             loss = bradley_terry_loss(chosen, rejected)
-            loss.backward()
-            optimizer_step(opt, params, settings.reward.max_grad_norm, worker.world)
+            loss.backward()  # several workers: their gradients averaged (DDP, FSDP2)
+            optimizer_step(opt, params, settings.reward.max_grad_norm)
             loop.schedule.step()
             step += 1
             stats = pair_stats(chosen.detach(), rejected.detach())
@@ -133,8 +135,11 @@ def reward_worker_loop(config: dict) -> None:
                 )
         shown = {"loss": _mean(losses), "accuracy": _mean(accuracies)}
         save_epoch("reward", loop, worker, Position(epoch + 1, step, shown))
+    trained = trained_model(
+        model, worker, lambda: build_reward_model(settings, worker, tok.pad_token_id)
+    )
     if worker.is_chief:
-        _finish(settings, model, tok, writer, step, worker.device, start_at.step)
+        _finish(settings, trained, tok, writer, step, worker.device, start_at.step)
 
 
 def _mean(values: list[float]) -> float:

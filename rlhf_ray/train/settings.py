@@ -30,6 +30,7 @@ class SFTWorkerSettings:
     sft: SFTConfig
     limits: Limits
     worker_cpus: float
+    sharding: str  # resources.train_sharding: ddp or fsdp
     seed: int
 
 
@@ -45,4 +46,5 @@ class RewardWorkerSettings:
     reward: RewardConfig
     limits: Limits
     worker_cpus: float
+    sharding: str  # resources.train_sharding: ddp or fsdp
     seed: int

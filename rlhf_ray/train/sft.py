@@ -22,7 +22,6 @@ from rlhf_ray.train.common import (
     ProgressLines,
     Worker,
     batches,
-    optimizer_step,
     phase_optimizer,
     ready_to_train,
     shard,
@@ -33,6 +32,7 @@ from rlhf_ray.train.common import (
 )
 from rlhf_ray.train.epoch_checkpoints import LoopState, Position, restore_latest, save_epoch
 from rlhf_ray.train.settings import SFTWorkerSettings
+from rlhf_ray.train.sharding import optimizer_step, trained_model, wrap
 
 
 def completion_only_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def build_sft_model(settings: SFTWorkerSettings, worker: Worker):
-    """The policy to fine-tune, on this worker's device, equal on every rank."""
+    """The policy to fine-tune, on this worker's device, not yet wrapped (`sharding.wrap`)."""
     model = load_causal_lm(settings.base_path, settings.model, settings.quantization)
     lora = settings.lora if settings.sft.method == "lora" else None
     return ready_to_train(
@@ -69,14 +69,15 @@ def sft_worker_loop(config: dict) -> None:
     settings: SFTWorkerSettings = config["settings"]
     if is_complete(settings.out_dir):  # a restart after the chief saved the finished phase
         return
-    worker = worker_setup(settings.worker_cpus, settings.seed)
+    worker = worker_setup(settings.worker_cpus, settings.seed, settings.sharding)
     tok = load_tokenizer(
         settings.base_path, settings.model.trust_remote_code, settings.limits.chat_template
     )
     rows = shard(read_rows(settings.data_dir, "sft"), worker.rank, worker.world)
     examples = [sft_example(tok, r["prompt"], r["completion"], settings.limits) for r in rows]
     model = build_sft_model(settings, worker)
-    params = trainable_params(model)
+    net = wrap(model, worker)  # the training forward; `model` keeps the names for saving
+    params = trainable_params(model)  # after wrap: FSDP2 replaces them by DTensors
     opt = phase_optimizer(params, settings.sft)
     total = step_count(len(examples), settings.sft.batch_size, settings.sft.epochs)
     loop = LoopState(
@@ -95,9 +96,9 @@ def sft_worker_loop(config: dict) -> None:
         losses = []
         for batch in batches(examples, settings.sft.batch_size, loop.data_rng):
             ids, mask, labels = (t.to(worker.device) for t in collate(batch, tok.pad_token_id))
-            loss = completion_only_loss(causal_logits(model, ids, mask), labels)
-            loss.backward()
-            optimizer_step(opt, params, settings.sft.max_grad_norm, worker.world)
+            loss = completion_only_loss(causal_logits(net, ids, mask), labels)
+            loss.backward()  # several workers: their gradients averaged (DDP, FSDP2)
+            optimizer_step(opt, params, settings.sft.max_grad_norm)
             loop.schedule.step()
             step, tokens = step + 1, tokens + int(mask.sum()) * worker.world
             losses.append(loss.item())
@@ -108,6 +109,7 @@ def sft_worker_loop(config: dict) -> None:
         if writer:
             writer.scalars({metrics.SFT_EPOCH_LOSS: epoch_loss}, step)
         save_epoch("sft", loop, worker, Position(epoch + 1, step, {"loss": epoch_loss}))
+    trained = trained_model(model, worker, lambda: build_sft_model(settings, worker))
     if worker.is_chief:
         # Throughput of this process's own steps (none if it only saved a finished phase).
         tokens_per_s = tokens / (time.time() - start) if tokens else None
@@ -117,5 +119,5 @@ def sft_worker_loop(config: dict) -> None:
         result = {"final_epoch_loss": epoch_loss, "steps": step, "tokens_per_s": tokens_per_s}
         result["resumed_at_step"] = start_at.step
         with atomic_dir(settings.out_dir) as tmp:
-            save_merged(model, tok, tmp, reload_base=settings.base_path, model_cfg=settings.model)
+            save_merged(trained, tok, tmp, reload_base=settings.base_path, model_cfg=settings.model)
             write_metrics(tmp, result)
