@@ -64,10 +64,9 @@ def test_changed_data_are_a_changed_setting(tmp_path, capsys):
 
 def test_settings_that_do_not_change_what_is_learned_may_change(tmp_path):
     _finished_run(tmp_path)
-    cfg = smoke_config(
-        tmp_path,
-        **{"ppo.checkpoint_every": "5", "ppo.num_rollout_actors": "2", "run.ray_timeout_s": "9"},
-    )
+    changed = {"ppo.checkpoint_every": "5", "ppo.num_rollout_actors": "2", "run.ray_timeout_s": "9"}
+    changed["resources.train_sharding"] = "fsdp"  # the same update, summed in another order
+    cfg = smoke_config(tmp_path, **changed)
     current = _settings(cfg)
     phases.check_recorded_settings(tmp_path, current)  # does not raise: nothing differs
     for phase in PHASES:

@@ -99,6 +99,9 @@ def phase_settings(cfg: Config, data_dir: Path) -> dict[str, dict]:
         "run.seed": cfg.run.seed,
     }
     lora = _section(cfg, "lora")
+    # The worker count sets the rows per step. Not resources.train_sharding: DDP and FSDP2 take
+    # the same step, their sums in another order (tests/test_train_workers.py), and their epoch
+    # checkpoints are alike, so a stopped phase may continue under the other.
     workers = {"resources.train_workers": cfg.resources.train_workers}
     sft = {
         **shared,
