@@ -32,7 +32,7 @@ from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.forward import SequenceScores, causal_logits
 from rlhf_ray.models.loading import trainable_state
 from rlhf_ray.train import reward, sft
-from rlhf_ray.train.common import shard, trainable_params, worker_setup
+from rlhf_ray.train.common import Worker, shard, trainable_params, worker_setup
 from rlhf_ray.train.launch import launch
 from rlhf_ray.train.settings import RewardWorkerSettings, SFTWorkerSettings
 from rlhf_ray.train.sharding import (
@@ -251,3 +251,11 @@ def test_fsdp_trains_to_the_weights_ddp_trains_to_and_resumes_exactly(trained):
         for kind, states in (("ddp", ddp), ("fsdp", fsdp)):
             resumed, after = states["resumed"], states["after"]
             assert all(resumed[n].equal(after[n]) for n in after), (case, kind)
+
+
+def test_one_worker_trains_the_model_itself():
+    """With one worker nothing is wrapped: the step is the one it was without Ray Train."""
+    module = torch.nn.Linear(2, 2)
+    worker = Worker(rank=0, world=1, device=torch.device("cpu"), sharded=False)
+    assert wrap(module, worker) is module
+    assert whole_trainable_state(module, worker).keys() == {"weight", "bias"}

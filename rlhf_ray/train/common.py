@@ -25,7 +25,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    sharded: bool = False  # FSDP2 over several workers: each holds a shard of every weight
+    sharded: bool  # FSDP2 over several workers: each holds a shard of every weight
 
     @property
     def is_chief(self) -> bool:
