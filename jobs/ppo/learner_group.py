@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.ppo_learner import PPOLearner
@@ -27,6 +27,14 @@ from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.run import saved_state
 from rlhf_ray.run.resources import actor_options, bundle
+
+
+def in_bundle(placement: PlacementGroup | None, index: int) -> dict:
+    """Ray's `.options(...)` for an actor in bundle `index` of `placement` (None: anywhere)."""
+    if placement is None:
+        return {}
+    strategy = PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=index)
+    return {"scheduling_strategy": strategy}
 
 
 class LearnerDied(RoleFailed):
@@ -69,12 +77,7 @@ class LearnerGroup:
         ]
 
     def _placed(self, rank: int) -> dict:
-        if self.placement is None:
-            return {}
-        strategy = PlacementGroupSchedulingStrategy(
-            self.placement, placement_group_bundle_index=rank
-        )
-        return {"scheduling_strategy": strategy}
+        return in_bundle(self.placement, rank)
 
     @property
     def chief(self) -> ray.actor.ActorHandle:

@@ -7,11 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
-from jobs.ppo.learner_group import LearnerGroup
+from jobs.ppo.learner_group import LearnerGroup, in_bundle
 from jobs.ppo.waiting import capacity_watch, get_results
 from rlhf_ray.config import Config
 from rlhf_ray.data.chat import prompt_text
@@ -25,7 +26,7 @@ from rlhf_ray.ppo.settings import (
     ScorerSettings,
 )
 from rlhf_ray.run.checkpoints import phase_dir
-from rlhf_ray.run.resources import actor_options
+from rlhf_ray.run.resources import actor_options, bundle
 from rlhf_ray.world.gold_judge import GoldJudge
 
 # Actor names, as the Ray dashboard and the roles/<name>_busy metrics show them (the learner's
@@ -46,6 +47,7 @@ class Roles:
     cfg: Config
     out: Path
     next_rank: int = 0  # above every generator rank this run has used, also before a resume
+    placement: PlacementGroup | None = None  # the scorer's and the reference's
 
     def all(self) -> list:
         """Every role's actor: each learner rank, the scorer, the reference, each generator."""
@@ -60,6 +62,8 @@ class Roles:
         for actor in [self.scorer, self.reference, *self.generators.values()]:
             ray.kill(actor, no_restart=True)
         self.learner.stop()
+        if self.placement is not None:
+            remove_placement_group(self.placement)
 
     def start_generators(self, ranks: list[int]) -> dict[int, ray.actor.ActorHandle]:
         """New generators (not yet waited for, except vLLM engines that share a GPU: each
@@ -150,6 +154,16 @@ def judge_knows_every_prompt(prompts_file: Path) -> bool:
     return all(judge.knows(prompt_text(row["prompt"])) for row in read_jsonl(prompts_file))
 
 
+def packed(bundles: list[dict]) -> PlacementGroup | None:
+    """The scorer and the reference as one PACK placement group, placed by Ray together: placed
+    one by one, they can take the halves of two nodes a generator needed (seen with two 1-CPU
+    nodes and two learner ranks spread over them: a 0.5-CPU generator fitted nowhere). None
+    when they ask for nothing (Ray refuses a bundle of nothing)."""
+    if not any(v for b in bundles for v in b.values()):
+        return None
+    return placement_group([b if any(b.values()) else {"CPU": 0.0001} for b in bundles], "PACK")
+
+
 def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Roles:
     """The four roles, named for the dashboard, each with the resources its config asks for;
     generators of `ranks` (default: 0 .. ppo.num_rollout_actors - 1)."""
@@ -170,15 +184,22 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
         cfg.model.trust_remote_code,
         watch_gold=judge_knows_every_prompt(out / "data" / "prompts.jsonl"),
     )
+    frozen_bundles = [bundle(res.reward_cpus, res.reward_gpus)]
+    frozen_bundles.append(bundle(res.reference_cpus, res.reference_gpus))
+    together = packed(frozen_bundles)
     scorer = RewardScorer.options(
-        name=SCORER, **role_restarts(cfg), **actor_options(res.reward_cpus, res.reward_gpus)
+        name=SCORER,
+        **role_restarts(cfg),
+        **actor_options(res.reward_cpus, res.reward_gpus),
+        **in_bundle(together, 0),
     ).remote(scorer_settings)
     reference = ReferenceModel.options(
         name=REFERENCE,
         **role_restarts(cfg),
         **actor_options(res.reference_cpus, res.reference_gpus),
+        **in_bundle(together, 1),
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
-    roles = Roles(learner, scorer, reference, {}, cfg, out)
+    roles = Roles(learner, scorer, reference, {}, cfg, out, placement=together)
     try:
         roles.start_generators(list(range(cfg.ppo.num_rollout_actors)) if ranks is None else ranks)
         refs = [a.ready.remote() for a in roles.all()]
