@@ -157,8 +157,9 @@ def judge_knows_every_prompt(prompts_file: Path) -> bool:
 def packed(bundles: list[dict]) -> PlacementGroup | None:
     """The scorer and the reference as one PACK placement group, placed by Ray together: placed
     one by one, they can take the halves of two nodes a generator needed (seen with two 1-CPU
-    nodes and two learner ranks spread over them: a 0.5-CPU generator fitted nowhere). None
-    when they ask for nothing (Ray refuses a bundle of nothing)."""
+    nodes and two learner ranks spread over them: a 0.5-CPU generator fitted nowhere). Ray
+    refuses a bundle of nothing: None when both ask for nothing, and one that does alone gets
+    Ray's smallest unit of a CPU in the group."""
     if not any(v for b in bundles for v in b.values()):
         return None
     return placement_group([b if any(b.values()) else {"CPU": 0.0001} for b in bundles], "PACK")
