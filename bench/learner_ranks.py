@@ -38,9 +38,7 @@ VARIANTS = {
 
 def one_run(models: Path, variant: str, steps: int, nodes: int) -> dict:
     """The variant's PPO steps in this process -> per-step seconds and learn-stage seconds."""
-    import ray
-    from ray.cluster_utils import Cluster
-
+    from bench.ray_setup import bench_ray
     from jobs.ppo.loop import PPOLoop
     from jobs.ppo.roles import create_roles
     from rlhf_ray.config.command_line import parse_run_args
@@ -49,27 +47,17 @@ def one_run(models: Path, variant: str, steps: int, nodes: int) -> dict:
 
     args = ["--output_dir", str(models), "--ppo.steps", str(steps), *VARIANTS[variant]]
     cfg = parse_run_args([*args, "--ppo.checkpoint_every", "0"])
-    cluster = None
-    if nodes > 1:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        for _ in range(nodes):
-            cluster.add_node(num_cpus=2 / nodes)
-        ray.init(address=cluster.address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    roles = create_roles(cfg, models)
-    prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
-    loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
-    pending, step_s, learn_s = loop.dispatch(), [], []
-    for step in range(1, steps + 1):
-        start = time.perf_counter()
-        pending, _, times = loop.step(pending, more=step < steps)
-        step_s.append(time.perf_counter() - start)
-        learn_s.append(times["learn"])
-    roles.stop()
-    ray.shutdown()
-    if cluster is not None:
-        cluster.shutdown()
+    with bench_ray(nodes):
+        roles = create_roles(cfg, models)
+        prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
+        loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
+        pending, step_s, learn_s = loop.dispatch(), [], []
+        for step in range(1, steps + 1):
+            start = time.perf_counter()
+            pending, _, times = loop.step(pending, more=step < steps)
+            step_s.append(time.perf_counter() - start)
+            learn_s.append(times["learn"])
+        roles.stop()
     return {"step_s": statistics.median(step_s[1:]), "learn_s": statistics.median(learn_s[1:])}
 
 
