@@ -16,7 +16,6 @@ from rlhf_ray.ppo.messages import Weights
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
-from rlhf_ray.run.saved_state import rng_state
 
 
 @ray.remote
@@ -82,12 +81,13 @@ class PPOLearner:
             raise RoleFailed(f"{role} failed (after its restarts, if any): {err}") from err
 
     def checkpoint_state(self) -> tuple[dict, dict]:
-        """(tensors, JSON state): weights, optimizers, RNG and version, for a PPO checkpoint."""
+        """(tensors, JSON state) for a PPO checkpoint: rank 0's weights, optimizers, RNG and
+        version; another rank's RNG alone. Every rank is called (a sharded critic is gathered)."""
         return self.learner.checkpoint_state()
 
-    def rng_state(self) -> dict:
-        """This rank's RNG: what a rank other than 0 adds to rank 0's checkpoint state."""
-        return rng_state()
+    def trainable_digest(self) -> dict[str, str]:
+        """Model -> a hash of this rank's trainable tensors: equal on every rank under DDP."""
+        return self.learner.trainable_digest()
 
     def restore(self, tensors: dict, state: dict) -> int:
         self.learner.restore(tensors, state)

@@ -373,6 +373,20 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
             + ["--sft.method", "lora", "--reward.method", "lora"],
             ("resources.train_sharding='fsdp'", "quantization.load_in_4bit", "expected 'ddp'"),
         ),
+        (
+            ["--resources.learner_sharding", "zero3"],
+            ("resources.learner_sharding='zero3'", "one of ddp, fsdp"),
+        ),
+        # FSDP2 in the learner shards a full-parameter critic: a run without one is refused
+        (
+            ["--resources.learner_sharding", "fsdp", "--ppo.estimator", "rloo"]
+            + ["--ppo.samples_per_prompt", "2"],
+            ("resources.learner_sharding='fsdp'", "ppo.estimator='rloo'", "expected 'ddp'"),
+        ),
+        (
+            ["--resources.learner_sharding", "fsdp", "--reward.method", "lora"],
+            ("resources.learner_sharding='fsdp'", "reward.method='lora'", "expected 'ddp'"),
+        ),
         # the default preset's minibatches of 32 rows cannot be cut into 3 equal slices
         (
             ["--resources.learner_workers", "3"],

@@ -1,6 +1,8 @@
 """Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight) stopped by SIGTERM, its
 rerun SIGKILLed, and its second rerun losing its learner (rebuilt from its checkpoint), equals
-one never stopped; with one learner rank, and with two (one of them SIGKILLed).
+one never stopped; with one learner rank, and with two (one of them SIGKILLed), the LoRA policy
+under DDP and the full-parameter critic sharded over them by FSDP2 (learner_sharding fsdp; its
+DDP counterpart is checked by tests/test_learner_group.py's restore on one and on two ranks).
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -85,9 +87,9 @@ def _log(tmp_path: Path) -> str:
     return (tmp_path / "stopped.log").read_text()
 
 
-def _until_saved(out: Path, step: int, workers: int) -> subprocess.Popen:
+def _until_saved(out: Path, step: int, ranks: tuple[str, ...]) -> subprocess.Popen:
     """The driver started on `out` (the same command every time), once `step` is saved."""
-    driver = start_driver(out, *DRIVER_ARGS, "--resources.learner_workers", str(workers))
+    driver = start_driver(out, *DRIVER_ARGS, *ranks)
     _wait_for_checkpoint(out, step, driver)
     return driver
 
@@ -100,25 +102,25 @@ def _last_saved(out: Path, tmp_path: Path) -> int:
     return saved
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "sharding"), [(1, "ddp"), (2, "fsdp")], ids=["1", "2-fsdp"])
 def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_end_as_one_never_stopped(
-    local_ray, tiny_run, tmp_path, workers
+    local_ray, tiny_run, tmp_path, workers, sharding
 ):
     never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
-    ranks = ("--resources.learner_workers", str(workers))
+    ranks = ("--resources.learner_workers", str(workers), "--resources.learner_sharding", sharding)
     code = finish(start_driver(never_stopped, *DRIVER_ARGS, *ranks))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     out = _run_dir(tmp_path, tiny_run, "stopped")
 
     # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.
-    first = _until_saved(out, 2, workers)
+    first = _until_saved(out, 2, ranks)
     first.send_signal(signal.SIGTERM)
     assert finish(first) == 143, _log(tmp_path)[-3000:]
     assert "Run the same command again to continue" in _log(tmp_path)
     stopped_at = _last_saved(out, tmp_path)
 
     # 2. The same command, SIGKILLed once it has saved a step of its own.
-    second = _until_saved(out, stopped_at + 1, workers)
+    second = _until_saved(out, stopped_at + 1, ranks)
     second.kill()
     assert finish(second) == -signal.SIGKILL
     killed_at = _last_saved(out, tmp_path)
@@ -126,7 +128,7 @@ def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_end_as_one_nev
     # 3. Once more; its learner (one of its ranks) is SIGKILLed (the process and everything it
     # held are gone) once it has saved a step, and every role is rebuilt from the newest
     # checkpoint; the other rank, if any, may be waiting for it in a collective.
-    third = _until_saved(out, killed_at + 1, workers)
+    third = _until_saved(out, killed_at + 1, ranks)
     learners = session_ray_processes("ray::PPOLearner")
     assert len(learners) == workers
     learners[-1].kill()

@@ -47,8 +47,9 @@ def check_resumable(state: dict, rollouts_per_step: int, path: Path) -> None:
 
 
 def say_learner_change(learner_state: dict, workers: int) -> None:
-    """A checkpoint of another learner rank count resumes (every rank holds the same weights
-    and optimizer under DDP; only the floats' summation order changes): say so."""
+    """A checkpoint of another learner rank count resumes (it holds the whole weights and
+    optimizers, a sharded critic's gathered; only the floats' summation order changes): say
+    so."""
     saved = learner_state.get("learner_workers", 1)
     if saved != workers:
         print(

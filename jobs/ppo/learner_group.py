@@ -6,7 +6,8 @@ ref per rank that takes part) and `LearnerGroup.results` waits for all of them. 
 dies ends the call at once with `LearnerDied` naming it (the others, left waiting in a
 collective, are stopped with the group), and `run_ppo` rebuilds the group from the newest
 checkpoint. Rank 0 alone answers what every rank holds alike: the weights the generators
-load (put once per update), the checkpoint's weights and optimizers, the export.
+load (put once per update) and the export; the checkpoint's weights and optimizers come from
+rank 0 too, with every rank taking part (a critic sharded by FSDP2 is gathered whole).
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ class LearnerGroup:
 
     def checkpoint_state(self) -> GroupCall:
         """(tensors, JSON state): rank 0's weights, optimizers, RNG and version, and the RNG of
-        every other rank under rank<r>/rng/."""
-        refs = [self.chief.checkpoint_state.remote()]
-        refs += [rank.rng_state.remote() for rank in self.ranks[1:]]
+        every other rank under rank<r>/rng/. Every rank takes part: a critic sharded over them
+        is gathered whole."""
+        refs = [rank.checkpoint_state.remote() for rank in self.ranks]
 
         def combine(values: list) -> tuple[dict, dict]:
-            (tensors, state), rngs = values[0], values[1:]
-            for r, rng in enumerate(rngs, start=1):
+            (tensors, state), others = values[0], values[1:]
+            for r, (rank_tensors, _) in enumerate(others, start=1):
+                rng = saved_state.under_prefix("rng/", rank_tensors)
                 tensors |= saved_state.with_prefix(f"rank{r}/rng/", rng)
             return tensors, {**state, "learner_workers": self.workers}
 

@@ -118,6 +118,7 @@ def learner_settings(cfg: Config, out: Path) -> LearnerSettings:
         cfg.ppo,
         logprob_source=cfg.logprob_source,
         rollout=cfg.rollout,
+        critic_sharding=cfg.resources.learner_sharding,
     )
 
 

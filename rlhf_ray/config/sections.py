@@ -272,11 +272,17 @@ class ResourcesConfig(Section):
     # how Ray's placement group lays out the learner ranks: pack (as few nodes as can hold
     # them) or spread (one per node where it can)
     learner_placement: str = "pack"
+    # how the learner ranks hold a full-parameter critic (reward.method full, ppo.estimator
+    # gae): ddp (each rank holds it whole) or fsdp (FSDP2: its weights, gradients and AdamW
+    # moments sharded over the ranks). The LoRA policy is always under DDP: its frozen base is
+    # the same on every rank, its adapter small.
+    learner_sharding: str = "ddp"
 
     def validate(self) -> None:
         self.positive("train_workers", "learner_workers")
         self.one_of("train_sharding", TRAIN_SHARDINGS)
         self.one_of("learner_placement", LEARNER_PLACEMENTS)
+        self.one_of("learner_sharding", TRAIN_SHARDINGS)
         self.non_negative("train_worker_restarts", "learner_threads")
         for role in ROLES:
             for kind in ("cpus", "gpus"):
@@ -577,6 +583,7 @@ class Config:
                 f"resources.learner_workers={ranks} (each learner rank trains on an equal slice "
                 "of every minibatch)"
             )
+        self._check_learner_sharding()
         if self.quantization.load_in_4bit:
             for phase in (self.sft, self.reward):
                 if phase.method != "lora":
@@ -596,6 +603,24 @@ class Config:
                     f"model.hidden_size={self.model.hidden_size}: expected a multiple of 64 "
                     "when quantization.load_in_4bit is true (bitsandbytes 4-bit blocks)"
                 )
+
+    def _check_learner_sharding(self) -> None:
+        """learner_sharding fsdp shards the critic when it is trained in full; a run without
+        such a critic would have nothing to shard, and the setting would do nothing."""
+        if self.resources.learner_sharding != "fsdp":
+            return
+        if not self.ppo.uses_critic:
+            raise ConfigError(
+                f"resources.learner_sharding='fsdp' shards the critic, and ppo.estimator="
+                f"{self.ppo.estimator!r} trains none; expected 'ddp' (the LoRA policy is always "
+                "under DDP)"
+            )
+        if self.reward.method != "full":
+            raise ConfigError(
+                f"resources.learner_sharding='fsdp' shards a critic trained in full, and "
+                f"reward.method={self.reward.method!r} makes it a LoRA adapter (under DDP); "
+                "expected 'ddp'"
+            )
 
     def vllm_misfit(self) -> str | None:
         """What the vLLM engine cannot do with the other sections (None: nothing): refused

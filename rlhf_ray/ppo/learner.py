@@ -28,26 +28,17 @@ reference model computes in train mode too: some kernels differ by mode).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from peft import TaskType
+from torch.distributed.tensor import DTensor
 
 from rlhf_ray.models import token_math
 from rlhf_ray.models.adapters import add_lora, save_merged
-from rlhf_ray.models.forward import (
-    ResponseLogits,
-    ResponseValues,
-    response_logprobs,
-    response_values,
-)
-from rlhf_ray.models.loading import (
-    disable_dropout,
-    load_scalar_model,
-    load_trainable_state,
-    to_device,
-    trainable_state,
-)
+from rlhf_ray.models.forward import ResponseLogits, ResponseValues, response_logprobs
+from rlhf_ray.models.loading import disable_dropout, load_scalar_model, to_device, trainable_state
 from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.ppo import estimators, losses, masked
 from rlhf_ray.ppo.data_parallel import Ranks
@@ -65,13 +56,14 @@ from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
-from rlhf_ray.run.saved_state import (
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    rng_state,
-    set_rng_state,
-    under_prefix,
-    with_prefix,
+from rlhf_ray.run.saved_state import rng_state, set_rng_state, under_prefix, with_prefix
+from rlhf_ray.train.common import Worker
+from rlhf_ray.train.sharding import (
+    fully_shard_model,
+    load_whole_optimizer_state,
+    load_whole_trainable_state,
+    whole_optimizer_state,
+    whole_trainable_state,
 )
 
 
@@ -82,22 +74,36 @@ class LearnerCore:
         self.tok, policy = build_policy(settings.policy)
         self.policy = policy.train()
         self.critic = self._build_critic().train() if self.cfg.uses_critic else None
-        lrs = {"policy": self.cfg.lr, "critic": self.cfg.critic_lr}
-        self.trained = {}  # "policy" (and "critic") -> (trainable parameters, AdamW)
-        for name, model in (("policy", self.policy), ("critic", self.critic)):
-            if model is not None:
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=lrs[name], weight_decay=self.cfg.weight_decay)
-                self.trained[name] = (params, opt)
+        self.trained = {"policy": self._optimized(self.policy, self.cfg.lr)}
+        if self.critic is not None:
+            self.trained["critic"] = self._optimized(self.critic, self.cfg.critic_lr)
         self.version = 0
+        self.critic_sharded = False
         self.use_ranks(Ranks())
+
+    def _optimized(self, model: torch.nn.Module, lr: float) -> tuple[list, torch.optim.AdamW]:
+        """(`model`'s trainable parameters, a new AdamW over them)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return params, torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
 
     def use_ranks(self, ranks: Ranks) -> None:
         """Train as `ranks.rank` of `ranks.world` learner ranks, in the process group this
-        process has joined (`data_parallel.join_group`): the training passes go through DDP."""
+        process has joined (`data_parallel.join_group`): the training passes go through DDP,
+        or the critic's through FSDP2 (`critic_sharding` fsdp). Called before any update or
+        restore: a sharded critic gets a new AdamW over its sharded parameters."""
         self.ranks = ranks
         self.policy_pass = ranks.wrap(ResponseLogits(self.policy))
-        self.critic_pass = ranks.wrap(None if self.critic is None else ResponseValues(self.critic))
+        self.critic_pass = None
+        if self.critic is None:
+            return
+        values = ResponseValues(self.critic)
+        if not (ranks.distributed and self.settings.critic_sharding == "fsdp"):
+            self.critic_pass = ranks.wrap(values)
+            return
+        # its parameters become DTensors in place, each rank holding 1/N of every weight
+        self.critic_pass = fully_shard_model(values, chief=ranks.rank == 0)
+        self.critic_sharded = True
+        self.trained["critic"] = self._optimized(self.critic, self.cfg.critic_lr)
 
     def _build_critic(self):
         policy = self.settings.policy
@@ -114,27 +120,55 @@ class LearnerCore:
         return Weights(trainable_state(self.policy), self.version)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON state) to continue exactly: trainable weights and optimizer of each
-        trained model (policy, and critic if any), this process's RNG and the policy version.
-        Every rank holds the same weights and optimizer; another rank's own part is its RNG."""
+        """(tensors, JSON state) to continue exactly. Rank 0: the trainable weights and
+        optimizer of each trained model (policy, and critic if any), whole, its RNG and the
+        policy version; any other rank: its RNG alone, and {}. Every rank calls it: a sharded
+        critic's tensors are gathered whole (a collective), so the checkpoint is the same with
+        any rank count or sharding, and resumes with any."""
         tensors = with_prefix("rng/", rng_state())
         state: dict = {"version": self.version}
         for name, (_, opt) in self.trained.items():
-            opt_tensors, state[f"{name}_opt"] = optimizer_to_tensors(opt)
-            tensors |= with_prefix(f"{name}/", trainable_state(self._model(name)))
-            tensors |= with_prefix(f"{name}_opt/", opt_tensors)
-        return tensors, state
+            place = self._place(name)
+            weights = whole_trainable_state(self._model(name), place)
+            moments = whole_optimizer_state(opt, place)
+            if place.is_chief:
+                opt_tensors, state[f"{name}_opt"] = moments
+                tensors |= with_prefix(f"{name}/", weights) | with_prefix(
+                    f"{name}_opt/", opt_tensors
+                )
+        return (tensors, state) if self.ranks.rank == 0 else (tensors, {})
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        """The inverse of `checkpoint_state`, on a learner built with the same settings."""
+        """The inverse of `checkpoint_state` (rank 0's tensors, this rank's RNG), on a learner
+        built with the same settings; a sharded critic keeps its own shard of each tensor."""
         for name, (_, opt) in self.trained.items():
-            load_trainable_state(self._model(name), under_prefix(f"{name}/", tensors))
-            optimizer_from_tensors(opt, under_prefix(f"{name}_opt/", tensors), state[f"{name}_opt"])
+            load_whole_trainable_state(self._model(name), under_prefix(f"{name}/", tensors))
+            moments = under_prefix(f"{name}_opt/", tensors)
+            load_whole_optimizer_state(opt, moments, state[f"{name}_opt"])
         set_rng_state(under_prefix("rng/", tensors))
         self.version = state["version"]
 
+    def trainable_digest(self) -> dict[str, str]:
+        """Trained model ("policy", "critic") -> a SHA-256 of its trainable tensors as this rank
+        holds them (a sharded critic: its shards). Under DDP every rank's are the same."""
+        digests = {}
+        for name, (params, _) in self.trained.items():
+            digest = hashlib.sha256()
+            for param in params:
+                local = param.to_local() if isinstance(param, DTensor) else param
+                digest.update(local.detach().cpu().contiguous().view(torch.uint8).numpy())
+            digests[name] = digest.hexdigest()
+        return digests
+
     def _model(self, name: str) -> torch.nn.Module:
         return {"policy": self.policy, "critic": self.critic}[name]
+
+    def _place(self, name: str) -> Worker:
+        """Where `name`'s state lives, as rlhf_ray/train/sharding.py reads it: on this rank,
+        whole (DDP, or one rank) or as shards (the FSDP2 critic)."""
+        device = next(self._model(name).parameters()).device
+        sharded = name == "critic" and self.critic_sharded
+        return Worker(self.ranks.rank, self.ranks.world, device, sharded)
 
     def train(
         self, batches: list[RolloutBatch], scores: Scores, refs: list[ReferenceLogprobs]
@@ -240,8 +274,8 @@ class LearnerCore:
                 missing_eos_penalty=cfg.missing_eos_penalty,
             )
         mine = self.ranks.share(torch.arange(batch.response.shape[0], device=scores.device))
-        values = response_values(
-            self.critic,
+        # through the critic's pass: a sharded critic is gathered by its forward hooks
+        values = self.critic_pass(
             batch.query[mine],
             batch.query_mask[mine],
             batch.response[mine],

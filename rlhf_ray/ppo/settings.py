@@ -49,6 +49,8 @@ class LearnerSettings:
     # own pass, the sampler being another computation (vLLM, or generate's decode in bf16/4-bit)
     logprob_source: str = "sampler"
     rollout: RolloutConfig = RolloutConfig()  # logprob_correction and tis_cap
+    # resources.learner_sharding: "fsdp" shards a full-parameter critic over the learner ranks
+    critic_sharding: str = "ddp"
 
     @property
     def recomputes_logprobs(self) -> bool:

@@ -39,7 +39,7 @@ def wrap(module: torch.nn.Module, worker: Worker) -> torch.nn.Module:
     if worker.world == 1:
         return module
     if worker.sharded:
-        return _fully_shard(module, worker)
+        return fully_shard_model(module, worker.is_chief)
     return _ddp(module)
 
 
@@ -56,13 +56,14 @@ def _ddp(module: torch.nn.Module) -> torch.nn.Module:
     return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy="ddp")
 
 
-def _fully_shard(module: torch.nn.Module, worker: Worker) -> torch.nn.Module:
+def fully_shard_model(module: torch.nn.Module, chief: bool) -> torch.nn.Module:
     """FSDP2 on every decoder layer (each gathered on its own, so at most one layer is whole at
     a time) and on the root (the embeddings, final norm and head), then rank 0's trainable
     weights loaded into every rank's shards: FSDP2 keeps each rank's own slice and checks
     nothing, and the ranks' random parts (a new head, LoRA's `lora_A`) are equal only while
-    nothing drew from torch's RNG on one rank and not the other."""
-    first = trainable_state(module) if worker.is_chief else {}
+    nothing drew from torch's RNG on one rank and not the other. `chief`: this is rank 0.
+    Also the PPO learner's full-parameter critic (rlhf_ray/ppo/learner.py)."""
+    first = trainable_state(module) if chief else {}
     layers = {c for m in module.modules() for c in getattr(m, "_no_split_modules", None) or ()}
     for sub in module.modules():
         if type(sub).__name__ in layers:
