@@ -70,6 +70,7 @@ def chat_run(local_ray, tmp_path_factory) -> tuple[Path, int]:
     for key, value in _chat_files(tmp).items():
         argv += [f"--{key}", value]
     argv += ["--sft.method", "lora", "--reward.method", "lora", "--lora.r", "4"]
+    argv += ["--resources.train_workers", "1"]  # chat data is the subject, not the workers
     argv += ["--run.report_to", "tensorboard", "wandb", "mlflow"]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")  # no account, no network: files under DIR/wandb

@@ -34,7 +34,9 @@ RUNS = {
         "sft.method": "lora",
         "reward.method": "lora",
     },
-    "bf16": {"model.dtype": "bfloat16"},
+    # one Ray Train worker: DDP's bf16 reduction here would be gloo's, no GPU path (NCCL's
+    # is); the qlora run keeps two (DDP beside frozen 4-bit weights)
+    "bf16": {"model.dtype": "bfloat16", "resources.train_workers": "1"},
 }
 
 
