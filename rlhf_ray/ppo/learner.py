@@ -133,9 +133,8 @@ class LearnerCore:
             moments = whole_optimizer_state(opt, place)
             if place.is_chief:
                 opt_tensors, state[f"{name}_opt"] = moments
-                tensors |= with_prefix(f"{name}/", weights) | with_prefix(
-                    f"{name}_opt/", opt_tensors
-                )
+                tensors |= with_prefix(f"{name}/", weights)
+                tensors |= with_prefix(f"{name}_opt/", opt_tensors)
         return (tensors, state) if self.ranks.rank == 0 else (tensors, {})
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
