@@ -34,7 +34,7 @@ class RolloutGenerator:
         settings: PolicySettings,
         engine: EngineSettings | None,  # None: Hugging Face generate
         rank: int,
-        learner,
+        learner: str,  # the actor name of the learner rank that serves the weights
         timeout_s: float,
     ) -> None:
         quiet_libraries()  # before any library loads a model
@@ -51,8 +51,11 @@ class RolloutGenerator:
             self.generator = VllmGeneratorCore(settings, engine, rank)
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
-        # restarted generator never samples from a stale policy.
-        self.generator.load_weights(ray.get(learner.weights.remote(), timeout=timeout_s))
+        # restarted generator never samples from a stale policy. The learner is found by name:
+        # an actor handle among the arguments would put them in the object store, where a
+        # restart depends on them staying (Ray says so at level E, ray-project/ray#53727).
+        learner_rank = ray.get_actor(learner)
+        self.generator.load_weights(ray.get(learner_rank.weights.remote(), timeout=timeout_s))
 
     def ready(self) -> int:
         return os.getpid()
