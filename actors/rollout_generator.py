@@ -10,7 +10,7 @@ import ray
 from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
 from rlhf_ray.ppo.settings import EngineSettings, PolicySettings
 from rlhf_ray.run.busy import BusyClock
-from rlhf_ray.run.console import quiet_libraries
+from rlhf_ray.run.console import quiet_libraries, skip_bitsandbytes
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
@@ -37,6 +37,8 @@ class RolloutGenerator:
         learner: str,  # the actor name of the learner rank that serves the weights
         timeout_s: float,
     ) -> None:
+        # before peft is imported; vLLM's imports are not ours to change
+        skip_bitsandbytes(settings.quantization.load_in_4bit or engine is not None)
         quiet_libraries()  # before any library loads a model
         self.engine, self.why_not_vllm = pick_engine(engine)
         # Imported here, in the role's process: the driver imports this module only to create
