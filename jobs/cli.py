@@ -107,11 +107,11 @@ def run_report(argv: list[str]) -> int:
 
 
 def run_scale(argv: list[str]) -> int:
-    from jobs.scale import NoRunningJob, scale
+    from jobs.scale import NoRunningJob, TokenRefused, scale
 
     try:
         answer = scale(argv)
-    except NoRunningJob as err:
+    except (NoRunningJob, TokenRefused) as err:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 1
     alive = answer["generators"]

@@ -13,6 +13,11 @@ being Python's, cannot be stopped meanwhile. So the address is checked first (th
 http URL is refused, the GCS port must take a TCP connection within seconds), and Ray connects in
 a background thread that is given up on after CONNECT_TIMEOUT_S: the main thread stays free to
 end the process on SIGTERM (Ray installs no handler off the main thread).
+
+A cluster with Ray's token authentication lets this process in only with RAY_AUTH_MODE=token and
+its token (jobs/commands.py: where Ray looks); ray.init retries a refusal for 20 s and then
+calls it a failed connection. So one call to the GCS, as Ray makes it, asks first (with a
+deadline), and a refusal is said to be the token's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import threading
 from pathlib import Path
 
+from jobs.commands import AUTH_MODE, token_auth_on, token_location
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.scaling import CONTROL_PREFIX, check_generator_count
 
@@ -33,8 +39,18 @@ EXPECTED = (
 )
 
 
+TOKEN_PLACES = (
+    "Ray reads the token from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else "
+    "~/.ray/auth_token (`ray get-auth-token` on the cluster's head node prints the cluster's)"
+)
+
+
 class NoRunningJob(Exception):
     """Nothing to scale: no cluster at the address, or no rlhf-ray job running on it."""
+
+
+class TokenRefused(Exception):
+    """The cluster is there, but Ray's token authentication does not let this process in."""
 
 
 def scale(argv: list[str]) -> dict:
@@ -45,6 +61,7 @@ def scale(argv: list[str]) -> dict:
     address = args.address or _default_address()
     if address != "auto":
         _check_gcs_reachable(*_host_and_port(address))
+        _ask_gcs(address)
     _connect(address)
     try:
         control = ray.get_actor(**_find_control(args.output_dir))
@@ -111,26 +128,74 @@ def _check_gcs_reachable(host: str, port: int) -> None:
         raise NoRunningJob(f"no Ray cluster at {address!r}: {reason}; {EXPECTED}") from None
 
 
+def _ask_gcs(address: str) -> None:
+    """One call to the GCS (its cluster id), within CONNECT_TIMEOUT_S, on a channel as Ray makes
+    it, which carries the token where RAY_AUTH_MODE is token: a refused token raises
+    TokenRefused, no answer NoRunningJob; any other failure is left to ray.init, which names it.
+    (Ray has no public call for this: ray._private.)"""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.exceptions import AuthenticationError
+
+    channel = init_grpc_channel(address)
+    try:
+        gcs = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        gcs.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)
+    except AuthenticationError:  # token mode, and no token where Ray looks
+        raise TokenRefused(
+            f"{AUTH_MODE} is token, but there is no token here: {TOKEN_PLACES}"
+        ) from None
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise TokenRefused(_refusal(address)) from None
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise NoRunningJob(_no_answer(address)) from None
+        if err.code() == grpc.StatusCode.UNAVAILABLE:  # it took the TCP connection: not gRPC
+            raise NoRunningJob(f"no Ray GCS at {address!r}: {err.details()}; {EXPECTED}") from None
+    finally:
+        channel.close()
+
+
+def _no_answer(address: str) -> str:
+    return (
+        f"no Ray GCS answered at {address!r} within {CONNECT_TIMEOUT_S} s (is it another "
+        f"service's port?); {EXPECTED}"
+    )
+
+
+def _refusal(address: str) -> str:
+    if token_auth_on():
+        return (
+            f"the Ray cluster at {address!r} refused the authentication token from "
+            f"{token_location()}: it is not that cluster's token; {TOKEN_PLACES}"
+        )
+    return (
+        f"the Ray cluster at {address!r} uses token authentication and this command sent no "
+        f"token: set {AUTH_MODE}=token, as the command the job printed does; {TOKEN_PLACES}"
+    )
+
+
 def _connect(address: str) -> None:
     """ray.init, given up on after CONNECT_TIMEOUT_S (see the module's docstring)."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     failed: list[Exception] = []
 
     def init() -> None:
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except ConnectionError as err:
+        except (ConnectionError, AuthenticationError) as err:
             failed.append(err)
 
     connecting = threading.Thread(target=init, name="ray-connect", daemon=True)
     connecting.start()
     connecting.join(CONNECT_TIMEOUT_S)
     if connecting.is_alive():
-        raise NoRunningJob(
-            f"no Ray GCS answered at {address!r} within {CONNECT_TIMEOUT_S} s (is it another "
-            f"service's port?); {EXPECTED}"
-        )
+        raise NoRunningJob(_no_answer(address))
+    if failed and isinstance(failed[0], AuthenticationError):  # "auto": token mode, no token
+        raise TokenRefused(f"{failed[0]}; {TOKEN_PLACES}") from None
     if failed:
         raise NoRunningJob(f"no Ray cluster at {address!r}: {failed[0]}") from None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cli
+from jobs import cli, commands
 from jobs.scale import _default_address
 from rlhf_ray.run import metrics
 
@@ -94,6 +94,29 @@ def test_a_dashboard_url_in_ray_address_is_not_handed_to_ray(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert _default_address() == "auto"
     assert "RAY_ADDRESS" not in os.environ
+
+
+@pytest.mark.parametrize(("mode", "prefix"), [("token", "RAY_AUTH_MODE=token "), ("disabled", "")])
+def test_the_printed_scale_command_sets_the_token_mode_where_ray_uses_it(monkeypatch, mode, prefix):
+    """Ray sends its token to an address given by hand only with RAY_AUTH_MODE=token: the job's
+    command carries it where the job's Ray uses tokens (tests/test_first_run.py runs it)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    command = commands.scale_command("10.0.0.1:6379", Path("/runs/a"))
+    assert command.startswith(f"{prefix}{commands.rlhf_ray_script()} scale --rollout N ")
+    assert command.endswith(" --address 10.0.0.1:6379 --output_dir /runs/a")
+
+
+def test_the_printed_command_names_this_rlhf_ray_as_a_shell_finds_it(monkeypatch, tmp_path):
+    """By name where PATH finds this install's script, else by its path (`make run` runs
+    .venv/bin/rlhf-ray without .venv/bin on PATH): relative under the working directory."""
+    script = Path(sys.executable).parent / "rlhf-ray"
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}/usr/bin")
+    assert commands.rlhf_ray_script() == "rlhf-ray"
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.chdir(script.parent.parent)
+    assert commands.rlhf_ray_script() == f"{script.parent.name}/rlhf-ray"
+    monkeypatch.chdir(tmp_path)
+    assert commands.rlhf_ray_script() == os.path.abspath(script)
 
 
 # --- rlhf-ray report ------------------------------------------------------------------------
