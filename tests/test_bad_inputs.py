@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import ray
 import torch
@@ -128,6 +129,60 @@ def test_a_model_that_needs_remote_code(tmp_path, capsys, model_dir):
     err = _run(capsys, tmp_path / "out", *_model_arg(custom))
     assert "'my-own-arch' is not one transformers knows" in err
     assert "model.trust_remote_code" in err
+
+
+TOKENIZER_CODE = ["tokenization_mine.MyTokenizer", "tokenization_mine.MyTokenizerFast"]
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "config.json"])
+def test_a_tokenizer_that_needs_remote_code_is_named(tmp_path, capsys, model_dir, file):
+    """A known architecture (mistral) whose tokenizer names its own code: transformers would load
+    its own tokenizer class instead, without a word, when trust_remote_code is off."""
+    custom = tmp_path / "custom-tokenizer"
+    shutil.copytree(model_dir, custom)
+    config = json.loads((custom / file).read_text())
+    config["auto_map"] = {"AutoTokenizer": TOKENIZER_CODE}
+    (custom / file).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    err = _run(capsys, out, *_model_arg(custom))
+    assert (
+        f"model.name_or_path='{custom}': {custom / file} asks for the tokenizer's own code" in err
+    )
+    assert f"(auto_map AutoTokenizer: {TOKENIZER_CODE!r})" in err
+    assert "model.trust_remote_code true" in err
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+    assert check_model_source(str(custom), True, "model.name_or_path") is None  # no code runs
+
+
+def test_a_tokenizer_in_the_older_auto_map_form_is_named(tmp_path, model_dir):
+    custom = tmp_path / "old-form"
+    shutil.copytree(model_dir, custom)
+    config = json.loads((custom / "tokenizer_config.json").read_text())
+    config["auto_map"] = TOKENIZER_CODE  # a list: tokenizer classes only
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="auto_map AutoTokenizer: \\['tokenization_mine"):
+        check_model_source(str(custom), False, "model.name_or_path")
+
+
+def test_a_cached_hub_model_whose_tokenizer_needs_remote_code(tmp_path, monkeypatch, model_dir):
+    """A hub id is checked from the files loading it reads (here the local hub cache)."""
+    snapshot = tmp_path / "hub" / "models--org--custom" / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    config = json.loads((snapshot / "tokenizer_config.json").read_text())
+    (snapshot / "tokenizer_config.json").write_text(
+        json.dumps(config | {"auto_map": {"AutoTokenizer": TOKENIZER_CODE}})
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError) as refused:
+        check_model_source("org/custom", False, "model.name_or_path")
+    assert "model.name_or_path='org/custom': tokenizer_config.json of org/custom asks" in str(
+        refused.value
+    )
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    assert check_model_source("org/custom", False, "model.name_or_path") is None
 
 
 def test_a_model_without_a_tokenizer(tmp_path, capsys, model_dir):
