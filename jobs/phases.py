@@ -15,7 +15,7 @@ from rlhf_ray.config.rollout import check_engine_installed
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError, ResourceError
 from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.models.source import check_model_dir
+from rlhf_ray.models.source import check_model_dir, check_model_source
 from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.ppo.settings import engine_quantization
@@ -65,10 +65,11 @@ def unused_settings(cfg: Config) -> list[str]:
 
 
 def check_phase_inputs(cfg: Config, out: Path) -> None:
-    """Every selected phase's inputs exist already or are made earlier in this run, and the
-    reward functions PPO will call, its rollout engine and the trackers named can be
-    imported."""
+    """The base model, every selected phase's inputs (which exist already or are made earlier
+    in this run), and the reward functions PPO will call, its rollout engine and the trackers
+    named can be loaded or imported."""
     trackers.check_trackers(cfg.run.report_to)
+    check_base_model(cfg)
     if "ppo" in cfg.run.phases:
         check_engine_installed(cfg.rollout_engine)
         if cfg.rollout_engine == "vllm":
@@ -91,15 +92,21 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
 
 
-def check_lora_targets(cfg: Config, prepared: PreparedRun) -> None:
-    """`lora.target_modules` name modules of the base model, when a phase of this run builds
-    an adapter (PPO always does; SFT and the reward model with `method: lora`)."""
+def check_base_model(cfg: Config) -> None:
+    """The model SFT starts from can be loaded, and `lora.target_modules` name modules of it
+    when a phase of this run builds an adapter (PPO always does; SFT and the reward model with
+    `method: lora`), all before anything is written (the embedded model's skeleton is built
+    from its settings)."""
+    if not cfg.model.is_embedded:
+        check_model_source(
+            cfg.model.name_or_path, cfg.model.trust_remote_code, "model.name_or_path"
+        )
     trains_lora = "ppo" in cfg.run.phases or any(
         phase.section in cfg.run.phases and phase.method == "lora"
         for phase in (cfg.sft, cfg.reward)
     )
     if trains_lora:
-        check_target_modules(cfg.lora, prepared.base_path, cfg.model.trust_remote_code)
+        check_target_modules(cfg.lora, cfg.model)
 
 
 def say_how_vllm_holds_the_base(cfg: Config) -> None:

@@ -20,7 +20,7 @@ from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from rlhf_ray.errors import ConfigError, DataError
 from rlhf_ray.models.loading import build_embedded_model
-from rlhf_ray.models.source import check_model_dir, check_model_source
+from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import replace_dir
 from rlhf_ray.world import dataset_rows
@@ -198,10 +198,10 @@ def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list, l
 
 
 def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizerBase, str]:
-    """The tokenizer and where SFT starts: a hub id/path, or the embedded model in out/base."""
+    """The tokenizer and where SFT starts: a hub id/path (checked by `check_model_source` before
+    the run prepares anything), or the embedded model in out/base."""
     if not cfg.model.is_embedded:
         name = cfg.model.name_or_path
-        check_model_source(name, cfg.model.trust_remote_code, "model.name_or_path")
         return _tokenizer_of(name, cfg.model.trust_remote_code, "model.name_or_path"), name
     base_dir = out / "base"
     settings = fingerprints.base_settings(cfg)

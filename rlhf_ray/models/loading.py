@@ -53,21 +53,26 @@ def build_embedded_model(
     from transformers import MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
+    config = embedded_config(cfg, len(tokenizer), max_positions)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return MistralForCausalLM(config)
+
+
+def embedded_config(cfg: ModelConfig, vocab_size: int, max_positions: int) -> MistralConfig:
+    """The embedded model's architecture (its special token ids are the tokenizer's)."""
+    return MistralConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         attention_dropout=0.0,
     )
-    return MistralForCausalLM(config)
 
 
 def _load_kwargs(model_cfg: ModelConfig, quant: QuantizationConfig) -> dict:
