@@ -4,6 +4,7 @@ hang. No Ray cluster is started here: the scale commands point at addresses wher
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -158,6 +159,65 @@ def test_report_skips_a_corrupt_summary_and_names_it(capsys, tmp_path):
     assert code == 0, printed
     assert "skipped summary.json" in printed and "Traceback" not in printed
     assert (out / "report" / "ppo_steps.png").is_file()
+
+
+_GOLD, _RM = metrics.reward_source("gold_judge"), metrics.reward_source("reward_model")
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "named"),
+    [
+        ("metrics/ppo.jsonl", {metrics.KL: 0.2}, "no 'step', so none of the line is read"),
+        ("metrics/ppo.jsonl", {"step": "4", metrics.KL: 0.2}, "'step' is \"4\", so none"),
+        (
+            "metrics/ppo.jsonl",
+            {"step": 4, metrics.SCORES: "high"},
+            f"'{metrics.SCORES}' is \"high\"",
+        ),
+        (
+            "metrics/ppo.jsonl",
+            {"step": 4, _GOLD: 0.1, _RM: 0.2},
+            f"no '{metrics.KL}' (left out of the over-optimisation plot)",
+        ),
+        ("eval_samples.jsonl", {"sft": ["a"], "policy": ["b"]}, "no 'prompt'"),
+        (
+            "eval_samples.jsonl",
+            {"prompt": "q?", "sft": "an answer", "policy": ["b"]},
+            "'sft' is \"an answer\", not a list of responses (text)",
+        ),
+        (
+            "eval_samples.jsonl",
+            {"prompt": [{"content": "q?"}], "sft": ["a"], "policy": ["b"]},
+            "'prompt', message 0: key 'role' is missing",
+        ),
+        ("eval_samples.jsonl", {"prompt": 5, "sft": ["a"]}, "'prompt' is 5, not text or a message"),
+    ],
+)
+def test_report_skips_a_row_without_what_it_reads_and_names_it(capsys, tmp_path, name, row, named):
+    """JSON, but not what a run writes (a hand edit, another tool's file): the line (or value)
+    is left out and named, file, line and key; the rest is reported."""
+    out = _fake_run(tmp_path / "run")
+    with open(out / name, "a", encoding="utf-8") as file:
+        file.write(json.dumps(row) + "\n")
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert f"skipped {name} line 4: {named}" in printed and "Traceback" not in printed
+    page = (out / "report.html").read_text()
+    assert html.escape(f"{name} line 4: {named}") in page
+    assert (out / "report" / "ppo_steps.png").is_file() and "question 0?" in page
+
+
+def test_report_leaves_out_summary_values_of_the_wrong_type_and_names_them(capsys, tmp_path):
+    out = _fake_run(tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    summary |= {"gold_reward_policy": "0.5", "phase_seconds": [3.0], "ppo_stage_seconds": {"a": {}}}
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert "skipped summary.json: 'gold_reward_policy' is \"0.5\", not a number" in printed
+    assert "skipped summary.json: 'phase_seconds' is [3.0], not an object of seconds" in printed
+    assert "skipped summary.json: ppo_stage_seconds['a'] is {}, not a number" in printed
+    assert (out / "report" / "gold.png").is_file()  # gold_reward_sft is still drawn
 
 
 @pytest.mark.parametrize("what", ["empty directory", "missing", "file"])
