@@ -427,6 +427,9 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--reward.weight_decay", "-0.1"], ("reward.weight_decay=-0.1", ">= 0")),
         (["--ppo.weight_decay", "-0.1"], ("ppo.weight_decay=-0.1", ">= 0")),
         (["--ppo.weight_decay", "inf"], ("ppo.weight_decay=inf", "finite")),
+        # Seeds torch, numpy or vLLM cannot take (before: a traceback building the base model).
+        (["--run.seed", "99999999999999999999"], ("run.seed=99999999999999999999", "0 to 2147")),
+        (["--run.seed", "-1"], ("run.seed=-1", "a whole number from 0 to 2147483647")),
     ],
 )
 def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, args, parts):

@@ -498,6 +498,7 @@ class EvalConfig(Section):
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+MAX_SEED = 2**31 - 1  # numpy's (and so vLLM's) seeds are below 2**32, with room for the ranks
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,12 @@ class RunConfig(Section):
             self.redo is None or self.redo in self.phases,
             "redo",
             f"one of the phases this run runs ({', '.join(self.phases)})",
+        )
+        self.check(
+            0 <= self.seed <= MAX_SEED,
+            "seed",
+            f"a whole number from 0 to {MAX_SEED} (torch, numpy and vLLM take seeds of at most "
+            "32 or 64 bits, and each worker adds its rank)",
         )
         self.check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "> 0 or None")
         self.positive("ray_timeout_s")
