@@ -63,6 +63,15 @@ def test_an_output_dir_name_longer_than_the_file_system_allows(tmp_path, capsys)
     assert "cannot write in" in err and "File name too long" in err
 
 
+def test_an_output_dir_under_home_written_with_a_tilde(tmp_path, capsys, monkeypatch):
+    """`output_dir: ~/runs/a` in YAML: the run checks and locks the same directory (before: a
+    traceback writing its lock under a literal `~/runs/a`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    err = _run(capsys, "~/runs/a", "--resources.train_worker_cpus", "4096")
+    assert "the train worker asks for CPU=4096" in err and "Traceback" not in err
+    assert (tmp_path / "runs" / "a").is_dir() and not Path("~").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_output_dir_this_user_cannot_write(tmp_path, capsys):
     locked = tmp_path / "locked"

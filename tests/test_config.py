@@ -439,6 +439,28 @@ def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, arg
         assert part in err, err
 
 
+def test_a_leading_tilde_in_a_path_setting_is_the_users_home(tmp_path, monkeypatch):
+    """As a shell would expand it; YAML and a quoted value keep `~` (before: the output
+    directory was checked at ~ expanded, then written at a literal `~/...`, a traceback)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = ["--output_dir", "~/runs/a", "--model.name_or_path", "~/models/m"]
+    args += ["--data.sft_path", "~/sft.jsonl", "--data.chat_template", "~/chat.jinja"]
+    cfg = parse_run_args(args)
+    assert (cfg.run.output_dir, cfg.model.name_or_path) == (
+        f"{tmp_path}/runs/a",
+        f"{tmp_path}/models/m",
+    )
+    assert (cfg.data.sft_path, cfg.data.chat_template) == (
+        f"{tmp_path}/sft.jsonl",
+        f"{tmp_path}/chat.jinja",
+    )
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  prompt_path: ~/p.jsonl\n  eval_prompt_path: data/~x\n")
+    cfg = load_config(str(yaml_file))
+    assert (cfg.data.prompt_path, cfg.data.eval_prompt_path) == (f"{tmp_path}/p.jsonl", "data/~x")
+    assert parse_run_args(["--model.name_or_path", "org/model"]).model.name_or_path == "org/model"
+
+
 def test_impossible_value_in_yaml_names_the_section(tmp_path):
     with raises_with("sft.epochs=0", "a number > 0"):
         load_config(write_yaml(tmp_path, "sft:\n  epochs: 0\n"))

@@ -29,7 +29,7 @@ def check_model_source(name_or_path: str, trust_remote_code: bool, option: str) 
     A path that exists is always used as a directory, whatever its name; anything else is a
     hub id, which must be in the local cache or be found on the hub within HUB_TIMEOUT_S.
     """
-    path = Path(name_or_path).expanduser()
+    path = Path(name_or_path)
     where = f"{option}={name_or_path!r}"
     if path.exists():
         check_model_dir(path, trust_remote_code, where)
