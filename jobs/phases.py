@@ -20,7 +20,7 @@ from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.ppo.settings import engine_quantization
 from rlhf_ray.run import evaluation, fingerprints, trackers
-from rlhf_ray.run.checkpoints import is_complete, phase_dir
+from rlhf_ray.run.checkpoints import METRICS_FILE, is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
     PhaseResources,
@@ -79,6 +79,8 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
     for phase in cfg.run.phases:
+        if phase not in unused_phases(cfg):
+            check_phase_dir_is_ours(out, phase)
         for needed in phase_inputs(cfg, phase):
             if needed in cfg.run.phases:
                 continue
@@ -90,6 +92,19 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
                 )
             where = f"{phase_dir(out, needed)} (the {needed} phase of an earlier run)"
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
+
+
+def check_phase_dir_is_ours(out: Path, phase: str) -> None:
+    """A phase's folder that exists is its complete output, skipped; anything else there (a
+    user's own folder, a file) is refused before work, not found once the phase has trained
+    and cannot write its model."""
+    folder = phase_dir(out, phase)
+    if folder.exists() and not is_complete(folder):
+        raise ConfigError(
+            f"run.output_dir: {folder} exists but is no complete output of the {phase} phase "
+            f"(it has no {METRICS_FILE}); the {phase} phase writes its model there, so move "
+            "it elsewhere or choose another run.output_dir"
+        )
 
 
 def check_base_model(cfg: Config) -> None:

@@ -177,6 +177,22 @@ def test_a_users_own_files_in_the_data_directory_are_kept(tmp_path, capsys):
     assert (data / "notes.txt").read_text() == "my notes\n"
 
 
+@pytest.mark.parametrize(("phase", "folder"), [("sft", "sft"), ("ppo", "policy")])
+def test_a_folder_where_a_phase_writes_its_model_is_kept(tmp_path, capsys, phase, folder):
+    """Before: the phase trained, then could not write its model there (FileExistsError)."""
+    mine = tmp_path / "proj" / folder
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(tmp_path / "proj")])
+    printed = capsys.readouterr()
+    assert code == 2 and "Ray" not in printed.out, printed.out
+    err = printed.err
+    assert f"run.output_dir: {mine} exists but is no complete output of the {phase} phase" in err
+    assert "(it has no metrics.json)" in err
+    assert (mine / "notes.txt").read_text() == "my notes\n"
+    assert not (tmp_path / "proj" / "data").exists()
+
+
 def test_a_run_refused_for_changed_settings_keeps_the_rows_it_was_trained_on(tmp_path, capsys):
     out = tmp_path / "out"
     prepared = prepare_run(smoke_config(out))
