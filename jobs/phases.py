@@ -14,7 +14,7 @@ from rlhf_ray.config.loading import config_to_yaml
 from rlhf_ray.config.rollout import check_engine_installed
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError, ResourceError
-from rlhf_ray.models.loading import FrozenModelSettings
+from rlhf_ray.models.loading import FrozenModelSettings, check_embedded_fits
 from rlhf_ray.models.source import check_model_dir, check_model_source
 from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
@@ -108,11 +108,14 @@ def check_phase_dir_is_ours(out: Path, phase: str) -> None:
 
 
 def check_base_model(cfg: Config) -> None:
-    """The model SFT starts from can be loaded, and `lora.target_modules` name modules of it
+    """The model SFT starts from can be loaded (the embedded one fits in memory), and
+    `lora.target_modules` name modules of it
     when a phase of this run builds an adapter (PPO always does; SFT and the reward model with
     `method: lora`), all before anything is written (the embedded model's skeleton is built
     from its settings)."""
-    if not cfg.model.is_embedded:
+    if cfg.model.is_embedded:
+        check_embedded_fits(cfg.model)
+    else:
         check_model_source(
             cfg.model.name_or_path, cfg.model.trust_remote_code, "model.name_or_path"
         )

@@ -78,6 +78,19 @@ def test_target_modules_of_a_model_directory(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_an_embedded_model_larger_than_this_machines_memory(tmp_path, capsys):
+    """Before: a traceback from torch's allocator building it (or the kernel killing the
+    driver, for sizes the allocator grants and the first write cannot have)."""
+    out = tmp_path / "out"
+    err = _refused_before_ray(capsys, out, "--model.hidden_size", "1048576")
+    assert "model.hidden_size=1048576, model.intermediate_size=64, model.num_layers=1: " in err
+    # q and o 2**20 x 2**20 each, k and v half that (1 of 2 heads), the MLP 3 x 2**20 x 64, the
+    # embedding (tied) 259 x 2**20, three norms 2**20 each
+    assert "the embedded model would have at least 3,299,010,936,832 parameters" in err
+    assert "GiB of float32 weights, more than this machine's" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_a_request_no_node_can_hold_is_refused_before_the_data_is_prepared(tmp_path, capsys):
     """Against this session's Ray where one runs, else the local Ray the run would start (that
     case, with no Ray in the process at all: tests/test_multinode.py)."""
