@@ -12,6 +12,7 @@ and print nothing from torch, transformers or bitsandbytes; the driver is import
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 
@@ -36,10 +37,19 @@ REPORT_USAGE = """usage: rlhf-ray report DIR
 Write DIR/report.html (and its plots in DIR/report/) from what the run in DIR left:
 metrics/ppo.jsonl, summary.json, eval_samples.jsonl. DIR is a run's --output_dir."""
 HELP = (["-h"], ["--help"])
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE, as a process the closed pipe killed would report
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `rlhf-ray run --help | head`: the reader left, nothing is wrong
+        # Python flushes stdout again at exit; into /dev/null, that says nothing either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+def run_command(argv: list[str]) -> int:
     command = argv[:1]
     try:
         if command in HELP:

@@ -242,6 +242,22 @@ def test_report_help_prints_its_usage(capsys, flag):
     assert captured.out.startswith("usage: rlhf-ray report DIR") and captured.err == ""
 
 
+@pytest.mark.parametrize("argv", [["run", "--help"], ["config", "show"]])
+def test_output_into_a_pipe_closed_early_ends_quietly(argv):
+    """`rlhf-ray run --help | head`: the reader leaves before the writing ends (before: a
+    BrokenPipeError traceback)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # before the process has written anything
+    _, err = process.communicate(timeout=QUICK_S + 15)
+    assert process.returncode == cli.SIGPIPE_EXIT and err == "", err
+
+
 def test_config_without_a_subcommand_prints_the_usage(capsys):
     assert cli.main(["config"]) == 2
     captured = capsys.readouterr()
