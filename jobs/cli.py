@@ -102,7 +102,7 @@ def run_report(argv: list[str]) -> int:
         return 2
     from pathlib import Path
 
-    from rlhf_ray.run.html_report import write_report
+    from rlhf_ray.run.html_report import PLOTS_DIR, REPORT_FILE, write_report
 
     out = Path(argv[0])
     if not (out / "config.yaml").is_file():
@@ -112,7 +112,17 @@ def run_report(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    print(f"[report] {write_report(out)}")
+    try:
+        page = write_report(out)
+    except OSError as err:  # DIR/report.html a directory, DIR/report a file, DIR read-only
+        print(
+            f"rlhf-ray: error: cannot write the report: {err.filename}: {err.strerror}; "
+            f"expected {out} writable, with no directory named {REPORT_FILE} and no file named "
+            f"{PLOTS_DIR} in it",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"[report] {page}")
     return 0
 
 

@@ -220,6 +220,19 @@ def test_report_leaves_out_summary_values_of_the_wrong_type_and_names_them(capsy
     assert (out / "report" / "gold.png").is_file()  # gold_reward_sft is still drawn
 
 
+@pytest.mark.parametrize(("name", "kind"), [("report.html", "Is a directory"), ("report", "")])
+def test_report_where_its_page_or_plots_cannot_be_written(capsys, tmp_path, name, kind):
+    out = _fake_run(tmp_path / "run")
+    if kind:
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("a file where the plots go")
+    code, printed = _report(capsys, out)
+    assert code == 2 and "Traceback" not in printed, printed
+    assert f"rlhf-ray: error: cannot write the report: {out / name}" in printed
+    assert kind in printed and "no directory named report.html and no file named report" in printed
+
+
 @pytest.mark.parametrize("what", ["empty directory", "missing", "file"])
 def test_report_on_what_is_not_a_run_directory_says_so(capsys, tmp_path, what):
     path = tmp_path / "x"
