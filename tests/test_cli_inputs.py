@@ -97,6 +97,49 @@ def test_a_dashboard_url_in_ray_address_is_not_handed_to_ray(monkeypatch):
     assert "RAY_ADDRESS" not in os.environ
 
 
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("127.0.0.1:1", ("no Ray cluster at '127.0.0.1:1': connection refused",)),
+        (":::", ("RAY_ADDRESS ':::' is not HOST:PORT",)),
+        (
+            "http://127.0.0.1:8265",
+            ("RAY_ADDRESS http://127.0.0.1:8265 is the dashboard's URL", "ray job submit"),
+        ),
+    ],
+)
+def test_a_run_with_a_ray_address_where_no_cluster_is_ends_quickly_naming_it(
+    tmp_path, address, parts
+):
+    """Before: a minute and more of Ray's retries for a port nothing listens on, a traceback
+    for the dashboard's URL or a malformed address. Checked before the data is prepared."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "run",
+        "--config",
+        "smoke",
+        "--output_dir",
+        str(out),
+    ]
+    start = time.monotonic()
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=os.environ | {"RAY_ADDRESS": address},
+    )
+    assert done.returncode == 2 and time.monotonic() - start < 60, done.stderr
+    for part in parts:
+        assert part in done.stderr
+    assert "GCS address HOST:PORT" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "data").exists()
+
+
 # --- rlhf-ray report ------------------------------------------------------------------------
 
 
