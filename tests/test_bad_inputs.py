@@ -212,6 +212,13 @@ def test_a_hub_id_with_no_network_fails_fast(tmp_path, capsys, monkeypatch):
     assert "'rlhf-ray-tests/no-such-model'" in err and "no such directory, and the hub" in err
 
 
+def test_a_model_name_with_spaces_around_it(tmp_path, capsys):
+    """Before: 'embedded ' was a hub id that the hub's name rules refused."""
+    err = _run(capsys, tmp_path / "out", *_model_arg("embedded "))
+    assert "model.name_or_path='embedded ': no such directory, and a hub id has no spaces" in err
+    assert "expected 'embedded'" in err
+
+
 def test_a_path_is_a_path_whatever_its_name(tmp_path, monkeypatch, model_dir):
     """A relative directory shaped like a hub id ("org/model") is read from disk, never the hub."""
     shutil.copytree(model_dir, tmp_path / "org" / "model")

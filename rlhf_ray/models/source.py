@@ -33,6 +33,11 @@ def check_model_source(name_or_path: str, trust_remote_code: bool, option: str) 
     where = f"{option}={name_or_path!r}"
     if path.exists():
         check_model_dir(path, trust_remote_code, where)
+    elif name_or_path != name_or_path.strip():
+        raise ConfigError(
+            f"{where}: no such directory, and a hub id has no spaces around it; expected "
+            f"{name_or_path.strip()!r}"
+        )
     else:
         _check_hub_id(name_or_path, where)
         if not trust_remote_code:
