@@ -196,6 +196,8 @@ def print_data_report(cfg: Config, report: dict) -> None:
             line += f"; {info['overlong']} over the token limits, {verb}"
         if info.get("ignored_fields"):
             line += f"; ignored fields {info['ignored_fields']}"
+        if info.get("repeated_rows"):
+            line += f"; {info['repeated_rows']} repeat an earlier row exactly (kept)"
         print(line)
     conversational = any(info["format"] != "text" for info in report.values())
     if conversational and cfg.data.prompt_template != DataConfig.prompt_template:

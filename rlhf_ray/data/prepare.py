@@ -6,6 +6,7 @@ loaded or Ray resource taken. The rows every phase uses are written to `<output_
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ def prepare_run(cfg: Config, before_writing: Callable[[Path], None] | None = Non
         kept, overlong = _apply_limits(name, rows[name], tokenizer, limits, cfg.data.overlong)
         rows[name] = kept
         report[name].update(rows=len(kept), overlong=overlong, overlong_action=cfg.data.overlong)
+        if report[name]["source"] != "synthetic":
+            report[name]["repeated_rows"] = repeated_rows(kept)
     with replace_dir(out / "data") as tmp:
         for name, dataset in rows.items():
             write_jsonl(tmp / f"{name}.jsonl", dataset)
@@ -95,6 +98,18 @@ def check_data_dir_is_ours(data_dir: Path) -> None:
             f"({', '.join(foreign)}); every run replaces that directory, so move them "
             "elsewhere (and point data.* at their new place) or choose another run.output_dir"
         )
+
+
+def repeated_rows(rows: list[dict]) -> int:
+    """Rows equal to an earlier one: kept (a repeat weighs a row more, as upsampling does), and
+    counted for the data report, since a file concatenated twice looks the same."""
+    seen: set[str] = set()
+    repeats = 0
+    for row in rows:
+        key = json.dumps(row, sort_keys=True)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def gather_rows(cfg: DataConfig, eval_fraction: float, seed: int) -> tuple[dict, dict]:
