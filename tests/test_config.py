@@ -129,6 +129,16 @@ def test_missing_yaml_file_is_an_error(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_a_preset_named_as_a_file_names_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with raises_with(
+        "--config smoke.yaml: no such file; the preset of that name is --config smoke"
+    ):
+        load_config("smoke.yaml")
+    with pytest.raises(ConfigError, match="no such file$"):
+        load_config("elsewhere/smoke.yaml")  # a path: a file meant, not the preset
+
+
 def test_config_to_dict_turns_tuples_into_lists():
     out = config_to_dict(Config())
     assert out["run"]["phases"] == ["sft", "reward", "ppo"]
