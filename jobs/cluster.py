@@ -17,6 +17,7 @@ import torch
 
 from jobs.commands import dashboard_token_note
 from jobs.placement import check_placement
+from jobs.ray_address import check_gcs_reachable, host_and_port
 from rlhf_ray.config import ResourcesConfig, RunConfig
 from rlhf_ray.run.console import is_verbose
 from rlhf_ray.run.resources import PhaseResources, check_fits, check_learner_threads
@@ -31,8 +32,22 @@ def join_cluster() -> str | None:
     address = os.environ.get("RAY_ADDRESS")
     if not address or ray.is_initialized():
         return None
+    check_address(address)
     ray.init(address=address)
     return f"joined the Ray cluster at {address}"
+
+
+def check_address(address: str) -> None:
+    """RAY_ADDRESS names a GCS that takes connections ("auto", the Ray running on this machine,
+    and a Ray Client's ray:// address are left to Ray): before, the dashboard's URL or a
+    malformed address was a traceback, and a GCS not there a minute and more of retries."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    use = (
+        "to run on that cluster, submit the run there (`ray job submit --address URL "
+        "--working-dir . -- python jobs/rlhf.py ...`), or set RAY_ADDRESS to the GCS address"
+    )
+    check_gcs_reachable(*host_and_port(address, "RAY_ADDRESS", use))
 
 
 def start_local(run: RunConfig) -> str:

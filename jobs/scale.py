@@ -9,10 +9,10 @@ next step: new generators load the current policy weights before they sample, re
 finish the batch they made. The count asked for is checked before anything connects.
 
 Ray's own connect retries a GCS that is not there for over a minute and, its SIGTERM handler
-being Python's, cannot be stopped meanwhile. So the address is checked first (the dashboard's
-http URL is refused, the GCS port must take a TCP connection within seconds), and Ray connects in
-a background thread that is given up on after CONNECT_TIMEOUT_S: the main thread stays free to
-end the process on SIGTERM (Ray installs no handler off the main thread).
+being Python's, cannot be stopped meanwhile. So the address is checked first (jobs/ray_address:
+the dashboard's http URL is refused, the GCS port must take a TCP connection within seconds), and
+Ray connects in a background thread that is given up on after CONNECT_TIMEOUT_S: the main thread
+stays free to end the process on SIGTERM (Ray installs no handler off the main thread).
 
 A cluster with Ray's token authentication lets this process in only with RAY_AUTH_MODE=token and
 its token (jobs/commands.py: where Ray looks); ray.init retries a refusal for 20 s and then
@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import threading
 from pathlib import Path
 
 from jobs.commands import AUTH_MODE, token_auth_on, token_location
+from jobs.ray_address import (
+    CONNECT_TIMEOUT_S,
+    EXPECTED,
+    NoRayCluster,
+    check_gcs_reachable,
+    host_and_port,
+)
 from rlhf_ray.errors import UserInputError
 from rlhf_ray.ppo.scaling import CONTROL_PREFIX, check_generator_count
 
-CONNECT_TIMEOUT_S = 10  # a GCS that takes TCP connections answers Ray in a second or two
-EXPECTED = (
-    "expected the GCS address HOST:PORT the job printed when PPO started "
-    "(`ray start --head` prints it too; 6379 by default), or RAY_ADDRESS set to it"
-)
+SCALE_JOINS = "scale joins the cluster itself, at --address or RAY_ADDRESS"
 
 
 TOKEN_PLACES = (
@@ -60,7 +62,11 @@ def scale(argv: list[str]) -> dict:
 
     address = args.address or _default_address()
     if address != "auto":
-        _check_gcs_reachable(*_host_and_port(address))
+        host, port = host_and_port(address, "--address", SCALE_JOINS)
+        try:
+            check_gcs_reachable(host, port)
+        except NoRayCluster as err:
+            raise NoRunningJob(str(err)) from None
         _ask_gcs(address)
     _connect(address)
     try:
@@ -98,34 +104,6 @@ def _default_address() -> str:
         del os.environ["RAY_ADDRESS"]
         return "auto"
     return env or "auto"
-
-
-def _host_and_port(address: str) -> tuple[str, int]:
-    """HOST:PORT -> (host, port); anything else (the dashboard's URL above all) is refused."""
-    if address.startswith(("http://", "https://")):
-        raise UserInputError(
-            f"--address {address} is the dashboard's URL (what `ray job submit` uses); "
-            f"scale joins the cluster itself: {EXPECTED}"
-        )
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserInputError(f"--address {address!r} is not HOST:PORT: {EXPECTED}")
-    return host, int(port)
-
-
-def _check_gcs_reachable(host: str, port: int) -> None:
-    """A TCP connection to the GCS port, in seconds, before Ray's minute of retries."""
-    address = f"{host}:{port}"
-    try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except socket.gaierror:
-        raise NoRunningJob(f"no Ray cluster at {address!r}: unknown host; {EXPECTED}") from None
-    except ConnectionRefusedError:
-        reason = "connection refused (nothing listens on that port)"
-        raise NoRunningJob(f"no Ray cluster at {address!r}: {reason}; {EXPECTED}") from None
-    except OSError as err:  # unreachable network, or no answer within the timeout
-        reason = err.strerror or "no answer"
-        raise NoRunningJob(f"no Ray cluster at {address!r}: {reason}; {EXPECTED}") from None
 
 
 def _ask_gcs(address: str) -> None:
