@@ -344,6 +344,9 @@ class PPOConfig(Section):
     clip_range: float = 0.2  # PPO ratio clip
     value_clip_range: float = 0.2  # critic value clip around the rollout's values
     max_grad_norm: float = 1.0  # policy and critic gradients each clipped to this norm
+    # early stop [SB3]: a minibatch whose approx-KL to the rollout's policy (measured before its
+    # step) passes this ends the step's update, without its own step; 0: every epoch runs
+    target_kl: float = 0.0
     temperature: float = 1.0  # sampling temperature; every logprob uses logits / temperature
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
@@ -384,6 +387,7 @@ class PPOConfig(Section):
         )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
+        self.non_negative("target_kl")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
         self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
         self.positive("keep_checkpoints")

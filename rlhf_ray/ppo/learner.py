@@ -40,7 +40,7 @@ from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import ResponseLogits, ResponseValues, response_logprobs
 from rlhf_ray.models.loading import disable_dropout, load_scalar_model, to_device, trainable_state
 from rlhf_ray.models.source import ADAPTER_DIR
-from rlhf_ray.ppo import estimators, losses, masked
+from rlhf_ray.ppo import estimators, kl_control, losses, masked
 from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.messages import (
     ReferenceLogprobs,
@@ -298,27 +298,23 @@ class LearnerCore:
     def _update(
         self, batch: RolloutBatch, targets: Targets, weights: torch.Tensor | None
     ) -> dict[str, float]:
-        """`epochs` passes over shuffled minibatches -> each stat averaged over all minibatch
-        steps, plus RATIO_FIRST: the ratio of the very first step, before any update.
+        """`epochs` passes over shuffled minibatches -> the update's stats (`update_stats`).
         `weights`: (B, R) per-token weights of the policy loss (tis), or None. Every rank
-        draws the same order (the same seed, the same draws) and trains on its slice."""
-        sums: dict[str, float] = {}
-        first_ratio, count = None, 0
-        for _ in range(self.cfg.epochs):
+        draws the same order (the same seed, the same draws) and trains on its slice. With
+        `ppo.target_kl`, a minibatch whose approx-KL passed it ends the update without its
+        step (`kl_control.stops_update`)."""
+        steps: list[tuple[int, dict[str, float]]] = []  # (epoch, a minibatch step's stats)
+        for epoch in range(self.cfg.epochs):
             order = torch.randperm(batch.response.shape[0], device=batch.response.device)
             for idx in order.split(self.cfg.minibatch_size):
                 mine = self.ranks.share(idx)
                 step = self._minibatch_step(
                     batch, targets, idx, mine, None if weights is None else weights[mine]
                 )
-                first_ratio = step[metrics.RATIO] if first_ratio is None else first_ratio
-                for name, value in step.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                count += 1
-        return {
-            **{name: total / count for name, total in sums.items()},
-            metrics.RATIO_FIRST: first_ratio,
-        }
+                if step is None:
+                    return update_stats(steps)
+                steps.append((epoch, step))
+        return update_stats(steps)
 
     def _minibatch_step(
         self,
@@ -327,10 +323,11 @@ class LearnerCore:
         idx: torch.Tensor,
         mine: torch.Tensor,
         weights: torch.Tensor | None,
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """One gradient step on minibatch `idx` (row indices), this rank training on its rows
         `mine`; every loss is scaled to the mean over the whole minibatch (`Ranks.loss_scale`)
-        and every stat is the whole minibatch's."""
+        and every stat is the whole minibatch's. None, and no step, when its approx-KL passed
+        `ppo.target_kl` (every rank decides on the whole minibatch's)."""
         cfg, ranks, mask = self.cfg, self.ranks, targets.mask[mine]
         query, query_mask = batch.query[mine], batch.query_mask[mine]
         response = batch.response[mine]
@@ -352,6 +349,8 @@ class LearnerCore:
             per_sequence=cfg.loss_per_sequence,
             weights=weights,
         )
+        if cfg.target_kl > 0 and self._stops(pg["approxkl"], tokens, pg_loss):
+            return None
         loss = pg_loss * policy_scale
         stats = {
             metrics.POLICY_LOSS: pg_loss.item(),
@@ -379,15 +378,33 @@ class LearnerCore:
             stats[metrics.VALUE_CLIPFRAC] = vf["value_clipfrac"].item()
             counts[metrics.VALUE_LOSS] = counts[metrics.VALUE_CLIPFRAC] = tokens
         loss.backward()  # under DDP: the gradients averaged over the ranks
-        for params, opt in self.trained.values():
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        norms = {}
+        for name, (params, opt) in self.trained.items():
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             entropy = token_math.entropy_from_logits(logits, temperature)
             stats[metrics.ENTROPY] = masked.masked_mean(entropy, mask).item()
             counts[metrics.ENTROPY] = tokens
-        return ranks.global_means(stats, counts, mask.device)
+        return {
+            **ranks.global_means(stats, counts, mask.device),
+            # the policy's gradients are whole and alike on every rank (DDP reduced them)
+            metrics.GRAD_NORM: norms["policy"].item(),
+            metrics.LOGRATIO_MAX: ranks.global_max(pg["logratio_absmax"], mask.device),
+        }
+
+    def _stops(self, approxkl: torch.Tensor, tokens: float, pg_loss: torch.Tensor) -> bool:
+        """Whether the whole minibatch's approx-KL passed `ppo.target_kl`; if so the policy's
+        forward pass is closed with a zero backward (DDP waits for one) and nothing steps."""
+        name, device = metrics.APPROXKL, approxkl.device
+        kl = self.ranks.global_means({name: approxkl.item()}, {name: tokens}, device)[name]
+        if not kl_control.stops_update(kl, self.cfg.target_kl):
+            return False
+        (pg_loss * 0.0).backward()
+        for _, opt in self.trained.values():
+            opt.zero_grad(set_to_none=True)
+        return True
 
     def export(self, out_dir: str, run_metrics: dict) -> None:
         """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
@@ -400,12 +417,46 @@ class LearnerCore:
             write_metrics(tmp, run_metrics)
 
 
+def update_stats(steps: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """An update's log from its minibatch steps, each (epoch, its stats), in order: each stat's
+    mean over the steps, RATIO_FIRST the first step's ratio (before any update), the largest
+    approx-KL, clip fraction, |log-ratio| and gradient norm, the mean approx-KL of each epoch,
+    and the number of steps taken. No step (target_kl stopped the first): the count alone."""
+    if not steps:
+        return {metrics.MINIBATCH_STEPS: 0}
+    names = steps[0][1]
+    out = {name: sum(s[name] for _, s in steps) / len(steps) for name in names}
+    out[metrics.LOGRATIO_MAX] = max(s[metrics.LOGRATIO_MAX] for _, s in steps)
+    for name, top in (
+        (metrics.APPROXKL, metrics.APPROXKL_MAX),
+        (metrics.CLIPFRAC, metrics.CLIPFRAC_MAX),
+        (metrics.GRAD_NORM, metrics.GRAD_NORM_MAX),
+    ):
+        out[top] = max(s[name] for _, s in steps)
+    for epoch in sorted({e for e, _ in steps}):
+        kls = [s[metrics.APPROXKL] for e, s in steps if e == epoch]
+        out[metrics.approxkl_epoch(epoch + 1)] = sum(kls) / len(kls)
+    out[metrics.RATIO_FIRST] = steps[0][1][metrics.RATIO]
+    out[metrics.MINIBATCH_STEPS] = len(steps)
+    return out
+
+
 def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dict[str, float]:
     """What the batch looked like: TRL's objective/* metrics, lengths, EOS. `kl_coef`: the KL
     penalty's weight in the rewards (0 when the KL is a loss term: loss/kl_avg shows that)."""
     kl_sum = targets.kl.sum(1)  # (B,) summed over each response's tokens
+    mask = targets.mask.bool()
+    stats = {}
+    if targets.returns is not None:  # gae: the advantages before whitening
+        raw = targets.returns - targets.old_values
+        stats[metrics.ADVANTAGE_RAW_STD] = masked.masked_var(raw, mask).sqrt().item()
     return {
+        **stats,
         metrics.KL: kl_sum.mean().item(),
+        metrics.KL_MAX: kl_sum.max().item(),
+        metrics.KL_MEDIAN: kl_sum.median().item(),
+        metrics.KL_TOKEN_MAX: torch.where(mask, targets.kl, -torch.inf).max().item(),
+        metrics.ADVANTAGE_ABSMAX: torch.where(mask, targets.advantages.abs(), 0).max().item(),
         metrics.SCORES: targets.scores.mean().item(),
         metrics.NON_SCORE_REWARD: (-kl_coef * kl_sum).mean().item(),
         metrics.RLHF_REWARD: (targets.scores - kl_coef * kl_sum).mean().item(),
