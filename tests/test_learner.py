@@ -290,3 +290,46 @@ def test_batches_a_vllm_generator_sampled_are_recomputed_whatever_the_source(rol
     stats = LearnerCore(settings).train(mixed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.05, abs=1e-5)
+
+
+def test_target_kl_stops_the_update_at_the_first_minibatch_that_passed_it(rollouts):
+    """Two epochs of two minibatches. The first minibatch's approx-KL is 0 (no step yet), so
+    it always steps; with a tiny target the second, measured after that step, passes it and
+    ends the update: one step. Without a target all four steps run."""
+    settings, shards, scores, refs = rollouts
+    base = replace(settings.ppo, minibatch_size=4, epochs=2)
+    stopped = LearnerCore(replace(settings, ppo=replace(base, target_kl=1e-9)))
+    stats = stopped.train(shards, scores, refs)
+    assert stats[metrics.MINIBATCH_STEPS] == 1
+    assert stats[metrics.APPROXKL_MAX] < 1e-10  # the step taken saw the rollout's policy
+    full = LearnerCore(replace(settings, ppo=base)).train(shards, scores, refs)
+    assert full[metrics.MINIBATCH_STEPS] == 4
+    assert full[metrics.APPROXKL_MAX] > 1e-9
+    assert full[metrics.approxkl_epoch(2)] > 0 and metrics.approxkl_epoch(2) not in stats
+    assert full[metrics.GRAD_NORM_MAX] >= full[metrics.GRAD_NORM] > 0
+
+
+def test_target_kl_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"ppo.target_kl=-0.1: expected a number >= 0"):
+        config_from_yaml("ppo:\n  target_kl: -0.1\n", "test.yaml")
+
+
+def test_kl_target_adapts_the_kl_coefficient_after_each_step_and_checkpoints_it(rollouts):
+    """The step uses beta = kl_coef and logs it; the next beta follows `adaptive_kl_coef` from
+    the step's KL over its 8 rollouts, and survives a checkpoint."""
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, kl_coef=0.1, kl_target=0.5, kl_horizon=80)
+    learner = LearnerCore(replace(settings, ppo=ppo))
+    stats = learner.train(shards, scores, refs)
+    assert stats[metrics.KL_COEF] == 0.1
+    error = min(max(stats[metrics.KL] / 0.5 - 1, -0.2), 0.2)  # 8 rollouts of a horizon of 80
+    assert learner.kl_coef == pytest.approx(0.1 * (1 + error * 8 / 80))
+    assert learner.kl_coef != 0.1
+    tensors, state = learner.checkpoint_state()
+    assert state["kl_coef"] == learner.kl_coef
+    again = LearnerCore(replace(settings, ppo=ppo))
+    again.restore(tensors, state)
+    assert again.kl_coef == learner.kl_coef
+    fixed = LearnerCore(settings)
+    fixed.train(shards, scores, refs)
+    assert fixed.kl_coef == settings.ppo.kl_coef  # kl_target 0: beta stays

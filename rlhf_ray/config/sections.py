@@ -339,6 +339,10 @@ class PPOConfig(Section):
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
     weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
     kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
+    # adaptive KL (Ziegler et al. 2019): beta starts at kl_coef and after each step moves by
+    # clip(kl / kl_target - 1, -0.2, 0.2) * rollouts_per_step / kl_horizon; 0: beta fixed
+    kl_target: float = 0.0
+    kl_horizon: int = 10000  # rollouts over which beta may change by about e^(+-0.2)
     gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
     lam: float = 0.95  # lambda of GAE
     clip_range: float = 0.2  # PPO ratio clip
@@ -387,7 +391,8 @@ class PPOConfig(Section):
         )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
-        self.non_negative("target_kl")
+        self.non_negative("target_kl", "kl_target")
+        self.positive("kl_horizon")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
         self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
         self.positive("keep_checkpoints")

@@ -78,6 +78,7 @@ class LearnerCore:
         if self.critic is not None:
             self.trained["critic"] = self._optimized(self.critic, self.cfg.critic_lr)
         self.version = 0
+        self.kl_coef = self.cfg.kl_coef  # beta; adapted after each step with ppo.kl_target
         self.critic_sharded = False
         self.use_ranks(Ranks())
 
@@ -126,7 +127,7 @@ class LearnerCore:
         critic's tensors are gathered whole (a collective), so the checkpoint is the same with
         any rank count or sharding, and resumes with any."""
         tensors = with_prefix("rng/", rng_state())
-        state: dict = {"version": self.version}
+        state: dict = {"version": self.version, "kl_coef": self.kl_coef}
         for name, (_, opt) in self.trained.items():
             place = self._place(name)
             weights = whole_trainable_state(self._model(name), place)
@@ -147,6 +148,7 @@ class LearnerCore:
             load_whole_optimizer_state(opt, moments, state[f"{name}_opt"])
         set_rng_state(under_prefix("rng/", tensors))
         self.version = state["version"]
+        self.kl_coef = state.get("kl_coef", self.cfg.kl_coef)  # older checkpoints: fixed
 
     def trainable_digest(self) -> dict[str, str]:
         """Trained model ("policy", "critic") -> a SHA-256 of its trainable tensors as this rank
@@ -193,13 +195,29 @@ class LearnerCore:
         targets = self._targets(batch, scores.total.to(device), ref)
         stats = self._update(batch, targets, loss_weights)
         self.version += 1
+        rollout = _rollout_stats(batch, targets, self._reward_kl_coef)
+        rollout[metrics.KL_COEF] = self.kl_coef
+        self._adapt_kl_coef(rollout[metrics.KL], batch.response.shape[0])
         return {
             **stats,
             **sampler,
-            **_rollout_stats(batch, targets, self.cfg.reward_kl_coef),
+            **rollout,
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
+
+    @property
+    def _reward_kl_coef(self) -> float:
+        """beta in the per-token rewards: 0 when the KL is a loss term instead."""
+        return 0.0 if self.cfg.kl_in_loss else self.kl_coef
+
+    def _adapt_kl_coef(self, kl: float, rollouts: int) -> None:
+        """With `ppo.kl_target`, the next step's beta from this step's KL [Ziegler et al.]."""
+        cfg = self.cfg
+        if cfg.kl_target > 0:
+            self.kl_coef = kl_control.adaptive_kl_coef(
+                self.kl_coef, kl, cfg.kl_target, cfg.kl_horizon, rollouts
+            )
 
     def _own_old_logprobs(
         self, batch: RolloutBatch, recompute: bool
@@ -259,7 +277,7 @@ class LearnerCore:
         self, batch: RolloutBatch, scores: torch.Tensor, ref_logprobs: torch.Tensor
     ) -> Targets:
         cfg = self.cfg
-        kl_coef = cfg.reward_kl_coef  # 0 when the KL is a loss term instead
+        kl_coef = self._reward_kl_coef  # 0 when the KL is a loss term instead
         if self.critic is None:
             return critic_free_targets(
                 cfg.estimator,
@@ -364,7 +382,7 @@ class LearnerCore:
             kl = estimators.kl_k3(logprobs, targets.ref_logprobs[mine], mask)
             aggregate = masked.sequence_mean if cfg.loss_per_sequence else masked.masked_mean
             kl_loss = aggregate(kl, mask)
-            loss = loss + cfg.kl_coef * kl_loss * policy_scale
+            loss = loss + self.kl_coef * kl_loss * policy_scale
             stats[metrics.KL_LOSS] = kl_loss.item()
             counts[metrics.KL_LOSS] = policy_count
         if self.critic is not None:
