@@ -9,6 +9,7 @@ import torch
 from rlhf_ray.ppo.kl_control import adaptive_kl_coef, stops_update
 from rlhf_ray.ppo.learner import update_stats
 from rlhf_ray.ppo.losses import policy_loss
+from rlhf_ray.ppo.lr_schedule import scheduled_lr
 from rlhf_ray.run import metrics
 
 
@@ -77,3 +78,18 @@ def test_update_stats_means_maxima_and_each_epochs_approx_kl():
 
 def test_update_stats_of_an_update_stopped_before_its_first_step():
     assert update_stats([]) == {metrics.MINIBATCH_STEPS: 0}
+
+
+def test_learning_rate_warm_up_then_constant_or_linear_decay():
+    # constant, no warm-up: every update lr
+    assert scheduled_lr(1e-3, 0, 64, 0, "constant") == 1e-3
+    assert scheduled_lr(1e-3, 63, 64, 0, "constant") == 1e-3
+    # linear over 64 updates: lr * (64 - u) / 64 -> 1e-3, 0.5e-3 at u = 32, 1e-3 / 64 last
+    assert scheduled_lr(1e-3, 0, 64, 0, "linear") == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, 32, 64, 0, "linear") == pytest.approx(0.5e-3)
+    assert scheduled_lr(1e-3, 63, 64, 0, "linear") == pytest.approx(1e-3 / 64)
+    # 4 warm-up updates: 1/4, 2/4, 3/4, 4/4 of lr; then linear over the 6 left of 10
+    assert [scheduled_lr(8.0, u, 10, 4, "linear") for u in range(10)] == pytest.approx(
+        [2.0, 4.0, 6.0, 8.0, 8.0, 8.0 * 5 / 6, 8.0 * 4 / 6, 8.0 * 3 / 6, 8.0 * 2 / 6, 8.0 / 6]
+    )
+    assert scheduled_lr(8.0, 5, 10, 4, "constant") == 8.0

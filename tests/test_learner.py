@@ -333,3 +333,16 @@ def test_kl_target_adapts_the_kl_coefficient_after_each_step_and_checkpoints_it(
     fixed = LearnerCore(settings)
     fixed.train(shards, scores, refs)
     assert fixed.kl_coef == settings.ppo.kl_coef  # kl_target 0: beta stays
+
+
+def test_lr_schedule_sets_the_policy_optimizers_rate_for_each_update(rollouts):
+    """linear over 4 steps: the first update at lr, the second at lr * 3/4; the critic keeps
+    its own rate."""
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, steps=4, lr=1e-3, lr_schedule="linear")
+    learner = LearnerCore(replace(settings, ppo=ppo))
+    assert learner.train(shards, scores, refs)[metrics.LEARNING_RATE] == pytest.approx(1e-3)
+    assert learner.train(shards, scores, refs)[metrics.LEARNING_RATE] == pytest.approx(0.75e-3)
+    _, policy_opt = learner.trained["policy"]
+    assert policy_opt.param_groups[0]["lr"] == pytest.approx(0.75e-3)
+    assert learner.trained["critic"][1].param_groups[0]["lr"] == ppo.critic_lr

@@ -336,6 +336,10 @@ class PPOConfig(Section):
     minibatch_size: int = 16  # responses per gradient step of the learner
     epochs: int = 4  # passes of the learner over each batch
     lr: float = 5e-4  # learning rate of the policy's LoRA adapter
+    # the adapter's learning rate over the steps: constant, or linear decay to lr / steps at the
+    # last step, after lr_warmup_steps of linear warm-up (rlhf_ray/ppo/lr_schedule.py)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
     weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
     kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
@@ -391,7 +395,9 @@ class PPOConfig(Section):
         )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
-        self.non_negative("target_kl", "kl_target")
+        self.non_negative("target_kl", "kl_target", "lr_warmup_steps")
+        self.one_of("lr_schedule", ("constant", "linear"))
+        self.check(self.lr_warmup_steps < self.steps, "lr_warmup_steps", f"< steps={self.steps}")
         self.positive("kl_horizon")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
         self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")

@@ -40,7 +40,7 @@ from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import ResponseLogits, ResponseValues, response_logprobs
 from rlhf_ray.models.loading import disable_dropout, load_scalar_model, to_device, trainable_state
 from rlhf_ray.models.source import ADAPTER_DIR
-from rlhf_ray.ppo import estimators, kl_control, losses, masked
+from rlhf_ray.ppo import estimators, kl_control, losses, lr_schedule, masked
 from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.messages import (
     ReferenceLogprobs,
@@ -193,7 +193,8 @@ class LearnerCore:
         recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
         sampler, loss_weights = self._own_old_logprobs(batch, recompute)
         targets = self._targets(batch, scores.total.to(device), ref)
-        stats = self._update(batch, targets, loss_weights)
+        lr = self._schedule_lr()
+        stats = {**self._update(batch, targets, loss_weights), metrics.LEARNING_RATE: lr}
         self.version += 1
         rollout = _rollout_stats(batch, targets, self._reward_kl_coef)
         rollout[metrics.KL_COEF] = self.kl_coef
@@ -205,6 +206,16 @@ class LearnerCore:
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
+
+    def _schedule_lr(self) -> float:
+        """Set the policy optimizer's learning rate for this update (`ppo.lr_schedule`) -> it."""
+        cfg = self.cfg
+        lr = lr_schedule.scheduled_lr(
+            cfg.lr, self.version, cfg.steps, cfg.lr_warmup_steps, cfg.lr_schedule
+        )
+        for group in self.trained["policy"][1].param_groups:
+            group["lr"] = lr
+        return lr
 
     @property
     def _reward_kl_coef(self) -> float:

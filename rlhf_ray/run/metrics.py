@@ -50,6 +50,7 @@ GRAD_NORM_MAX = "policy/grad_norm_max"  # and the largest
 MINIBATCH_STEPS = "policy/minibatch_steps"
 ADVANTAGE_ABSMAX = "val/advantage_absmax"  # the largest |advantage| (after whitening)
 ADVANTAGE_RAW_STD = "val/advantage_raw_std"  # gae: the std of the advantages before whitening
+LEARNING_RATE = "policy/lr"  # the adapter's learning rate of the step's update (ppo.lr_schedule)
 KL_COEF = "objective/kl_coef"  # the KL penalty's weight this step (ppo.kl_target adapts it)
 RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
 NO_EOS_FRACTION = "val/no_eos_fraction"
