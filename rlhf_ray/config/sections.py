@@ -339,13 +339,13 @@ class PPOConfig(Section):
     # the adapter's learning rate over the steps: constant, or linear decay to lr / steps at the
     # last step, after lr_warmup_steps of linear warm-up (rlhf_ray/ppo/lr_schedule.py)
     lr_schedule: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # updates of linear warm-up of the adapter's learning rate
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
     weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
     kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
     # adaptive KL (Ziegler et al. 2019): beta starts at kl_coef and after each step moves by
     # clip(kl / kl_target - 1, -0.2, 0.2) * rollouts_per_step / kl_horizon; 0: beta fixed
-    kl_target: float = 0.0
+    kl_target: float = 0.0  # the KL (objective/kl) the adaptive beta aims at; 0: beta fixed
     kl_horizon: int = 10000  # rollouts over which beta may change by about e^(+-0.2)
     gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
     lam: float = 0.95  # lambda of GAE
