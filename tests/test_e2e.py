@@ -40,7 +40,7 @@ SUMMARY_KEYS = (
     "gold_reward_policy",
     "gold_reward_ideal",
     "win_rate_vs_sft",
-    "kl_final",
+    "kl_last_step",
     "ppo_tokens_per_s",
 )
 

@@ -492,15 +492,31 @@ class ScoringConfig(Section):
 
 @dataclass(frozen=True)
 class EvalConfig(Section):
-    """Held-out evaluation by the gold judge: sampled responses, compared per prompt."""
+    """Held-out evaluation: during PPO (the best step becomes `policy/`), and at the end of the
+    run (every model sampled, scored by the gold judge and the judges named)."""
 
     section: ClassVar[str] = "eval"
     samples_per_prompt: int = 2  # responses sampled per held-out prompt and model
     temperature: float = 1.0  # sampling temperature of the evaluation
     batch_size: int = 64  # prompts sampled at once
+    # During PPO: every `every` steps and at the last, the held-out prompts are sampled with the
+    # policy (`samples_during_training` each, at ppo.temperature) and scored by the gold judge
+    # (synthetic data) or the reward model; the best step is exported as policy/, the last as
+    # policy-last/. 0: no evaluation during PPO, policy/ is the last step.
+    every: int = 8
+    samples_during_training: int = 1  # responses per held-out prompt at each eval.every
+    # At the end, besides the gold judge (which knows only the synthetic world's prompts), the
+    # held-out samples of base, SFT and policy are scored by these: reward_model (the run's, when
+    # it has one) and reward functions as module:function (scoring.functions' signature)
+    judges: tuple[str, ...] = ("reward_model",)
 
     def validate(self) -> None:
-        self.positive("samples_per_prompt", "temperature", "batch_size")
+        self.positive("samples_per_prompt", "temperature", "batch_size", "samples_during_training")
+        self.non_negative("every")
+        for judge in self.judges:
+            if judge != "reward_model" and not _FUNCTION_SPEC.fullmatch(judge):
+                self.fail("judges", self.judges, f"reward_model or module:function, not {judge!r}")
+        self.check(len(set(self.judges)) == len(self.judges), "judges", "no judge twice")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

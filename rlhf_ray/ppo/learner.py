@@ -33,12 +33,19 @@ from pathlib import Path
 
 import torch
 from peft import TaskType
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from rlhf_ray.models import token_math
 from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import ResponseLogits, ResponseValues, response_logprobs
-from rlhf_ray.models.loading import disable_dropout, load_scalar_model, to_device, trainable_state
+from rlhf_ray.models.loading import (
+    disable_dropout,
+    load_scalar_model,
+    load_trainable_state,
+    to_device,
+    trainable_state,
+)
 from rlhf_ray.models.source import ADAPTER_DIR
 from rlhf_ray.ppo import estimators, losses, masked
 from rlhf_ray.ppo.data_parallel import Ranks
@@ -55,6 +62,7 @@ from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
 from rlhf_ray.run import metrics
+from rlhf_ray.run.best_step import STEP_WEIGHTS
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
 from rlhf_ray.run.saved_state import rng_state, set_rng_state, under_prefix, with_prefix
 from rlhf_ray.train.common import Worker
@@ -388,14 +396,27 @@ class LearnerCore:
             counts[metrics.ENTROPY] = tokens
         return ranks.global_means(stats, counts, mask.device)
 
-    def export(self, out_dir: str, run_metrics: dict) -> None:
-        """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
-        original base model where SFT was LoRA too), written atomically."""
+    def stage(self, out_dir: str, run_metrics: dict) -> None:
+        """The policy's trainable weights as they are (a step's, for `export` at the end of the
+        run), in `out_dir/STEP_WEIGHTS` with `run_metrics`, written atomically; training goes on."""
         with atomic_dir(Path(out_dir)) as tmp:
-            policy = self.settings.policy
-            sft_adapter = Path(policy.sft_path) / ADAPTER_DIR
+            save_file(trainable_state(self.policy), tmp / STEP_WEIGHTS)
+            write_metrics(tmp, run_metrics)
+
+    def export(self, out_dir: str, run_metrics: dict, step_weights: str | None = None) -> None:
+        """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
+        original base model where SFT was LoRA too), written atomically. The policy trained is
+        merged in place, so this ends training; `step_weights`: a file `stage` wrote, exported
+        from a policy built afresh instead, the one trained left as it was."""
+        policy = self.policy
+        if step_weights is not None:
+            _, policy = build_policy(self.settings.policy)
+            load_trainable_state(policy, load_file(step_weights))
+        with atomic_dir(Path(out_dir)) as tmp:
+            settings = self.settings.policy
+            sft_adapter = Path(settings.sft_path) / ADAPTER_DIR
             stack_on = sft_adapter if sft_adapter.is_dir() else None
-            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model, stack_on)
+            save_merged(policy, self.tok, tmp, settings.sft_path, settings.model, stack_on)
             write_metrics(tmp, run_metrics)
 
 

@@ -4,6 +4,8 @@
   PPO score, KL and rewards over steps      DIR/metrics/ppo.jsonl
   time per phase and per PPO stage          DIR/summary.json (phase_seconds, ppo_stage_seconds)
   gold reward of base, SFT, policy, ideal   DIR/summary.json
+  each eval.judges judge's mean score of    DIR/summary.json (<judge>_reward_<model>,
+  base, SFT, policy; policy's win rate      <judge>_win_rate_vs_sft, eval_judges)
   over-optimisation (Gao et al. 2022)       DIR/metrics/ppo.jsonl: the reward model's score and
                                             the watching gold judge's, against KL, step by step
   SFT and policy answers to the same prompts  DIR/eval_samples.jsonl
@@ -49,6 +51,11 @@ def write_report(out: Path) -> Path:
             "Gold reward", _plot(out, "gold", _gold, summary), _why_not(summary, "summary.json")
         ),
         _section(
+            "Judges of the held-out samples (eval.judges)",
+            _plot(out, "judges", _judges, summary),
+            _why_not(summary.get("eval_judges"), "eval_judges in summary.json"),
+        ),
+        _section(
             "Over-optimisation: reward model vs gold judge against KL",
             _plot(out, "overoptimisation", _overoptimisation, ppo),
             _why_not([r for r in ppo if _GOLD in r and _RM in r], "steps scored by both"),
@@ -87,8 +94,8 @@ def _ppo_steps(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     panels = [
-        ("score (reward model)", [metrics.SCORES]),
-        ("KL to the reference", [metrics.KL]),
+        ("score", [metrics.SCORES, metrics.EVAL_SCORE]),
+        ("KL to the reference", [metrics.KL, metrics.EVAL_KL]),
         ("rewards", [metrics.RLHF_REWARD, _RM, _GOLD]),
     ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -136,6 +143,31 @@ def _gold(summary: dict):
         ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=9)
     ax.set_title("mean gold reward on held-out prompts")
     ax.axhline(0, color="black", linewidth=0.5)
+    return figure
+
+
+def _judges(summary: dict):
+    """One panel per judge of eval.judges: its mean score of base, SFT and policy, and the
+    policy's win rate against SFT; a judge PPO trained on is labelled so."""
+    import matplotlib.pyplot as plt
+
+    judges = summary.get("eval_judges") or {}
+    if not judges:
+        return None
+    figure, axes = plt.subplots(1, len(judges), figsize=(4.5 * len(judges), 3.4), squeeze=False)
+    for ax, (judge, kind) in zip(axes[0], judges.items(), strict=True):
+        models = [
+            m for m in ("base", "sft", "policy") if summary.get(f"{judge}_reward_{m}") is not None
+        ]
+        values = [summary[f"{judge}_reward_{m}"] for m in models]
+        ax.bar(models, values, color=["#999", "#69c", "#d62"][: len(models)])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=9)
+        rate = summary.get(f"{judge}_win_rate_vs_sft")
+        ax.set_title(f"{judge}\n({kind})", fontsize=9)
+        ax.set_xlabel("" if rate is None else f"policy's win rate vs SFT: {rate:.3f}")
+        ax.axhline(0, color="black", linewidth=0.5)
+    axes[0][0].set_ylabel("mean score on held-out prompts")
     return figure
 
 
@@ -211,7 +243,9 @@ def _page(out: Path, summary: dict, sections: list[str]) -> str:
             "gold_reward_policy",
             "win_rate_vs_sft",
             "gap_closed",
-            "kl_final",
+            "kl_heldout",
+            "kl_last_step",
+            "ppo_best_step",
             "rm_accuracy",
         )
         if summary.get(key) is not None

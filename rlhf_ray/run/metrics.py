@@ -50,6 +50,19 @@ TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO
 BATCH_TOKENS = "batch/tokens"
 STAGES = ("generate", "score", "reference", "learn", "sync")
 
+# Evaluation during PPO (eval.every): the held-out prompts sampled with the policy as it is
+EVAL_SCORE = "eval/score"  # the mean score steps are ranked by (gold judge, else reward model)
+EVAL_KL = "eval/kl"  # mean summed k1 KL to the reference of the held-out responses
+EVAL_RESPONSE_LENGTH = "eval/response_length"
+EVAL_BEST_STEP = "eval/best_step"  # the best evaluated step so far (exported as policy/)
+EVAL_SECONDS = "time/eval_s"  # sampling, scoring and the reference, plus any export
+
+
+def eval_judge(judge: str) -> str:
+    """`eval/<judge>`: one judge's mean score of the held-out responses during PPO (gold_judge,
+    reward_model, a reward function's module:function, total)."""
+    return f"eval/{judge}"
+
 
 def reward_source(source: str) -> str:
     """`rewards/<source>`: the mean unweighted score of one source the reward scorer adds up
