@@ -290,3 +290,57 @@ def test_batches_a_vllm_generator_sampled_are_recomputed_whatever_the_source(rol
     stats = LearnerCore(settings).train(mixed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.05, abs=1e-5)
+
+
+def _frozen_reward_model(settings: LearnerSettings) -> FrozenModelSettings:
+    policy = settings.policy
+    return FrozenModelSettings(settings.critic_path, policy.model, policy.quantization, 1, 0)
+
+
+def test_evaluation_kl_is_the_summed_policy_minus_reference_logprob_of_each_response(rollouts):
+    """The held-out evaluation during PPO (eval.every): reference logprobs 0.5 below the
+    samples' on every real token give KL 0.5 * length per response, 0.5 * mean length in all;
+    the gold judge scores the synthetic prompts, the reward model as score() does."""
+    settings, shards, _, _ = rollouts
+    shard = shards[0]
+    scorer = ScorerCore(
+        ScorerSettings(_frozen_reward_model(settings), 1.0, (), (), settings.policy.sft_path, False)
+    )
+    reference = ReferenceLogprobs(shard.key, (shard.logprobs - 0.5) * shard.response_mask)
+    means = scorer.evaluate(shard, reference)
+    lengths = shard.response_mask.sum(1).float()
+    assert means["kl"] == pytest.approx(0.5 * lengths.mean().item(), abs=1e-5)
+    assert means["response_length"] == pytest.approx(lengths.mean().item())
+    rm = scorer.score([shard]).components["reward_model"]
+    assert means["reward_model"] == pytest.approx(rm.mean().item())
+    assert means["total"] == pytest.approx(rm.mean().item())
+    assert "gold_judge" in means  # the smoke prompts are the synthetic world's
+    with raises_with("another batch", exc=RoleFailed):
+        scorer.evaluate(shards[1], reference)
+
+
+def test_a_staged_step_is_exported_later_while_training_went_on(rollouts, tmp_path):
+    """`stage` keeps the policy's LoRA weights of a step; `export` of the last step merges the
+    trained policy; `export` with the staged weights builds the step's policy afresh."""
+    from safetensors.torch import load_file
+
+    from rlhf_ray.run.best_step import STEP_WEIGHTS
+
+    settings, shards, scores, refs = rollouts
+    learner = LearnerCore(settings)
+    learner.stage(str(tmp_path / "staged"), {"step": 0})
+    staged = load_file(tmp_path / "staged" / STEP_WEIGHTS)
+    assert staged.keys() == learner.weights().tensors.keys()
+    learner.train(shards, scores, refs)
+    trained = learner.weights().tensors
+    assert any(not trained[n].equal(staged[n]) for n in staged)  # the step moved the LoRA
+    learner.export(str(tmp_path / "last"), {"steps": 1})
+    learner.export(str(tmp_path / "best"), {"steps": 1}, str(tmp_path / "staged" / STEP_WEIGHTS))
+
+    def adapter(folder: str) -> dict:
+        saved = load_file(tmp_path / folder / "adapter" / "adapter_model.safetensors")
+        return {name.replace(".weight", ".default.weight"): t for name, t in saved.items()}
+
+    assert adapter("best").keys() == staged.keys()
+    assert all(adapter("best")[n].equal(staged[n]) for n in staged)
+    assert all(adapter("last")[n].equal(trained[n]) for n in trained)
