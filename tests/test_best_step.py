@@ -159,3 +159,27 @@ def test_judges_of_leaves_the_reward_model_out_of_a_run_without_one_and_says_so(
     judges, note = judges_of(no_rm)
     assert judges == (fn,) and "no reward model" in note
     assert trained_on(no_rm, fn) and not trained_on(cfg, "a:b")
+
+
+def test_a_judge_that_cannot_be_called_is_refused_naming_eval_judges():
+    from rlhf_ray.errors import ConfigError
+    from rlhf_ray.run.judges import check_judges
+    from tests.conftest import raises_with
+
+    check_judges(("reward_model", "tests.reward_functions_for_tests:words"))
+    with raises_with("eval.judges:", "no_such_module", exc=ConfigError):
+        check_judges(("no_such_module:f",))
+    with raises_with("eval.judges:", "not a function", exc=ConfigError):
+        check_judges(("tests.reward_functions_for_tests:NOT_A_FUNCTION",))
+
+
+def test_eval_judges_must_be_reward_model_or_module_function(tmp_path):
+    from rlhf_ray.config.command_line import parse_run_args
+    from rlhf_ray.errors import ConfigError
+    from tests.conftest import raises_with
+
+    argv = ["--config", "smoke", "--run.output_dir", str(tmp_path), "--eval.judges"]
+    with raises_with("eval.judges", "module:function", exc=ConfigError):
+        parse_run_args([*argv, "gold"])
+    with raises_with("eval.judges", "no judge twice", exc=ConfigError):
+        parse_run_args([*argv, "reward_model", "reward_model"])

@@ -22,6 +22,7 @@ from rlhf_ray.data.chat import Prompt, assistant_message, is_conversational
 from rlhf_ray.data.encoding import completion_ids, pad_right, prompt_ids
 from rlhf_ray.data.limits import Limits
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_scalar_model
 from rlhf_ray.ppo.reward_functions import call_reward_function, import_reward_function
@@ -45,8 +46,12 @@ def judges_of(cfg: Config) -> tuple[tuple[str, ...], str | None]:
 def check_judges(judges: tuple[str, ...]) -> None:
     """Every reward function among `judges` imports and takes the reward call (ConfigError)."""
     for judge in judges:
-        if judge != REWARD_MODEL:
+        if judge == REWARD_MODEL:
+            continue
+        try:
             import_reward_function(judge)
+        except ConfigError as err:  # said of scoring.functions: the same check, another key
+            raise ConfigError(str(err).replace("scoring.functions:", "eval.judges:", 1)) from None
 
 
 def trained_on(cfg: Config, judge: str) -> bool:
