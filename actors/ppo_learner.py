@@ -15,12 +15,13 @@ from rlhf_ray.ppo.data_parallel import Ranks, join_group
 from rlhf_ray.ppo.messages import Weights
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.run.busy import BusyClock
-from rlhf_ray.run.console import quiet_libraries
+from rlhf_ray.run.console import quiet_libraries, skip_bitsandbytes
 
 
 @ray.remote
 class PPOLearner:
     def __init__(self, settings: LearnerSettings, timeout_s: float, ranks: Ranks) -> None:
+        skip_bitsandbytes(settings.policy.quantization.load_in_4bit)  # before peft is imported
         quiet_libraries()  # before any library loads a model
         # Imported here, in the role's process: the driver imports this module only to create
         # the actor, and never needs the model libraries the core imports (~4 s of CPU).

@@ -10,7 +10,7 @@ import ray
 from rlhf_ray.ppo.messages import RolloutBatch, Weights, receipt
 from rlhf_ray.ppo.settings import EngineSettings, PolicySettings
 from rlhf_ray.run.busy import BusyClock
-from rlhf_ray.run.console import quiet_libraries
+from rlhf_ray.run.console import quiet_libraries, skip_bitsandbytes
 from rlhf_ray.run.saved_state import rng_state, set_rng_state
 
 
@@ -34,9 +34,11 @@ class RolloutGenerator:
         settings: PolicySettings,
         engine: EngineSettings | None,  # None: Hugging Face generate
         rank: int,
-        learner,
+        learner: str,  # the actor name of the learner rank that serves the weights
         timeout_s: float,
     ) -> None:
+        # before peft is imported; vLLM's imports are not ours to change
+        skip_bitsandbytes(settings.quantization.load_in_4bit or engine is not None)
         quiet_libraries()  # before any library loads a model
         self.engine, self.why_not_vllm = pick_engine(engine)
         # Imported here, in the role's process: the driver imports this module only to create
@@ -51,8 +53,11 @@ class RolloutGenerator:
             self.generator = VllmGeneratorCore(settings, engine, rank)
         self.busy = BusyClock()
         # Fresh start or restart after a crash: take the learner's current weights, so a
-        # restarted generator never samples from a stale policy.
-        self.generator.load_weights(ray.get(learner.weights.remote(), timeout=timeout_s))
+        # restarted generator never samples from a stale policy. The learner is found by name:
+        # an actor handle among the arguments would put them in the object store, where a
+        # restart depends on them staying (Ray says so at level E, ray-project/ray#53727).
+        learner_rank = ray.get_actor(learner)
+        self.generator.load_weights(ray.get(learner_rank.weights.remote(), timeout=timeout_s))
 
     def ready(self) -> int:
         return os.getpid()

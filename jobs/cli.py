@@ -12,6 +12,7 @@ and print nothing from torch, transformers or bitsandbytes; the driver is import
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 
@@ -36,10 +37,19 @@ REPORT_USAGE = """usage: rlhf-ray report DIR
 Write DIR/report.html (and its plots in DIR/report/) from what the run in DIR left:
 metrics/ppo.jsonl, summary.json, eval_samples.jsonl. DIR is a run's --output_dir."""
 HELP = (["-h"], ["--help"])
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE, as a process the closed pipe killed would report
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `rlhf-ray run --help | head`: the reader left, nothing is wrong
+        # Python flushes stdout again at exit; into /dev/null, that says nothing either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+def run_command(argv: list[str]) -> int:
     command = argv[:1]
     try:
         if command in HELP:
@@ -92,7 +102,7 @@ def run_report(argv: list[str]) -> int:
         return 2
     from pathlib import Path
 
-    from rlhf_ray.run.html_report import write_report
+    from rlhf_ray.run.html_report import PLOTS_DIR, REPORT_FILE, write_report
 
     out = Path(argv[0])
     if not (out / "config.yaml").is_file():
@@ -102,16 +112,26 @@ def run_report(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    print(f"[report] {write_report(out)}")
+    try:
+        page = write_report(out)
+    except OSError as err:  # DIR/report.html a directory, DIR/report a file, DIR read-only
+        print(
+            f"rlhf-ray: error: cannot write the report: {err.filename}: {err.strerror}; "
+            f"expected {out} writable, with no directory named {REPORT_FILE} and no file named "
+            f"{PLOTS_DIR} in it",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"[report] {page}")
     return 0
 
 
 def run_scale(argv: list[str]) -> int:
-    from jobs.scale import NoRunningJob, scale
+    from jobs.scale import NoRunningJob, TokenRefused, scale
 
     try:
         answer = scale(argv)
-    except NoRunningJob as err:
+    except (NoRunningJob, TokenRefused) as err:
         print(f"rlhf-ray: error: {err}", file=sys.stderr)
         return 1
     alive = answer["generators"]

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 import ray._private.utils
 import torch
 
+from jobs.commands import dashboard_token_note
 from jobs.placement import check_placement
+from jobs.ray_address import check_gcs_reachable, host_and_port
 from rlhf_ray.config import ResourcesConfig, RunConfig
 from rlhf_ray.run.console import is_verbose
 from rlhf_ray.run.resources import PhaseResources, check_fits, check_learner_threads
+
+DASHBOARD_PORT = 8265  # Ray's default, where a user of Ray looks first
+RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def join_cluster() -> str | None:
@@ -26,8 +32,22 @@ def join_cluster() -> str | None:
     address = os.environ.get("RAY_ADDRESS")
     if not address or ray.is_initialized():
         return None
+    check_address(address)
     ray.init(address=address)
     return f"joined the Ray cluster at {address}"
+
+
+def check_address(address: str) -> None:
+    """RAY_ADDRESS names a GCS that takes connections ("auto", the Ray running on this machine,
+    and a Ray Client's ray:// address are left to Ray): before, the dashboard's URL or a
+    malformed address was a traceback, and a GCS not there a minute and more of retries."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    use = (
+        "to run on that cluster, submit the run there (`ray job submit --address URL "
+        "--working-dir . -- python jobs/rlhf.py ...`), or set RAY_ADDRESS to the GCS address"
+    )
+    check_gcs_reachable(*host_and_port(address, "RAY_ADDRESS", use))
 
 
 def start_local(run: RunConfig) -> str:
@@ -38,15 +58,50 @@ def start_local(run: RunConfig) -> str:
     if ray.is_initialized():  # e.g. a test session's local Ray
         return "using the Ray already initialised in this process"
     node = local_node(run)
+    port = dashboard_port()
+    set_local_ray_environment(port)
+    # Ray turns token authentication on for a new local Ray unless RAY_AUTH_MODE says otherwise,
+    # and warns that it did; the line returned says so instead, with where the token is.
+    logging.getLogger(RAY_TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
     context = ray.init(
         address="local",  # a new local Ray, never one that `ray start` left on this machine
         num_cpus=int(node["CPU"]),
         num_gpus=int(node.get("GPU", 0)),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=port,
         logging_level=logging.INFO if is_verbose() else logging.WARNING,
     )
-    return f"started a local Ray; dashboard at http://{context.dashboard_url or 'n/a'}"
+    url = f"http://{context.dashboard_url}" if context.dashboard_url else "n/a"
+    return f"started a local Ray; dashboard at {url}{dashboard_token_note()}"
+
+
+def set_local_ray_environment(dashboard: int) -> None:
+    """What the local Ray's processes (started from this one, they inherit its environment) need
+    to know, set before it starts.
+
+    - RAY_API_SERVER_ADDRESS, this Ray's dashboard: Ray Train's PlacementGroupCleaner asks the
+      state API whether its controller lives, and without an address looks for "the" Ray on this
+      machine; with another one running, its thread died with "Found multiple active Ray
+      instances" (and no longer cleaned up after a dead controller).
+    - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: Ray Train's PreemptionWatcher watches for nodes
+      being drained, which a local Ray's one node never is; it costs a process per phase, and
+      Ray Train passes it actor handles, which Ray reports at level E (ray-project/ray#53727).
+      Kept where the user set it.
+    """
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def dashboard_port() -> int:
+    """Ray's 8265 where it is free on 127.0.0.1, else a free port (another Ray's dashboard may
+    hold 8265): chosen here, so that RAY_API_SERVER_ADDRESS can name it before Ray starts."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", DASHBOARD_PORT))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def local_node(run: RunConfig) -> dict[str, float]:

@@ -14,14 +14,14 @@ from rlhf_ray.config.loading import config_to_yaml
 from rlhf_ray.config.rollout import check_engine_installed
 from rlhf_ray.data.prepare import PreparedRun, limits_of, read_rows
 from rlhf_ray.errors import ConfigError, ResourceError
-from rlhf_ray.models.loading import FrozenModelSettings
-from rlhf_ray.models.source import check_model_dir
+from rlhf_ray.models.loading import FrozenModelSettings, check_embedded_fits
+from rlhf_ray.models.source import check_model_dir, check_model_source
 from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.ppo.settings import engine_quantization
 from rlhf_ray.run import evaluation, fingerprints, judges, trackers
 from rlhf_ray.run.best_step import BEST_DIR, LAST_DIR
-from rlhf_ray.run.checkpoints import is_complete, phase_dir
+from rlhf_ray.run.checkpoints import METRICS_FILE, is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
     PhaseResources,
@@ -66,10 +66,11 @@ def unused_settings(cfg: Config) -> list[str]:
 
 
 def check_phase_inputs(cfg: Config, out: Path) -> None:
-    """Every selected phase's inputs exist already or are made earlier in this run, and the
-    reward functions PPO will call, its rollout engine and the trackers named can be
-    imported."""
+    """The base model, every selected phase's inputs (which exist already or are made earlier
+    in this run), and the reward functions PPO will call, its rollout engine and the trackers
+    named can be loaded or imported."""
     trackers.check_trackers(cfg.run.report_to)
+    check_base_model(cfg)
     if "ppo" in cfg.run.phases:
         check_engine_installed(cfg.rollout_engine)
         if cfg.rollout_engine == "vllm":
@@ -81,6 +82,8 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
     if cfg.run.evaluate:
         judges.check_judges(judges.judges_of(cfg)[0])
     for phase in cfg.run.phases:
+        if phase not in unused_phases(cfg):
+            check_phase_dir_is_ours(out, phase)
         for needed in phase_inputs(cfg, phase):
             if needed in cfg.run.phases:
                 continue
@@ -94,15 +97,37 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
             check_model_dir(phase_dir(out, needed), cfg.model.trust_remote_code, where)
 
 
-def check_lora_targets(cfg: Config, prepared: PreparedRun) -> None:
-    """`lora.target_modules` name modules of the base model, when a phase of this run builds
-    an adapter (PPO always does; SFT and the reward model with `method: lora`)."""
+def check_phase_dir_is_ours(out: Path, phase: str) -> None:
+    """A phase's folder that exists is its complete output, skipped; anything else there (a
+    user's own folder, a file) is refused before work, not found once the phase has trained
+    and cannot write its model."""
+    folder = phase_dir(out, phase)
+    if folder.exists() and not is_complete(folder):
+        raise ConfigError(
+            f"run.output_dir: {folder} exists but is no complete output of the {phase} phase "
+            f"(it has no {METRICS_FILE}); the {phase} phase writes its model there, so move "
+            "it elsewhere or choose another run.output_dir"
+        )
+
+
+def check_base_model(cfg: Config) -> None:
+    """The model SFT starts from can be loaded (the embedded one fits in memory), and
+    `lora.target_modules` name modules of it
+    when a phase of this run builds an adapter (PPO always does; SFT and the reward model with
+    `method: lora`), all before anything is written (the embedded model's skeleton is built
+    from its settings)."""
+    if cfg.model.is_embedded:
+        check_embedded_fits(cfg.model)
+    else:
+        check_model_source(
+            cfg.model.name_or_path, cfg.model.trust_remote_code, "model.name_or_path"
+        )
     trains_lora = "ppo" in cfg.run.phases or any(
         phase.section in cfg.run.phases and phase.method == "lora"
         for phase in (cfg.sft, cfg.reward)
     )
     if trains_lora:
-        check_target_modules(cfg.lora, prepared.base_path, cfg.model.trust_remote_code)
+        check_target_modules(cfg.lora, cfg.model)
 
 
 def say_how_vllm_holds_the_base(cfg: Config) -> None:
@@ -175,6 +200,8 @@ def print_data_report(cfg: Config, report: dict) -> None:
             line += f"; {info['overlong']} over the token limits, {verb}"
         if info.get("ignored_fields"):
             line += f"; ignored fields {info['ignored_fields']}"
+        if info.get("repeated_rows"):
+            line += f"; {info['repeated_rows']} repeat an earlier row exactly (kept)"
         print(line)
     conversational = any(info["format"] != "text" for info in report.values())
     if conversational and cfg.data.prompt_template != DataConfig.prompt_template:

@@ -81,7 +81,6 @@ def run_holding_the_lock(cfg: Config, out: Path) -> int:
         )
         phases.print_data_report(cfg, prepared.report)
         phases.warn_of_trained_eval_prompts(prepared.data_dir)
-        phases.check_lora_targets(cfg, prepared)
         settings = fingerprints.phase_settings(cfg, prepared.data_dir)
         if not joined:
             print(cluster.start_local(cfg.run), flush=True)

@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import ray
 import torch
@@ -60,6 +61,15 @@ def test_an_output_dir_under_proc(capsys):
 def test_an_output_dir_name_longer_than_the_file_system_allows(tmp_path, capsys):
     err = _run(capsys, tmp_path / ("x" * 300))
     assert "cannot write in" in err and "File name too long" in err
+
+
+def test_an_output_dir_under_home_written_with_a_tilde(tmp_path, capsys, monkeypatch):
+    """`output_dir: ~/runs/a` in YAML: the run checks and locks the same directory (before: a
+    traceback writing its lock under a literal `~/runs/a`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    err = _run(capsys, "~/runs/a", "--resources.train_worker_cpus", "4096")
+    assert "the train worker asks for CPU=4096" in err and "Traceback" not in err
+    assert (tmp_path / "runs" / "a").is_dir() and not Path("~").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -130,6 +140,60 @@ def test_a_model_that_needs_remote_code(tmp_path, capsys, model_dir):
     assert "model.trust_remote_code" in err
 
 
+TOKENIZER_CODE = ["tokenization_mine.MyTokenizer", "tokenization_mine.MyTokenizerFast"]
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "config.json"])
+def test_a_tokenizer_that_needs_remote_code_is_named(tmp_path, capsys, model_dir, file):
+    """A known architecture (mistral) whose tokenizer names its own code: transformers would load
+    its own tokenizer class instead, without a word, when trust_remote_code is off."""
+    custom = tmp_path / "custom-tokenizer"
+    shutil.copytree(model_dir, custom)
+    config = json.loads((custom / file).read_text())
+    config["auto_map"] = {"AutoTokenizer": TOKENIZER_CODE}
+    (custom / file).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    err = _run(capsys, out, *_model_arg(custom))
+    assert (
+        f"model.name_or_path='{custom}': {custom / file} asks for the tokenizer's own code" in err
+    )
+    assert f"(auto_map AutoTokenizer: {TOKENIZER_CODE!r})" in err
+    assert "model.trust_remote_code true" in err
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+    assert check_model_source(str(custom), True, "model.name_or_path") is None  # no code runs
+
+
+def test_a_tokenizer_in_the_older_auto_map_form_is_named(tmp_path, model_dir):
+    custom = tmp_path / "old-form"
+    shutil.copytree(model_dir, custom)
+    config = json.loads((custom / "tokenizer_config.json").read_text())
+    config["auto_map"] = TOKENIZER_CODE  # a list: tokenizer classes only
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="auto_map AutoTokenizer: \\['tokenization_mine"):
+        check_model_source(str(custom), False, "model.name_or_path")
+
+
+def test_a_cached_hub_model_whose_tokenizer_needs_remote_code(tmp_path, monkeypatch, model_dir):
+    """A hub id is checked from the files loading it reads (here the local hub cache)."""
+    snapshot = tmp_path / "hub" / "models--org--custom" / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    config = json.loads((snapshot / "tokenizer_config.json").read_text())
+    (snapshot / "tokenizer_config.json").write_text(
+        json.dumps(config | {"auto_map": {"AutoTokenizer": TOKENIZER_CODE}})
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError) as refused:
+        check_model_source("org/custom", False, "model.name_or_path")
+    assert "model.name_or_path='org/custom': tokenizer_config.json of org/custom asks" in str(
+        refused.value
+    )
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    assert check_model_source("org/custom", False, "model.name_or_path") is None
+
+
 def test_a_model_without_a_tokenizer(tmp_path, capsys, model_dir):
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)
@@ -146,6 +210,13 @@ def test_a_hub_id_with_no_network_fails_fast(tmp_path, capsys, monkeypatch):
     err = _run(capsys, tmp_path / "out", *_model_arg("rlhf-ray-tests/no-such-model"))
     assert time.time() - start < 30
     assert "'rlhf-ray-tests/no-such-model'" in err and "no such directory, and the hub" in err
+
+
+def test_a_model_name_with_spaces_around_it(tmp_path, capsys):
+    """Before: 'embedded ' was a hub id that the hub's name rules refused."""
+    err = _run(capsys, tmp_path / "out", *_model_arg("embedded "))
+    assert "model.name_or_path='embedded ': no such directory, and a hub id has no spaces" in err
+    assert "expected 'embedded'" in err
 
 
 def test_a_path_is_a_path_whatever_its_name(tmp_path, monkeypatch, model_dir):

@@ -267,6 +267,22 @@ def test_text_and_conversational_files_in_one_run_are_refused(tmp_path):
         prepare_run(cfg)
 
 
+def test_a_chat_template_with_a_syntax_error_names_the_setting_and_line(tmp_path):
+    """Before: blamed on the first conversational row ('sft: the row whose prompt is ...')."""
+    path = tmp_path / "chat.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}\n{% for x in %}")
+    with raises_with(
+        f"data.chat_template='{path}': not a Jinja template", "(line 2)", exc=ConfigError
+    ):
+        chat.read_template(str(path))
+    with raises_with("data.chat_template='{{ m.content': not a Jinja template", exc=ConfigError):
+        chat.read_template("{{ m.content")
+    tracked = (
+        "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    )
+    assert chat.read_template(tracked) == tracked  # transformers' own tags compile
+
+
 def test_a_model_without_a_chat_template_needs_one_for_chat_data(tmp_path):
     base = Path(prepare_run(smoke_config(tmp_path / "first")).base_path)
     config = json.loads((base / "tokenizer_config.json").read_text())

@@ -4,6 +4,7 @@ hang. No Ray cluster is started here: the scale commands point at addresses wher
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cli
+from jobs import cli, commands
 from jobs.scale import _default_address
 from rlhf_ray.run import metrics
 
@@ -96,6 +97,72 @@ def test_a_dashboard_url_in_ray_address_is_not_handed_to_ray(monkeypatch):
     assert "RAY_ADDRESS" not in os.environ
 
 
+@pytest.mark.parametrize(("mode", "prefix"), [("token", "RAY_AUTH_MODE=token "), ("disabled", "")])
+def test_the_printed_scale_command_sets_the_token_mode_where_ray_uses_it(monkeypatch, mode, prefix):
+    """Ray sends its token to an address given by hand only with RAY_AUTH_MODE=token: the job's
+    command carries it where the job's Ray uses tokens (tests/test_first_run.py runs it)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    command = commands.scale_command("10.0.0.1:6379", Path("/runs/a"))
+    assert command.startswith(f"{prefix}{commands.rlhf_ray_script()} scale --rollout N ")
+    assert command.endswith(" --address 10.0.0.1:6379 --output_dir /runs/a")
+
+
+def test_the_printed_command_names_this_rlhf_ray_as_a_shell_finds_it(monkeypatch, tmp_path):
+    """By name where PATH finds this install's script, else by its path (`make run` runs
+    .venv/bin/rlhf-ray without .venv/bin on PATH): relative under the working directory."""
+    script = Path(sys.executable).parent / "rlhf-ray"
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}/usr/bin")
+    assert commands.rlhf_ray_script() == "rlhf-ray"
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.chdir(script.parent.parent)
+    assert commands.rlhf_ray_script() == f"{script.parent.name}/rlhf-ray"
+    monkeypatch.chdir(tmp_path)
+    assert commands.rlhf_ray_script() == os.path.abspath(script)
+
+
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("127.0.0.1:1", ("no Ray cluster at '127.0.0.1:1': connection refused",)),
+        (":::", ("RAY_ADDRESS ':::' is not HOST:PORT",)),
+        (
+            "http://127.0.0.1:8265",
+            ("RAY_ADDRESS http://127.0.0.1:8265 is the dashboard's URL", "ray job submit"),
+        ),
+    ],
+)
+def test_a_run_with_a_ray_address_where_no_cluster_is_ends_quickly_naming_it(
+    tmp_path, address, parts
+):
+    """Before: a minute and more of Ray's retries for a port nothing listens on, a traceback
+    for the dashboard's URL or a malformed address. Checked before the data is prepared."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "run",
+        "--config",
+        "smoke",
+        "--output_dir",
+        str(out),
+    ]
+    start = time.monotonic()
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=os.environ | {"RAY_ADDRESS": address},
+    )
+    assert done.returncode == 2 and time.monotonic() - start < 60, done.stderr
+    for part in parts:
+        assert part in done.stderr
+    assert "GCS address HOST:PORT" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "data").exists()
+
+
 # --- rlhf-ray report ------------------------------------------------------------------------
 
 
@@ -160,6 +227,78 @@ def test_report_skips_a_corrupt_summary_and_names_it(capsys, tmp_path):
     assert (out / "report" / "ppo_steps.png").is_file()
 
 
+_GOLD, _RM = metrics.reward_source("gold_judge"), metrics.reward_source("reward_model")
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "named"),
+    [
+        ("metrics/ppo.jsonl", {metrics.KL: 0.2}, "no 'step', so none of the line is read"),
+        ("metrics/ppo.jsonl", {"step": "4", metrics.KL: 0.2}, "'step' is \"4\", so none"),
+        (
+            "metrics/ppo.jsonl",
+            {"step": 4, metrics.SCORES: "high"},
+            f"'{metrics.SCORES}' is \"high\"",
+        ),
+        (
+            "metrics/ppo.jsonl",
+            {"step": 4, _GOLD: 0.1, _RM: 0.2},
+            f"no '{metrics.KL}' (left out of the over-optimisation plot)",
+        ),
+        ("eval_samples.jsonl", {"sft": ["a"], "policy": ["b"]}, "no 'prompt'"),
+        (
+            "eval_samples.jsonl",
+            {"prompt": "q?", "sft": "an answer", "policy": ["b"]},
+            "'sft' is \"an answer\", not a list of responses (text)",
+        ),
+        (
+            "eval_samples.jsonl",
+            {"prompt": [{"content": "q?"}], "sft": ["a"], "policy": ["b"]},
+            "'prompt', message 0: key 'role' is missing",
+        ),
+        ("eval_samples.jsonl", {"prompt": 5, "sft": ["a"]}, "'prompt' is 5, not text or a message"),
+    ],
+)
+def test_report_skips_a_row_without_what_it_reads_and_names_it(capsys, tmp_path, name, row, named):
+    """JSON, but not what a run writes (a hand edit, another tool's file): the line (or value)
+    is left out and named, file, line and key; the rest is reported."""
+    out = _fake_run(tmp_path / "run")
+    with open(out / name, "a", encoding="utf-8") as file:
+        file.write(json.dumps(row) + "\n")
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert f"skipped {name} line 4: {named}" in printed and "Traceback" not in printed
+    page = (out / "report.html").read_text()
+    assert html.escape(f"{name} line 4: {named}") in page
+    assert (out / "report" / "ppo_steps.png").is_file() and "question 0?" in page
+
+
+def test_report_leaves_out_summary_values_of_the_wrong_type_and_names_them(capsys, tmp_path):
+    out = _fake_run(tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    summary |= {"gold_reward_policy": "0.5", "phase_seconds": [3.0], "ppo_stage_seconds": {"a": {}}}
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, printed = _report(capsys, out)
+    assert code == 0, printed
+    assert "skipped summary.json: 'gold_reward_policy' is \"0.5\", not a number" in printed
+    assert "skipped summary.json: 'phase_seconds' is [3.0], not an object of seconds" in printed
+    assert "skipped summary.json: ppo_stage_seconds['a'] is {}, not a number" in printed
+    assert (out / "report" / "gold.png").is_file()  # gold_reward_sft is still drawn
+
+
+@pytest.mark.parametrize(("name", "kind"), [("report.html", "Is a directory"), ("report", "")])
+def test_report_where_its_page_or_plots_cannot_be_written(capsys, tmp_path, name, kind):
+    out = _fake_run(tmp_path / "run")
+    if kind:
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("a file where the plots go")
+    code, printed = _report(capsys, out)
+    assert code == 2 and "Traceback" not in printed, printed
+    assert f"rlhf-ray: error: cannot write the report: {out / name}" in printed
+    assert kind in printed and "no directory named report.html and no file named report" in printed
+
+
 @pytest.mark.parametrize("what", ["empty directory", "missing", "file"])
 def test_report_on_what_is_not_a_run_directory_says_so(capsys, tmp_path, what):
     path = tmp_path / "x"
@@ -180,6 +319,22 @@ def test_report_help_prints_its_usage(capsys, flag):
     assert cli.main(["report", flag]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("usage: rlhf-ray report DIR") and captured.err == ""
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["config", "show"]])
+def test_output_into_a_pipe_closed_early_ends_quietly(argv):
+    """`rlhf-ray run --help | head`: the reader leaves before the writing ends (before: a
+    BrokenPipeError traceback)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # before the process has written anything
+    _, err = process.communicate(timeout=QUICK_S + 15)
+    assert process.returncode == cli.SIGPIPE_EXIT and err == "", err
 
 
 def test_config_without_a_subcommand_prints_the_usage(capsys):

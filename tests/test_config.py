@@ -129,6 +129,16 @@ def test_missing_yaml_file_is_an_error(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_a_preset_named_as_a_file_names_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with raises_with(
+        "--config smoke.yaml: no such file; the preset of that name is --config smoke"
+    ):
+        load_config("smoke.yaml")
+    with pytest.raises(ConfigError, match="no such file$"):
+        load_config("elsewhere/smoke.yaml")  # a path: a file meant, not the preset
+
+
 def test_config_to_dict_turns_tuples_into_lists():
     out = config_to_dict(Config())
     assert out["run"]["phases"] == ["sft", "reward", "ppo"]
@@ -441,6 +451,9 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--reward.weight_decay", "-0.1"], ("reward.weight_decay=-0.1", ">= 0")),
         (["--ppo.weight_decay", "-0.1"], ("ppo.weight_decay=-0.1", ">= 0")),
         (["--ppo.weight_decay", "inf"], ("ppo.weight_decay=inf", "finite")),
+        # Seeds torch, numpy or vLLM cannot take (before: a traceback building the base model).
+        (["--run.seed", "99999999999999999999"], ("run.seed=99999999999999999999", "0 to 2147")),
+        (["--run.seed", "-1"], ("run.seed=-1", "a whole number from 0 to 2147483647")),
     ],
 )
 def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, args, parts):
@@ -448,6 +461,28 @@ def test_impossible_values_exit_2_naming_the_key_and_what_is_allowed(capsys, arg
     assert err.startswith("rlhf-ray: error: "), err
     for part in parts:
         assert part in err, err
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_users_home(tmp_path, monkeypatch):
+    """As a shell would expand it; YAML and a quoted value keep `~` (before: the output
+    directory was checked at ~ expanded, then written at a literal `~/...`, a traceback)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = ["--output_dir", "~/runs/a", "--model.name_or_path", "~/models/m"]
+    args += ["--data.sft_path", "~/sft.jsonl", "--data.chat_template", "~/chat.jinja"]
+    cfg = parse_run_args(args)
+    assert (cfg.run.output_dir, cfg.model.name_or_path) == (
+        f"{tmp_path}/runs/a",
+        f"{tmp_path}/models/m",
+    )
+    assert (cfg.data.sft_path, cfg.data.chat_template) == (
+        f"{tmp_path}/sft.jsonl",
+        f"{tmp_path}/chat.jinja",
+    )
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  prompt_path: ~/p.jsonl\n  eval_prompt_path: data/~x\n")
+    cfg = load_config(str(yaml_file))
+    assert (cfg.data.prompt_path, cfg.data.eval_prompt_path) == (f"{tmp_path}/p.jsonl", "data/~x")
+    assert parse_run_args(["--model.name_or_path", "org/model"]).model.name_or_path == "org/model"
 
 
 def test_impossible_value_in_yaml_names_the_section(tmp_path):

@@ -1,8 +1,12 @@
-"""Tier 1: what the quiet console hides of the libraries' warnings, and what it still shows."""
+"""Tier 1: what the quiet console hides of the libraries' warnings, and what it still shows; and
+bitsandbytes, kept out of processes that quantise nothing (in a fresh Python: seconds)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +55,42 @@ def test_an_unknown_user_warning_of_a_library_is_shown(quiet, module):
 def test_verbose_shows_the_noise_too(monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     assert _shown("torch._dynamo.eval_frame", UserWarning, CHECKPOINT) == [CHECKPOINT]
+
+
+# A LoRA adapter made and trained one step, as a role's process does; then whether bitsandbytes
+# was imported, and whether transformers thinks it is installed.
+LORA_STEP = """
+import sys
+from rlhf_ray.run.console import skip_bitsandbytes
+skip_bitsandbytes(needed={needed})
+import peft, torch, transformers
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, target_modules=["proj"]))
+model(torch.ones(1, 4)).sum().backward()
+print(sys.modules.get("bitsandbytes") is not None, transformers.utils.is_bitsandbytes_available())
+"""
+
+
+@pytest.mark.parametrize("needed", [False, True])
+def test_bitsandbytes_is_imported_only_where_needed(needed):
+    """peft imports bitsandbytes whatever the settings (needed=True: as without the skip), and
+    its import probes the hub for a CPU kernel; skipped, LoRA works without it."""
+    done = subprocess.run(
+        [sys.executable, "-c", LORA_STEP.format(needed=needed)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(needed), str(needed)]
+    if not needed:
+        assert "gemm_4bit_forward" not in done.stderr

@@ -6,7 +6,7 @@ import json
 
 import ray
 
-from jobs import rlhf
+from jobs import phases, rlhf
 from rlhf_ray.data.prepare import prepare_run, read_rows
 from tests.conftest import smoke_config
 
@@ -31,8 +31,22 @@ def test_overlong_rows_are_counted_and_truncated(tmp_path):
         "rows": 2,
         "overlong": 1,
         "overlong_action": "truncate",
+        "repeated_rows": 0,
     }
     assert len(read_rows(prepared.data_dir, "sft")) == 2  # kept; cut at tokenization
+
+
+def test_rows_repeated_in_a_file_are_kept_and_counted(tmp_path, capsys):
+    """A file concatenated twice looks like upsampling: kept, and said (before: silently)."""
+    sft = tmp_path / "sft.jsonl"
+    rows = [{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Yo", "completion": "Hey."}]
+    _write_sft(sft, rows + rows + rows[:1])
+    cfg = smoke_config(tmp_path / "out", **{"data.sft_path": str(sft)})
+    prepared = prepare_run(cfg)
+    assert (prepared.report["sft"]["rows"], prepared.report["sft"]["repeated_rows"]) == (5, 3)
+    assert "repeated_rows" not in prepared.report["prompts"]  # synthetic rows are not counted
+    phases.print_data_report(cfg, prepared.report)
+    assert "; 3 repeat an earlier row exactly (kept)" in capsys.readouterr().out
 
 
 def test_overlong_rows_are_rejected_when_configured(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import rlhf
+from jobs import phases, rlhf
 from rlhf_ray.config.command_line import parse_run_args
 from rlhf_ray.data.prepare import prepare_run
 from rlhf_ray.errors import ConfigError
@@ -46,12 +46,49 @@ def _refused(capsys, out: Path, *args: str) -> tuple[str, str]:
 
 
 def test_lora_target_modules_that_match_nothing_in_the_model(tmp_path, capsys):
+    out = tmp_path / "out"
     args = ("--lora.target_modules", "q_proj", "nonexistent_proj")
-    err = _refused_before_ray(capsys, tmp_path / "out", *args)
+    err = _refused_before_ray(capsys, out, *args)
     given = "lora.target_modules=['q_proj', 'nonexistent_proj']"
-    assert f"{given}: 'nonexistent_proj' matches no module of the model" in err  # q_proj does
+    assert f"{given}: 'nonexistent_proj' matches no module of the embedded model" in err
     for linear in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert linear in err.split("linear modules")[1]
+    assert not out.exists() or not any(out.iterdir())  # no base model, data, config written
+
+
+def test_a_bad_target_module_leaves_an_earlier_run_as_it_was(tmp_path, capsys):
+    """--run.redo sft would rebuild the embedded base model and rewrite the data: refused
+    first, every file of the earlier run is as it was."""
+    out = tmp_path / "out"
+    prepare_run(smoke_config(out))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ("--run.redo", "sft", "--data.num_sft", "7", "--lora.target_modules", "nope")
+    assert "'nope' matches no module of the embedded model" in _refused_before_ray(
+        capsys, out, *args
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_target_modules_of_a_model_directory(tmp_path, capsys):
+    model = Path(prepare_run(smoke_config(tmp_path / "first")).base_path)
+    out = tmp_path / "out"
+    args = ("--model.name_or_path", str(model), "--lora.target_modules", "c_attn")
+    err = _refused_before_ray(capsys, out, *args)
+    assert f"'c_attn' matches no module of the model {model}; its linear modules: " in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_embedded_model_larger_than_this_machines_memory(tmp_path, capsys):
+    """Before: a traceback from torch's allocator building it (or the kernel killing the
+    driver, for sizes the allocator grants and the first write cannot have)."""
+    out = tmp_path / "out"
+    err = _refused_before_ray(capsys, out, "--model.hidden_size", "1048576")
+    assert "model.hidden_size=1048576, model.intermediate_size=64, model.num_layers=1: " in err
+    # q and o 2**20 x 2**20 each, k and v half that (1 of 2 heads), the MLP 3 x 2**20 x 64, the
+    # embedding (tied) 259 x 2**20, three norms 2**20 each
+    assert "the embedded model would have at least 3,299,010,936,832 parameters" in err
+    assert "GiB of float32 weights, more than this machine's" in err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_request_no_node_can_hold_is_refused_before_the_data_is_prepared(tmp_path, capsys):
@@ -113,21 +150,29 @@ def test_an_empty_path_is_refused_naming_the_setting(option):
         parse_run_args(["--config", "smoke", option, ""])
 
 
+def _data_report(capsys, out: Path, **data: str) -> str:
+    """What the driver prints once the data is prepared."""
+    cfg = smoke_config(out, **data)
+    prepared = prepare_run(cfg)
+    phases.print_data_report(cfg, prepared.report)
+    phases.warn_of_trained_eval_prompts(prepared.data_dir)
+    return capsys.readouterr().out
+
+
 def test_held_out_prompts_that_are_also_trained_on_are_named(tmp_path, capsys):
     rows = [{"prompt": f"Say {word}.", "completion": word} for word in ("one", "two", "three")]
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     held = [{"prompt": "Say two."}, {"prompt": "Say three."}, {"prompt": "Say four."}]
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in held) + "\n")
-    data = ("--data.sft_path", str(tmp_path / "sft.jsonl"))
-    data += ("--data.eval_prompt_path", str(tmp_path / "eval.jsonl"))
-    # a refusal that comes after the data report stops the run there
-    printed, _ = _refused(capsys, tmp_path / "out", *data, "--lora.target_modules", "nope")
+    data = {"data.sft_path": str(tmp_path / "sft.jsonl")}
+    data["data.eval_prompt_path"] = str(tmp_path / "eval.jsonl")
+    printed = _data_report(capsys, tmp_path / "out", **data)
     assert "warning: 2 of the held-out eval prompts are also training prompts" in printed
     assert "'Say two.'" in printed
 
 
 def test_synthetic_held_out_prompts_are_never_trained_on(tmp_path, capsys):
-    printed, _ = _refused(capsys, tmp_path / "out", "--lora.target_modules", "nope")
+    printed = _data_report(capsys, tmp_path / "out")
     assert "[data] eval_prompts" in printed and "held-out eval prompts" not in printed
 
 
@@ -143,6 +188,22 @@ def test_a_users_own_files_in_the_data_directory_are_kept(tmp_path, capsys):
     assert "holds files rlhf-ray did not write (notes.txt, sft.jsonl)" in err
     assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "sft.jsonl"]
     assert (data / "notes.txt").read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize(("phase", "folder"), [("sft", "sft"), ("ppo", "policy")])
+def test_a_folder_where_a_phase_writes_its_model_is_kept(tmp_path, capsys, phase, folder):
+    """Before: the phase trained, then could not write its model there (FileExistsError)."""
+    mine = tmp_path / "proj" / folder
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(tmp_path / "proj")])
+    printed = capsys.readouterr()
+    assert code == 2 and "Ray" not in printed.out, printed.out
+    err = printed.err
+    assert f"run.output_dir: {mine} exists but is no complete output of the {phase} phase" in err
+    assert "(it has no metrics.json)" in err
+    assert (mine / "notes.txt").read_text() == "my notes\n"
+    assert not (tmp_path / "proj" / "data").exists()
 
 
 def test_a_run_refused_for_changed_settings_keeps_the_rows_it_was_trained_on(tmp_path, capsys):

@@ -107,6 +107,14 @@ def test_missing_path(tmp_path):
         load_rows(str(path), SFT_FIELDS, OPT)
 
 
+def test_a_path_with_spaces_around_an_existing_file(tmp_path, monkeypatch):
+    """Before: taken for a hub dataset id ('rows.jsonl '), refused for the hub's reasons."""
+    write(tmp_path, '{"prompt": "p", "completion": "c"}\n')
+    monkeypatch.chdir(tmp_path)
+    with raises_with(f"{OPT}='rows.jsonl ': no such file", "but 'rows.jsonl' exists", "spaces"):
+        load_rows("rows.jsonl ", SFT_FIELDS, OPT)
+
+
 def test_directory_of_data_files_goes_through_load_dataset(tmp_path):
     """Not a save_to_disk directory: datasets.load_dataset reads the files in it, offline."""
     (tmp_path / "plain").mkdir()

@@ -84,6 +84,11 @@ class LearnerGroup:
     def chief(self) -> ray.actor.ActorHandle:
         return self.ranks[0]
 
+    @property
+    def chief_name(self) -> str:
+        """Rank 0's actor name: generators find the weights by it (rollout_generator.py: why)."""
+        return self.names[0]
+
     def ready(self) -> list:
         return [rank.ready.remote() for rank in self.ranks]
 

@@ -82,7 +82,7 @@ class Roles:
                 name=generator_name(rank),
                 **generator_restarts(self.cfg),
                 **actor_options(res.rollout_cpus, res.rollout_gpus),
-            ).remote(settings, engine, rank, self.learner.chief, timeout)
+            ).remote(settings, engine, rank, self.learner.chief_name, timeout)
             if one_by_one:
                 get_results(
                     started[rank].ready.remote(), timeout, f"starting {generator_name(rank)}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from jobs.commands import scale_command
 from jobs.ppo.learner_group import LearnerDied
 from jobs.ppo.loop import PPOLoop, StopRequest
 from jobs.ppo.roles import create_roles
@@ -36,9 +37,9 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
     eval_prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "eval_prompts")]
     control = start_control(cfg, out)
+    address = ray.get_runtime_context().gcs_address
     print(
-        f"[ppo] scale the rollout generators while this runs: rlhf-ray scale --rollout N "
-        f"--address {ray.get_runtime_context().gcs_address} --output_dir {out}",
+        f"[ppo] scale the rollout generators while this runs: {scale_command(address, out)}",
         flush=True,
     )
     try:

@@ -36,7 +36,9 @@ def read_config_text(name_or_path: str) -> tuple[str, str]:
     if path.is_file():
         return _decode(path.read_bytes(), str(path)), str(path)
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        raise ConfigError(f"--config {name_or_path}: no such file")
+        preset = f"; the preset of that name is --config {path.stem}"
+        shipped = path.stem in preset_names() and path.name == name_or_path
+        raise ConfigError(f"--config {name_or_path}: no such file{preset if shipped else ''}")
     preset = _preset_dir() / f"{name_or_path}.yaml"
     if not preset.is_file():
         raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields
 from typing import ClassVar
 
@@ -10,11 +11,19 @@ from rlhf_ray.errors import ConfigError
 
 
 class Section:
-    """What every section checks before its own rules: finite numbers and encodable text."""
+    """What every section checks before its own rules: finite numbers and encodable text (and
+    `~` in paths expanded)."""
 
     section: ClassVar[str]  # the YAML section / command-line prefix, e.g. "sft"
+    # Settings that name a file or directory: a leading `~` is the user's home, as in a shell
+    # (YAML and a quoted command-line value keep it as written)
+    paths: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        for key in self.paths:
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                object.__setattr__(self, key, os.path.expanduser(value))  # frozen: set once here
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -45,6 +45,7 @@ class ModelConfig(Section):
     """Which base model to start from. `embedded` builds a small Mistral from the fields below."""
 
     section: ClassVar[str] = "model"
+    paths: ClassVar[tuple[str, ...]] = ("name_or_path",)
     # a Hugging Face model id or local directory, or `embedded` (built from the fields below)
     name_or_path: str = EMBEDDED_MODEL
     trust_remote_code: bool = False  # run code shipped with a hub model (only if you trust it)
@@ -131,6 +132,13 @@ class DataConfig(Section):
     """Where rows come from (files, or the synthetic world for any not given) and their limits."""
 
     section: ClassVar[str] = "data"
+    paths: ClassVar[tuple[str, ...]] = (
+        "sft_path",
+        "preference_path",
+        "prompt_path",
+        "eval_prompt_path",
+        "chat_template",
+    )
     sft_path: str | None = None  # demonstrations {prompt, completion}; None = synthetic
     preference_path: str | None = None  # pairs {prompt, chosen, rejected}; None = synthetic
     prompt_path: str | None = None  # PPO prompts {prompt}; None = synthetic
@@ -520,6 +528,7 @@ class EvalConfig(Section):
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+MAX_SEED = 2**31 - 1  # numpy's (and so vLLM's) seeds are below 2**32, with room for the ranks
 
 
 @dataclass(frozen=True)
@@ -527,6 +536,7 @@ class RunConfig(Section):
     """Where outputs go, which phases run, the base seed, and how the local Ray starts."""
 
     section: ClassVar[str] = "run"
+    paths: ClassVar[tuple[str, ...]] = ("output_dir",)
     output_dir: str = "runs/default"  # every phase's output; shared storage on a cluster
     phases: tuple[str, ...] = PHASES  # phases to run, in order; complete ones are skipped
     seed: int = 0  # base seed; each role and worker derives its own from it
@@ -551,6 +561,12 @@ class RunConfig(Section):
             self.redo is None or self.redo in self.phases,
             "redo",
             f"one of the phases this run runs ({', '.join(self.phases)})",
+        )
+        self.check(
+            0 <= self.seed <= MAX_SEED,
+            "seed",
+            f"a whole number from 0 to {MAX_SEED} (torch, numpy and vLLM take seeds of at most "
+            "32 or 64 bits, and each worker adds its rank)",
         )
         self.check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "> 0 or None")
         self.positive("ray_timeout_s")

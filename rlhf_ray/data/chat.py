@@ -40,15 +40,36 @@ EMBEDDED_CHAT_TEMPLATE = (
 
 def read_template(value: str | None) -> str | None:
     """`data.chat_template` as Jinja text: the file it names, or the template written inline."""
-    if value is None or "{{" in value or "{%" in value:
-        return value
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return _compiled(value, value)
     try:
-        return Path(value).read_text(encoding="utf-8")
+        text = Path(value).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(
             f"data.chat_template={value!r} cannot be read ({err}); expected a Jinja template "
             "file, or the template itself"
         ) from err
+    return _compiled(text, value)
+
+
+def _compiled(template: str, value: str) -> str:
+    """`template`, once Jinja has compiled it as transformers does (with its extensions): a
+    syntax error is named for the setting and line before any row is rendered (before: it was
+    blamed on the first conversational row)."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as err:
+        shown = value if len(value) <= 80 else f"{value[:77]}..."
+        raise ConfigError(
+            f"data.chat_template={shown!r}: not a Jinja template: {err.message} (line "
+            f"{err.lineno}); expected a chat template such as a tokenizer's chat_template"
+        ) from err
+    return template
 
 
 def is_conversational(value: Any) -> bool:

@@ -6,6 +6,7 @@ loaded or Ray resource taken. The rows every phase uses are written to `<output_
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from rlhf_ray.errors import ConfigError, DataError
 from rlhf_ray.models.loading import build_embedded_model
-from rlhf_ray.models.source import check_model_dir, check_model_source
+from rlhf_ray.models.source import check_model_dir
 from rlhf_ray.run import fingerprints
 from rlhf_ray.run.checkpoints import replace_dir
 from rlhf_ray.world import dataset_rows
@@ -69,6 +70,8 @@ def prepare_run(cfg: Config, before_writing: Callable[[Path], None] | None = Non
         kept, overlong = _apply_limits(name, rows[name], tokenizer, limits, cfg.data.overlong)
         rows[name] = kept
         report[name].update(rows=len(kept), overlong=overlong, overlong_action=cfg.data.overlong)
+        if report[name]["source"] != "synthetic":
+            report[name]["repeated_rows"] = repeated_rows(kept)
     with replace_dir(out / "data") as tmp:
         for name, dataset in rows.items():
             write_jsonl(tmp / f"{name}.jsonl", dataset)
@@ -95,6 +98,18 @@ def check_data_dir_is_ours(data_dir: Path) -> None:
             f"({', '.join(foreign)}); every run replaces that directory, so move them "
             "elsewhere (and point data.* at their new place) or choose another run.output_dir"
         )
+
+
+def repeated_rows(rows: list[dict]) -> int:
+    """Rows equal to an earlier one: kept (a repeat weighs a row more, as upsampling does), and
+    counted for the data report, since a file concatenated twice looks the same."""
+    seen: set[str] = set()
+    repeats = 0
+    for row in rows:
+        key = json.dumps(row, sort_keys=True)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def gather_rows(cfg: DataConfig, eval_fraction: float, seed: int) -> tuple[dict, dict]:
@@ -198,10 +213,10 @@ def _split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list, l
 
 
 def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizerBase, str]:
-    """The tokenizer and where SFT starts: a hub id/path, or the embedded model in out/base."""
+    """The tokenizer and where SFT starts: a hub id/path (checked by `check_model_source` before
+    the run prepares anything), or the embedded model in out/base."""
     if not cfg.model.is_embedded:
         name = cfg.model.name_or_path
-        check_model_source(name, cfg.model.trust_remote_code, "model.name_or_path")
         return _tokenizer_of(name, cfg.model.trust_remote_code, "model.name_or_path"), name
     base_dir = out / "base"
     settings = fingerprints.base_settings(cfg)

@@ -55,6 +55,11 @@ def read_records(path: str, option: str) -> Records:
             f"{option}: {path} is a symbolic link to {p.readlink()}, which does not resolve to a "
             f"file (a missing target or a loop of links); expected {EXPECTED_SOURCE}"
         )
+    if path != path.strip() and Path(path.strip()).exists():
+        raise DataError(
+            f"{option}={path!r}: no such file or directory, but {path.strip()!r} exists; "
+            "expected the path without the spaces around it"
+        )
     name, colon, split = path.rpartition(":")
     if colon and Path(name).is_dir():
         where = f"{option}: {name}, split {split!r}"

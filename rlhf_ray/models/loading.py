@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # transformers' modeling code loads with the first model, not
 
 from rlhf_ray.config import ModelConfig, QuantizationConfig
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class FrozenModelSettings:
     gpus: float
 
 
+_SMALLEST_VOCAB = 256 + 3  # the byte alphabet and <pad>, <s>, </s>
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,21 +55,51 @@ def build_embedded_model(
     from transformers import MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
+    config = embedded_config(cfg, len(tokenizer), max_positions)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return MistralForCausalLM(config)
+
+
+def check_embedded_fits(cfg: ModelConfig) -> None:
+    """Raise ConfigError when the embedded model's float32 weights alone exceed this machine's
+    memory: it is built in the driver's process before any work (before: an allocation error,
+    or the process killed by the kernel). Counted on its meta-device skeleton, at the smallest
+    vocabulary the tokenizer trained on the data can have."""
+    import psutil
+    from transformers import MistralForCausalLM
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(embedded_config(cfg, _SMALLEST_VOCAB, 1))
+    parameters = sum(p.numel() for p in model.parameters())
+    need, have = parameters * 4, psutil.virtual_memory().total
+    if need > have:
+        sizes = ", ".join(
+            f"model.{key}={getattr(cfg, key)}"
+            for key in ("hidden_size", "intermediate_size", "num_layers")
+        )
+        raise ConfigError(
+            f"{sizes}: the embedded model would have at least {parameters:,} parameters, "
+            f"{need / 2**30:,.1f} GiB of float32 weights, more than this machine's "
+            f"{have / 2**30:,.1f} GiB of memory (and training needs several times its weights); "
+            "choose smaller model sizes"
+        )
+
+
+def embedded_config(cfg: ModelConfig, vocab_size: int, max_positions: int) -> MistralConfig:
+    """The embedded model's architecture (its special token ids are the tokenizer's)."""
+    return MistralConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         attention_dropout=0.0,
     )
-    return MistralForCausalLM(config)
 
 
 def _load_kwargs(model_cfg: ModelConfig, quant: QuantizationConfig) -> dict:

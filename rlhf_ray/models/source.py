@@ -3,7 +3,9 @@ model, or a hub id that is in the local cache or answers now.
 
 Without this a wrong `model.name_or_path` surfaced inside the first phase, after minutes, with
 transformers' message for a different problem ("Repo id must be in the form...", "You need to
-have sentencepiece or tiktoken installed", or 51 seconds of retries when offline).
+have sentencepiece or tiktoken installed", or 51 seconds of retries when offline), and a
+tokenizer that names its own code (`auto_map`) was replaced by one of transformers' classes
+without a word when `model.trust_remote_code` was off.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from rlhf_ray.errors import ConfigError
 
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+CONFIG, TOKENIZER_CONFIG = "config.json", "tokenizer_config.json"
 ADAPTER_DIR = "adapter"  # a model directory's LoRA adapter, saved alone (models/adapters.py)
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_TIMEOUT_S = 10.0
@@ -26,19 +29,34 @@ def check_model_source(name_or_path: str, trust_remote_code: bool, option: str) 
     A path that exists is always used as a directory, whatever its name; anything else is a
     hub id, which must be in the local cache or be found on the hub within HUB_TIMEOUT_S.
     """
-    path = Path(name_or_path).expanduser()
+    path = Path(name_or_path)
+    where = f"{option}={name_or_path!r}"
     if path.exists():
-        check_model_dir(path, trust_remote_code, f"{option}={name_or_path!r}")
+        check_model_dir(path, trust_remote_code, where)
+    elif name_or_path != name_or_path.strip():
+        raise ConfigError(
+            f"{where}: no such directory, and a hub id has no spaces around it; expected "
+            f"{name_or_path.strip()!r}"
+        )
     else:
-        _check_hub_id(name_or_path, f"{option}={name_or_path!r}")
+        _check_hub_id(name_or_path, where)
+        if not trust_remote_code:
+            files = (TOKENIZER_CONFIG, CONFIG)
+            configs = {f"{name} of {name_or_path}": _hub_json(name_or_path, name) for name in files}
+            _check_tokenizer_code(configs, where)
 
 
 def check_model_dir(path: Path, trust_remote_code: bool, where: str) -> None:
-    """A directory with a config transformers knows, safetensors weights and a tokenizer."""
+    """A directory with a config transformers knows, safetensors weights and a tokenizer (whose
+    own code, if it names any, is trusted)."""
     if not path.is_dir():
         raise ConfigError(f"{where}: {path} is a file; expected a model directory")
     config = _read_config(path, where)
     _check_architecture(config, trust_remote_code, where)
+    if not trust_remote_code:
+        tokenizer_config = _read_json(path / TOKENIZER_CONFIG, where) or {}
+        configs = {str(path / TOKENIZER_CONFIG): tokenizer_config, str(path / CONFIG): config}
+        _check_tokenizer_code(configs, where)
     _check_weights(path, where)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ConfigError(
@@ -48,20 +66,64 @@ def check_model_dir(path: Path, trust_remote_code: bool, where: str) -> None:
 
 
 def _read_config(path: Path, where: str) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
+    config = _read_json(path / CONFIG, where)
+    if config is None:
         present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise ConfigError(
             f"{where}: {path} has no config.json (it holds {present}); expected a directory "
             "written by save_pretrained"
         )
+    return config
+
+
+def _read_json(file: Path, where: str) -> dict | None:
+    """The JSON object in `file`; None when there is no such file."""
+    if not file.is_file():
+        return None
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {file} cannot be read as JSON ({err})") from err
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise ConfigError(f"{where}: {file} holds no JSON object")
-    return config
+    return value
+
+
+def _hub_json(repo_id: str, name: str) -> dict:
+    """The JSON object in the hub model's file `name` (from the cache, or downloaded as loading
+    the model would); {} when the model has no such file or it cannot be downloaded."""
+    from transformers.utils import cached_file
+
+    file = cached_file(
+        repo_id,
+        name,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,  # loading the tokenizer names that
+    )
+    return (_read_json(Path(file), f"model {repo_id!r}") or {}) if file else {}
+
+
+def _check_tokenizer_code(configs: dict[str, dict], where: str) -> None:
+    """With model.trust_remote_code off, a tokenizer that names its own code (`auto_map`) is
+    refused: transformers would load one of its own tokenizer classes in its place, silently,
+    and train on other token ids than the model's author meant."""
+    for name, config in configs.items():
+        entry = _tokenizer_auto_map(config.get("auto_map"))
+        if entry is not None:
+            raise ConfigError(
+                f"{where}: {name} asks for the tokenizer's own code (auto_map AutoTokenizer: "
+                f"{entry!r}), which transformers runs only with model.trust_remote_code true; "
+                "without it another tokenizer class would be loaded in its place. Set "
+                "model.trust_remote_code true only if you trust where the model came from"
+            )
+
+
+def _tokenizer_auto_map(auto_map: object) -> object:
+    """The tokenizer classes an `auto_map` names: its AutoTokenizer entry, or the whole list in
+    the older form (tokenizer_config.json only) that names nothing else."""
+    if isinstance(auto_map, dict):
+        return auto_map.get("AutoTokenizer")
+    return auto_map if isinstance(auto_map, list) else None
 
 
 def _check_architecture(config: dict, trust_remote_code: bool, where: str) -> None:

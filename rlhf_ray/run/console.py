@@ -65,6 +65,22 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message, UserWarning, _NOISY_MODULES)
 
 
+def skip_bitsandbytes(needed: bool) -> None:
+    """Unless `needed` (something quantised, or code not ours that may import it), bitsandbytes
+    looks not installed to this process from here on.
+
+    peft imports bitsandbytes whatever the settings, and that import probes the Hugging Face hub
+    (through `kernels`) for a CPU 4-bit kernel on CPUs with AVX512-BF16: a warning "Failed to
+    load CPU gemm_4bit_forward from kernels-community", and CPU time, in every process that
+    imports peft. A module that sys.modules maps to None cannot be imported (Python's way of
+    blocking one), and peft and transformers, which ask importlib.util.find_spec, then see none.
+    Call it first in a process Ray gives one role (an actor, a Ray Train worker) that runs no
+    user code: the block lasts as long as the process.
+    """
+    if not needed:
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 def _ray_train_context_logger() -> str:
     """ "Reporting training result ..." on every epoch: Ray Train (2.5x-2.6x) logs it from a
     logger named by its file's path, outside "ray.train", so LoggingConfig does not reach it.

@@ -17,7 +17,7 @@ def check_output_dir(path: str) -> Path:
     in its place, no permission, a read-only or pseudo file system such as /proc, a name the
     file system refuses as too long) with the operating system's own words for it.
     """
-    where = Path(path).expanduser().absolute()
+    where = Path(path).absolute()
     probe = where / f"{PROBE}-{os.getpid()}"
     try:
         if where.exists() and not where.is_dir():

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from rlhf_ray.config import ResourcesConfig
 from rlhf_ray.errors import RoleFailed
-from rlhf_ray.run.console import ray_train_log_level
+from rlhf_ray.run.console import quiet_libraries, ray_train_log_level, skip_bitsandbytes
 from rlhf_ray.run.resources import bundle
+from rlhf_ray.train.settings import RewardWorkerSettings, SFTWorkerSettings
 
 
 def sft_loop(config: dict) -> None:
     """The SFT phase on one Ray Train worker: config {"settings": SFTWorkerSettings}."""
+    before_model_libraries(config["settings"])
     from rlhf_ray.train.sft import sft_worker_loop
 
     sft_worker_loop(config)
@@ -28,9 +30,18 @@ def sft_loop(config: dict) -> None:
 
 def reward_loop(config: dict) -> None:
     """The reward phase on one Ray Train worker: config {"settings": RewardWorkerSettings}."""
+    before_model_libraries(config["settings"])
     from rlhf_ray.train.reward import reward_worker_loop
 
     reward_worker_loop(config)
+
+
+def before_model_libraries(settings: SFTWorkerSettings | RewardWorkerSettings) -> None:
+    """Before the phase's module imports peft (and with it bitsandbytes): no bitsandbytes where
+    nothing is quantised (console.skip_bitsandbytes; first, as transformers, which
+    quiet_libraries imports, asks whether it is installed), then the libraries quieted."""
+    skip_bitsandbytes(settings.quantization.load_in_4bit)
+    quiet_libraries()
 
 
 TRAIN_STORAGE = "ray_train"  # under output_dir: Ray Train's runs and epoch checkpoints
