@@ -94,6 +94,10 @@ class PPOLearner:
         self.learner.restore(tensors, state)
         return self.learner.version
 
-    def export(self, out_dir: str, run_metrics: dict) -> str:
-        self.learner.export(out_dir, run_metrics)
+    def export(self, out_dir: str, run_metrics: dict, step_weights: str | None = None) -> str:
+        self.learner.export(out_dir, run_metrics, step_weights)
+        return out_dir
+
+    def stage(self, out_dir: str, run_metrics: dict) -> str:
+        self.learner.stage(out_dir, run_metrics)
         return out_dir

@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from rlhf_ray.ppo.messages import RolloutBatch, Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, RolloutBatch, Scores
 from rlhf_ray.ppo.settings import ScorerSettings
 from rlhf_ray.run.busy import BusyClock
 from rlhf_ray.run.console import quiet_libraries
@@ -28,6 +28,12 @@ class RewardScorer:
         """Every generator's batch of one step (refs resolved by Ray) -> scores, in order."""
         with self.busy.working():
             return self.scorer.score(list(batches))
+
+    def evaluate(self, batch: RolloutBatch, reference: ReferenceLogprobs) -> dict[str, float]:
+        """Held-out responses sampled during PPO, and their reference logprobs -> judge name ->
+        mean score, and their mean KL to the reference ("kl")."""
+        with self.busy.working():
+            return self.scorer.evaluate(batch, reference)
 
     def busy_seconds(self) -> float:
         return self.busy.seconds

@@ -82,6 +82,16 @@ class RolloutGenerator:
         seconds = time.perf_counter() - start
         return batch, receipt(len(prompts), batch.policy_version, seconds)
 
+    def evaluate(self, prompts: list[str], seed: int) -> RolloutBatch:
+        """The held-out `prompts` (each once per sample) sampled with the weights loaded, from
+        its own seed: the sampling RNG the training's batches draw from is left as it was, so a
+        run samples the same training batches with or without evaluations."""
+        import torch
+
+        with self.busy.working(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return self.generator.generate(prompts, list(range(len(prompts))))
+
     def load_weights(self, weights: Weights) -> int:
         with self.busy.working():
             self.generator.load_weights(weights)

@@ -71,7 +71,7 @@ def table(results: dict) -> str:
         rows.append(
             f"| {name} | {r['ppo_estimator']} (k={r['ppo_samples_per_prompt']}, KL in "
             f"{r['ppo_kl_placement']}) | {sources} | {r['win_rate_vs_sft']:.3f} | "
-            f"{r['gap_closed']:.3f} | {r['kl_final']:.3f} | {r['phase_seconds']['ppo']:.0f} | "
+            f"{r['gap_closed']:.3f} | {r['kl_last_step']:.3f} | {r['phase_seconds']['ppo']:.0f} | "
             f"{r['ppo_tokens_per_s']:.0f} |"
         )
     return "\n".join(rows)

@@ -108,7 +108,7 @@ for estimator in ("rloo", "grpo", "reinforce++"):
           f"KL {last['objective/kl']:.3f}")
     assert last["step"] == 3
 summary = json.loads((out / "summary-gae.json").read_text())
-for key in ("win_rate_vs_sft", "gap_closed", "kl_final", "ppo_stage_seconds", "phase_seconds"):
+for key in ("win_rate_vs_sft", "gap_closed", "kl_heldout", "kl_last_step", "ppo_stage_seconds", "phase_seconds"):
     print(f"{key}: {summary.get(key)}")
 assert lag == 0, "a batch was sampled with an older adapter than the learner's"
 assert gap_mean < 0.1, "vLLM's logprobs are far from the learner's: did the adapter reach it?"

@@ -19,7 +19,8 @@ from rlhf_ray.models.source import check_model_dir, check_model_source
 from rlhf_ray.models.target_modules import check_target_modules
 from rlhf_ray.ppo.reward_functions import import_reward_function
 from rlhf_ray.ppo.settings import engine_quantization
-from rlhf_ray.run import evaluation, fingerprints, trackers
+from rlhf_ray.run import evaluation, fingerprints, judges, trackers
+from rlhf_ray.run.best_step import BEST_DIR, LAST_DIR
 from rlhf_ray.run.checkpoints import METRICS_FILE, is_complete, phase_dir
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
 from rlhf_ray.run.resources import (
@@ -78,6 +79,8 @@ def check_phase_inputs(cfg: Config, out: Path) -> None:
             print(f"[ppo] rollout.engine auto: the generators use hf: {cfg.vllm_misfit()}")
         for spec in cfg.scoring.functions:
             import_reward_function(spec)
+    if cfg.run.evaluate:
+        judges.check_judges(judges.judges_of(cfg)[0])
     for phase in cfg.run.phases:
         if phase not in unused_phases(cfg):
             check_phase_dir_is_ours(out, phase)
@@ -154,10 +157,11 @@ def redo_phases(cfg: Config, out: Path) -> None:
         doomed += [phase_dir(out, phase), out / "tb" / phase, fingerprints.record_path(out, phase)]
         doomed.append(trackers.metrics_log(out, phase))
         doomed += [train_storage(out, phase)] if phase != "ppo" else [checkpoints_root(out)]
+        doomed += [out / LAST_DIR, out / BEST_DIR] if phase == "ppo" else []
     for path in doomed:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
         else:
             continue
@@ -340,9 +344,48 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
 
     refs = {name: task.remote(settings(path), prompts) for name, path in models.items()}
     responses = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
+    judged = judge_samples(cfg, out, prompts, responses)
     responses["ideal"] = evaluation.ideal_responses(prompts)
     evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses)
-    return {"prompts": prompts, "responses": responses, "data_dir": prepared.data_dir}
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "data_dir": prepared.data_dir,
+        "judged": judged,
+    }
+
+
+def judge_samples(cfg: Config, out: Path, prompts: list, responses: dict) -> dict:
+    """The held-out samples scored by eval.judges (the reward model, reward functions), in a
+    Ray task with the reward scorer's resources: judge -> model -> [prompt][sample] scores."""
+    names, note = judges.judges_of(cfg)
+    if note:
+        print(f"[eval] {note}", flush=True)
+    if not names or not is_complete(phase_dir(out, "sft")):
+        return {}
+    res = cfg.resources
+    reward_model = None
+    if judges.REWARD_MODEL in names:
+        reward_model = FrozenModelSettings(
+            str(phase_dir(out, "reward")),
+            cfg.model,
+            cfg.quantization,
+            res.reward_cpus,
+            res.reward_gpus,
+        )
+    settings = judges.JudgeSettings(
+        names,
+        reward_model,
+        str(phase_dir(out, "sft")),
+        cfg.model.trust_remote_code,
+        limits_of(cfg.data),
+        cfg.eval.batch_size,
+    )
+    task = ray.remote(judges.judge_responses).options(
+        **actor_options(res.reward_cpus, res.reward_gpus), name="judge"
+    )
+    judged = {name: responses[name] for name in judges.MODELS if name in responses}
+    return ray.get(task.remote(settings, prompts, judged), timeout=cfg.run.ray_timeout_s)
 
 
 def _abs_if_local(path: str) -> str:

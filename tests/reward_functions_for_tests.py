@@ -9,6 +9,13 @@ def length(prompts, completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
+def words(prompts, completions, **kwargs):
+    """Words in each completion, text or an assistant message list (an eval.judges judge)."""
+    return [
+        float(len((c[-1]["content"] if isinstance(c, list) else c).split())) for c in completions
+    ]
+
+
 def two_lists_only(prompts, completions):
     return [1] * len(completions)  # ints are numbers too
 

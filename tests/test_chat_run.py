@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from jobs import rlhf
 from rlhf_ray.data import chat
 from rlhf_ray.data.encoding import Limits, completion_ids, prompt_ids, sft_example
-from rlhf_ray.data.jsonl import write_jsonl
+from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.prepare import gather_rows, prepare_run
 from rlhf_ray.data.tokenizer import train_bpe_tokenizer
 from rlhf_ray.errors import ConfigError, DataError
@@ -40,6 +40,9 @@ CONVERSATION = [
     {"role": "user", "content": "How do I boil an egg?"},
     {"role": "assistant", "content": "Put it in boiling water for eight minutes."},
 ]
+
+
+WORDS = "tests.reward_functions_for_tests:words"
 
 
 def _chat_files(tmp: Path) -> dict[str, str]:
@@ -72,6 +75,7 @@ def chat_run(local_ray, tmp_path_factory) -> tuple[Path, int]:
     argv += ["--sft.method", "lora", "--reward.method", "lora", "--lora.r", "4"]
     argv += ["--resources.train_workers", "1"]  # chat data is the subject, not the workers
     argv += ["--run.report_to", "tensorboard", "wandb", "mlflow"]
+    argv += ["--eval.judges", "reward_model", WORDS]  # users' data: judges beside the gold one
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")  # no account, no network: files under DIR/wandb
         env.setenv("WANDB_SILENT", "true")
@@ -117,6 +121,28 @@ def test_conversational_files_run_every_phase_and_are_judged(chat_run):
 
 
 @pytest.mark.slow  # the chat run is a driver through every phase
+@pytest.mark.slow  # the chat run is a driver through every phase
+def test_eval_judges_score_base_sft_and_policy_and_the_policy_s_win_rate(chat_run, capsys):
+    out, code = chat_run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for judge in ("reward_model", WORDS):
+        for model in ("base", "sft", "policy"):
+            assert isinstance(summary[f"{judge}_reward_{model}"], float), (judge, model)
+        assert 0.0 <= summary[f"{judge}_win_rate_vs_sft"] <= 1.0
+    assert summary["eval_judges"] == {"reward_model": "optimised by PPO", WORDS: "not trained on"}
+    # the words judge by hand, from the samples the run wrote (one per prompt in the smoke preset)
+    samples = read_jsonl(out / "eval_samples.jsonl")
+    policy_words = [len(r["policy"][0].split()) for r in samples]
+    assert summary[f"{WORDS}_reward_policy"] == pytest.approx(sum(policy_words) / len(samples))
+    # during PPO: every step evaluated (the smoke preset's eval.every 1), in every tracker
+    evaluated = [r for r in read_metrics_log(out, "ppo") if metrics.EVAL_SCORE in r]
+    assert [r["step"] for r in evaluated] == [1, 2]
+    best = max(evaluated, key=lambda r: (r[metrics.EVAL_SCORE], -r["step"]))
+    assert summary["ppo_best_step"] == best["step"] == evaluated[-1][metrics.EVAL_BEST_STEP]
+    assert summary["kl_heldout"] == pytest.approx(best[metrics.EVAL_KL], abs=1e-4)
+
+
 @pytest.mark.parametrize("folder", ["sft", "reward", "policy"])
 def test_every_phase_directory_carries_the_chat_template_and_a_card(chat_run, folder):
     out, _ = chat_run
@@ -298,9 +324,10 @@ def test_mlflow_file_store_holds_every_phase_s_metrics(chat_run):
     experiment = client.get_experiment_by_name("rlhf-ray").experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment])}
     assert set(runs) == {"out-sft", "out-reward", "out-ppo"}
-    history = client.get_metric_history(runs["out-ppo"].info.run_id, metrics.KL)
-    logged = {r["step"]: r[metrics.KL] for r in read_metrics_log(out, "ppo") if metrics.KL in r}
-    assert {m.step: m.value for m in history} == pytest.approx(logged)
+    for name in (metrics.KL, metrics.EVAL_SCORE):
+        history = client.get_metric_history(runs["out-ppo"].info.run_id, name)
+        logged = {r["step"]: r[name] for r in read_metrics_log(out, "ppo") if name in r}
+        assert {m.step: m.value for m in history} == pytest.approx(logged) and logged
     sft_loss = client.get_metric_history(runs["out-sft"].info.run_id, metrics.SFT_LOSS)
     assert len(sft_loss) == len([r for r in read_metrics_log(out, "sft") if metrics.SFT_LOSS in r])
     assert runs["out-ppo"].data.params["ppo.steps"] == "2"
@@ -342,7 +369,7 @@ def test_ray_metrics_endpoint_shows_the_ppo_gauges(chat_run):
 def test_report_renders_in_a_browser_with_every_plot(chat_run):
     out, _ = chat_run
     shown = render_in_browser(out / "report.html", out / "report.png")
-    assert {"ppo_steps", "time", "gold", "overoptimisation"} <= set(shown["images"])
+    assert {"ppo_steps", "time", "gold", "judges", "overoptimisation"} <= set(shown["images"])
     assert all(width > 100 for width in shown["images"].values()), shown
     assert shown["sample_rows"] == 8  # the smoke preset's held-out prompts, SFT and policy each
     assert "Not available" not in shown["text"]

@@ -25,14 +25,40 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf_ray.run import metrics
+from rlhf_ray.run.best_step import eval_steps
 from rlhf_ray.run.checkpoints import read_metrics
 from rlhf_ray.run.ppo_checkpoints import checkpoints_root, complete_steps
+from rlhf_ray.run.trackers import read_metrics_log
 from tests.conftest import check_console, copy_outputs, free_port
 
 pytestmark = pytest.mark.slow  # a `ray start` head and `ray job submit`
 
 REPO = Path(__file__).resolve().parent.parent
 STOPPED_RUN_STEPS = 60
+EVAL_EVERY = 7  # not a divisor of the steps: the last step is evaluated as well
+
+
+def _check_best_step_export(out: Path, summary: dict) -> None:
+    """policy/ is the evaluated step with the highest eval/score (the earliest of a tie), across
+    the stop and the resume; policy-last/ the last step (a link to policy/ if that is the best);
+    the staged weights are gone."""
+    evaluated = [r for r in read_metrics_log(out, "ppo") if metrics.EVAL_SCORE in r]
+    assert [r["step"] for r in evaluated] == eval_steps(EVAL_EVERY, STOPPED_RUN_STEPS)
+    best = max(evaluated, key=lambda r: (r[metrics.EVAL_SCORE], -r["step"]))
+    assert summary["ppo_best_step"] == best["step"] == evaluated[-1][metrics.EVAL_BEST_STEP]
+    assert summary["kl_heldout"] == pytest.approx(best[metrics.EVAL_KL], abs=1e-4)
+    assert read_metrics(out / "policy")["best_step"] == best["step"]
+    last = out / "policy-last"
+    if best["step"] == STOPPED_RUN_STEPS:
+        assert last.is_symlink() and last.resolve() == (out / "policy").resolve()
+    else:
+        assert read_metrics(last)["steps"] == STOPPED_RUN_STEPS and "best_step" not in read_metrics(
+            last
+        )
+    assert not (out / "ppo_best").exists()
+
+
 SUMMARY_KEYS = (
     "rm_accuracy",
     "gold_reward_base",
@@ -40,7 +66,7 @@ SUMMARY_KEYS = (
     "gold_reward_policy",
     "gold_reward_ideal",
     "win_rate_vs_sft",
-    "kl_final",
+    "kl_last_step",
     "ppo_tokens_per_s",
 )
 
@@ -217,6 +243,7 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tiny_run, tmp_pat
     # one. The progress lines a log gets, as users of `ray job logs` see them (the preset has
     # them off).
     steps = ("--ppo.steps", str(STOPPED_RUN_STEPS), "--run.progress_bar", "true")
+    steps += ("--eval.every", str(EVAL_EVERY))
     _submit(env, "smoke-job", out, *steps)
     deadline = time.time() + 600
     while not complete_steps(checkpoints_root(out)):  # checkpoint_every 1 in smoke
@@ -242,6 +269,7 @@ def test_ray_job_submit_stop_and_resubmit_round_trip(ray_head, tiny_run, tmp_pat
     summary = check_run_outputs(out, timed=("ppo",))
     assert summary["eval_prompts"] == summary["eval_prompts_judged"] == 8
     assert read_metrics(out / "policy")["steps"] == STOPPED_RUN_STEPS
+    _check_best_step_export(out, summary)
 
     # The exported policy is a plain Hugging Face model directory: transformers' Auto classes
     # load it and it generates.

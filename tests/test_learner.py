@@ -290,3 +290,113 @@ def test_batches_a_vllm_generator_sampled_are_recomputed_whatever_the_source(rol
     stats = LearnerCore(settings).train(mixed, scores, refs)
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     assert stats[metrics.LOGPROB_GAP_MAX] == pytest.approx(0.05, abs=1e-5)
+
+
+def _frozen_reward_model(settings: LearnerSettings) -> FrozenModelSettings:
+    policy = settings.policy
+    return FrozenModelSettings(settings.critic_path, policy.model, policy.quantization, 1, 0)
+
+
+def test_evaluation_kl_is_the_summed_policy_minus_reference_logprob_of_each_response(rollouts):
+    """The held-out evaluation during PPO (eval.every): reference logprobs 0.5 below the
+    samples' on every real token give KL 0.5 * length per response, 0.5 * mean length in all;
+    the gold judge scores the synthetic prompts, the reward model as score() does."""
+    settings, shards, _, _ = rollouts
+    shard = shards[0]
+    scorer = ScorerCore(
+        ScorerSettings(_frozen_reward_model(settings), 1.0, (), (), settings.policy.sft_path, False)
+    )
+    reference = ReferenceLogprobs(shard.key, (shard.logprobs - 0.5) * shard.response_mask)
+    means = scorer.evaluate(shard, reference)
+    lengths = shard.response_mask.sum(1).float()
+    assert means["kl"] == pytest.approx(0.5 * lengths.mean().item(), abs=1e-5)
+    assert means["response_length"] == pytest.approx(lengths.mean().item())
+    rm = scorer.score([shard]).components["reward_model"]
+    assert means["reward_model"] == pytest.approx(rm.mean().item())
+    assert means["total"] == pytest.approx(rm.mean().item())
+    assert "gold_judge" in means  # the smoke prompts are the synthetic world's
+    with raises_with("another batch", exc=RoleFailed):
+        scorer.evaluate(shards[1], reference)
+
+
+def test_a_staged_step_is_exported_later_while_training_went_on(rollouts, tmp_path):
+    """`stage` keeps the policy's LoRA weights of a step; `export` of the last step merges the
+    trained policy; `export` with the staged weights builds the step's policy afresh."""
+    from safetensors.torch import load_file
+
+    from rlhf_ray.run.best_step import STEP_WEIGHTS
+
+    settings, shards, scores, refs = rollouts
+    learner = LearnerCore(settings)
+    learner.stage(str(tmp_path / "staged"), {"step": 0})
+    staged = load_file(tmp_path / "staged" / STEP_WEIGHTS)
+    assert staged.keys() == learner.weights().tensors.keys()
+    learner.train(shards, scores, refs)
+    trained = learner.weights().tensors
+    assert any(not trained[n].equal(staged[n]) for n in staged)  # the step moved the LoRA
+    learner.export(str(tmp_path / "last"), {"steps": 1})
+    learner.export(str(tmp_path / "best"), {"steps": 1}, str(tmp_path / "staged" / STEP_WEIGHTS))
+
+    def adapter(folder: str) -> dict:
+        saved = load_file(tmp_path / folder / "adapter" / "adapter_model.safetensors")
+        return {name.replace(".weight", ".default.weight"): t for name, t in saved.items()}
+
+    assert adapter("best").keys() == staged.keys()
+    assert all(adapter("best")[n].equal(staged[n]) for n in staged)
+    assert all(adapter("last")[n].equal(trained[n]) for n in trained)
+
+
+def test_target_kl_stops_the_update_at_the_first_minibatch_that_passed_it(rollouts):
+    """Two epochs of two minibatches. The first minibatch's approx-KL is 0 (no step yet), so
+    it always steps; with a tiny target the second, measured after that step, passes it and
+    ends the update: one step. Without a target all four steps run."""
+    settings, shards, scores, refs = rollouts
+    base = replace(settings.ppo, minibatch_size=4, epochs=2)
+    stopped = LearnerCore(replace(settings, ppo=replace(base, target_kl=1e-9)))
+    stats = stopped.train(shards, scores, refs)
+    assert stats[metrics.MINIBATCH_STEPS] == 1
+    assert stats[metrics.APPROXKL_MAX] < 1e-10  # the step taken saw the rollout's policy
+    full = LearnerCore(replace(settings, ppo=base)).train(shards, scores, refs)
+    assert full[metrics.MINIBATCH_STEPS] == 4
+    assert full[metrics.APPROXKL_MAX] > 1e-9
+    assert full[metrics.approxkl_epoch(2)] > 0 and metrics.approxkl_epoch(2) not in stats
+    assert full[metrics.GRAD_NORM_MAX] >= full[metrics.GRAD_NORM] > 0
+
+
+def test_target_kl_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"ppo.target_kl=-0.1: expected a number >= 0"):
+        config_from_yaml("ppo:\n  target_kl: -0.1\n", "test.yaml")
+
+
+def test_kl_target_adapts_the_kl_coefficient_after_each_step_and_checkpoints_it(rollouts):
+    """The step uses beta = kl_coef and logs it; the next beta follows `adaptive_kl_coef` from
+    the step's KL over its 8 rollouts, and survives a checkpoint."""
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, kl_coef=0.1, kl_target=0.5, kl_horizon=80)
+    learner = LearnerCore(replace(settings, ppo=ppo))
+    stats = learner.train(shards, scores, refs)
+    assert stats[metrics.KL_COEF] == 0.1
+    error = min(max(stats[metrics.KL] / 0.5 - 1, -0.2), 0.2)  # 8 rollouts of a horizon of 80
+    assert learner.kl_coef == pytest.approx(0.1 * (1 + error * 8 / 80))
+    assert learner.kl_coef != 0.1
+    tensors, state = learner.checkpoint_state()
+    assert state["kl_coef"] == learner.kl_coef
+    again = LearnerCore(replace(settings, ppo=ppo))
+    again.restore(tensors, state)
+    assert again.kl_coef == learner.kl_coef
+    fixed = LearnerCore(settings)
+    fixed.train(shards, scores, refs)
+    assert fixed.kl_coef == settings.ppo.kl_coef  # kl_target 0: beta stays
+
+
+def test_lr_schedule_sets_the_policy_optimizers_rate_for_each_update(rollouts):
+    """linear over 4 steps: the first update at lr, the second at lr * 3/4; the critic keeps
+    its own rate."""
+    settings, shards, scores, refs = rollouts
+    ppo = replace(settings.ppo, steps=4, lr=1e-3, lr_schedule="linear")
+    learner = LearnerCore(replace(settings, ppo=ppo))
+    assert learner.train(shards, scores, refs)[metrics.LEARNING_RATE] == pytest.approx(1e-3)
+    assert learner.train(shards, scores, refs)[metrics.LEARNING_RATE] == pytest.approx(0.75e-3)
+    _, policy_opt = learner.trained["policy"]
+    assert policy_opt.param_groups[0]["lr"] == pytest.approx(0.75e-3)
+    assert learner.trained["critic"][1].param_groups[0]["lr"] == ppo.critic_lr

@@ -146,7 +146,10 @@ def test_two_ranks_train_the_same_weights_as_one(case, tiny_run, local_ray):
     print(f"{case}: largest change {moved:.3e}, largest N=1 vs N=2 difference {gap:.3e} ({worst})")
     assert moved > 100 * TOLERANCE, "the update must move the weights for the test to mean much"
     assert gap <= TOLERANCE
-    for name in (metrics.POLICY_LOSS, metrics.APPROXKL, metrics.CLIPFRAC, metrics.ENTROPY):
+    compared = (metrics.POLICY_LOSS, metrics.APPROXKL, metrics.CLIPFRAC, metrics.ENTROPY)
+    # the update's diagnostics: maxima over both ranks' tokens, the whole gradient's norm
+    compared += (metrics.LOGRATIO_MAX, metrics.APPROXKL_MAX, metrics.GRAD_NORM_MAX)
+    for name in compared:
         assert stats[2][name] == pytest.approx(stats[1][name], rel=1e-4, abs=1e-6), name
     assert stats[2][metrics.KL] == stats[1][metrics.KL]  # from the same whole batch, not a slice
 

@@ -134,8 +134,13 @@ class LearnerGroup:
             refs.append(rank.restore.remote(mine, state))
         return GroupCall(refs)
 
-    def export(self, out_dir: str, run_metrics: dict) -> GroupCall:
-        return GroupCall([self.chief.export.remote(out_dir, run_metrics)])
+    def export(self, out_dir: str, run_metrics: dict, step_weights: str | None = None) -> GroupCall:
+        """The policy as a model directory (rank 0); `step_weights`: a step's, staged."""
+        return GroupCall([self.chief.export.remote(out_dir, run_metrics, step_weights)])
+
+    def stage(self, out_dir: str, run_metrics: dict) -> GroupCall:
+        """The policy's trainable weights now, kept for `export` (rank 0)."""
+        return GroupCall([self.chief.stage.remote(out_dir, run_metrics)])
 
     def results(self, call: GroupCall, what: str, watch: Callable[[], None] | None = None):
         """The call's result once every rank has answered. The first rank to fail ends the

@@ -8,12 +8,16 @@ A step samples `ppo.samples_per_prompt` responses of each of its prompts; every 
 its prompt's group id, so the group estimators (RLOO, GRPO) find a prompt's samples whole even
 when the shards split them over generators.
 With `ppo.overlap` the next batch is generated while the learner updates (one version behind).
+Every `eval.every` steps and at the last, the held-out prompts are sampled with the policy as it
+is and scored (rlhf_ray/run/best_step.py); the best step so far is exported into a staging
+folder, which becomes `policy/` at the end (`export`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,17 @@ from rlhf_ray.ppo.run_state import PromptStream, RunTotals
 from rlhf_ray.ppo.scaling import split_rows
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
+from rlhf_ray.run.best_step import (
+    BEST_DIR,
+    LAST_DIR,
+    STEP_WEIGHTS,
+    BestStep,
+    eval_due,
+    selection_judge,
+    staged_dir,
+    stale_staged,
+)
+from rlhf_ray.run.checkpoints import phase_dir
 from rlhf_ray.run.ledger import RolloutLedger
 
 
@@ -57,10 +72,17 @@ class PPOLoop:
         prompts: PromptStream,
         out: Path,
         control: ray.actor.ActorHandle | None = None,
+        eval_prompts: list | None = None,
     ) -> None:
         """`control`: the run's RunControl, whose target generator count is applied between
-        steps; without one the generators stay as created."""
-        self.cfg, self.ppo = cfg, cfg.ppo
+        steps; without one the generators stay as created. `eval_prompts`: the held-out
+        prompts evaluated every `eval.every` steps; without them nothing is evaluated."""
+        self.cfg, self.ppo, self.out = cfg, cfg.ppo, out
+        every = cfg.eval.every if eval_prompts else 0
+        self.eval_every = every
+        samples = cfg.eval.samples_during_training
+        self.eval_rows = [p for p in eval_prompts or [] for _ in range(samples)]
+        self.best = BestStep()
         self.roles, self.prompts = roles, prompts
         self.scaler = GeneratorScaler(cfg, roles, control)
         self.timeout = cfg.run.ray_timeout_s
@@ -74,11 +96,15 @@ class PPOLoop:
         if done >= steps:
             print(f"[ppo] all {steps} steps were done before this run; nothing to train")
             return self.totals.summary(steps)
+        for stale in stale_staged(self.out, self.best):  # evaluated after the checkpoint
+            shutil.rmtree(stale)
         recorder = StepRecorder(self.cfg, self.totals, self.ledger, self.busy_clocks)
         pending = self.pending or self.dispatch()
         for step in range(done + 1, steps + 1):
             trained = pending
             pending, stats, times = self.step(trained, more=step < steps)
+            if eval_due(step, self.eval_every, steps):
+                stats |= self.evaluate(step, pending)
             recorder.step_done(step, trained, stats, times)
             self.scaler.report(step)
             if stop.requested or self._checkpoint_due(step):
@@ -127,6 +153,7 @@ class PPOLoop:
             "generator_ranks": list(rngs),
             "next_generator_rank": self.roles.next_rank,
             "rollouts_per_step": self.ppo.rollouts_per_step,
+            "best": self.best.state(),
         }
         tensors = checkpoint.checkpoint_tensors(learner_tensors, rngs, batches)
         keep = self.ppo.keep_checkpoints
@@ -157,9 +184,71 @@ class PPOLoop:
         self.get(asked, "restoring generator RNG states")
         self.prompts.restore(state["prompts"])
         self.totals = RunTotals(**state["progress"])
+        self.best = BestStep.from_state(state.get("best"))
         if state["pending"]:
             self.pending = checkpoint.restored_pending(tensors, state)
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
+
+    def evaluate(self, step: int, pending: Pending | None) -> dict:
+        """The held-out prompts sampled by a generator (which holds this step's weights) from
+        the run's seed, scored, and their KL to the reference -> eval/* metrics; a step better
+        than every earlier one is exported into its staging folder (best_step.py)."""
+        started = time.perf_counter()
+        if pending:  # the next batch's sampling comes first on the generators: not timed here
+            self.wait_sampled(pending)
+            pending.ready_at = pending.ready_at or time.perf_counter()
+        generator = next(iter(self.roles.generators.values()))
+        batch = generator.evaluate.remote(self.eval_rows, self.cfg.run.seed)
+        reference = self.roles.reference.logprobs.remote(batch)
+        means = self.get(
+            self.roles.scorer.evaluate.remote(batch, reference), "evaluating held-out prompts"
+        )
+        judge = selection_judge(means)
+        stats = {metrics.eval_judge(name): means[name] for name in means if name != "kl"}
+        stats.pop(metrics.eval_judge("response_length"))
+        stats[metrics.EVAL_RESPONSE_LENGTH] = means["response_length"]
+        stats |= {metrics.EVAL_SCORE: means[judge], metrics.EVAL_KL: means["kl"]}
+        if self.best.offer(step, means[judge], means["kl"], judge):
+            staged = staged_dir(self.out, step)
+            info = {"step": step, "eval_judge": judge, **stats}
+            self.learner_call(self.roles.learner.stage(str(staged), info), "keeping a step")
+            for stale in stale_staged(self.out, self.best):  # the best before this one
+                shutil.rmtree(stale)
+        stats[metrics.EVAL_BEST_STEP] = self.best.step
+        stats[metrics.EVAL_SECONDS] = time.perf_counter() - started
+        return stats
+
+    def export(self, totals: dict) -> None:
+        """`policy/`: the best evaluated step (moved from its staging folder), or the last
+        step when nothing was evaluated; `policy-last/`: the last step, a link to `policy`
+        when the last step is the best."""
+        final, last = phase_dir(self.out, "ppo"), self.out / LAST_DIR
+        learner = self.roles.learner
+        best, steps = self.best, totals["steps"]
+        if last.is_symlink() or last.is_file():
+            last.unlink()
+        elif last.exists():  # a run that stopped between the two exports: written again
+            shutil.rmtree(last)
+        if best.step is None:
+            self.learner_call(learner.export(str(final), totals), "exporting the policy")
+            return
+        # the last step's eval/* figures are not the best step's: only its own are kept
+        run_metrics = {k: v for k, v in totals.items() if not k.startswith("eval/")}
+        run_metrics |= _best_info(best)
+        if best.step == steps:
+            self.learner_call(learner.export(str(final), run_metrics), "exporting the policy")
+            last.symlink_to(final.name)
+        else:
+            self.learner_call(learner.export(str(last), totals), "exporting the last step")
+            weights = str(staged_dir(self.out, best.step) / STEP_WEIGHTS)
+            self.learner_call(learner.export(str(final), run_metrics, weights), "exporting")
+        shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)
+        print(
+            f"[ppo] policy/ is step {best.step} of {steps} (eval/score {best.score:.4f}, the "
+            f"best of the evaluated steps); policy-last/ is step {steps}"
+            + (" (the same: a link)" if best.step == steps else ""),
+            flush=True,
+        )
 
     def dispatch(self) -> Pending:
         """Start generation of the next batch: samples_per_prompt rows per prompt, tagged with
@@ -294,6 +383,16 @@ class PPOLoop:
             if not dead:
                 raise
             raise LearnerDied(f"{what}: {', '.join(dead)} died: {err}") from None
+
+
+def _best_info(best: BestStep) -> dict:
+    """What policy/metrics.json says of the step it holds, beside the run's totals."""
+    return {
+        "best_step": best.step,
+        "eval_judge": best.judge,
+        metrics.EVAL_SCORE: best.score,
+        metrics.EVAL_KL: best.kl,
+    }
 
 
 def object_bytes(ref, timeout_s: float) -> int | None:

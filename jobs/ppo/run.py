@@ -26,7 +26,6 @@ from rlhf_ray.config import Config
 from rlhf_ray.data.prepare import PreparedRun, read_rows
 from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
-from rlhf_ray.run.checkpoints import phase_dir
 
 
 def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
@@ -36,6 +35,7 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
     if removed:
         print(f"[ppo] removed incomplete checkpoints a stopped run left: {', '.join(removed)}")
     prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")]
+    eval_prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "eval_prompts")]
     control = start_control(cfg, out)
     address = ray.get_runtime_context().gcs_address
     print(
@@ -46,7 +46,9 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
         with stop_on_sigterm() as stop:
             for rebuild in range(cfg.ppo.max_learner_restarts + 1):
                 try:
-                    return train_from_newest_checkpoint(cfg, out, prompts, control, stop)
+                    return train_from_newest_checkpoint(
+                        cfg, out, prompts, eval_prompts, control, stop
+                    )
                 except LearnerDied as died:
                     if rebuild == cfg.ppo.max_learner_restarts:
                         raise
@@ -61,19 +63,19 @@ def run_ppo(cfg: Config, prepared: PreparedRun) -> None:
         ray.kill(control, no_restart=True)
 
 
-def train_from_newest_checkpoint(cfg: Config, out: Path, prompts: list[str], control, stop):
+def train_from_newest_checkpoint(
+    cfg: Config, out: Path, prompts: list, eval_prompts: list, control, stop
+):
     """New roles, restored from the newest complete checkpoint if any; PPO to the last step,
     then the policy exported. Every role is stopped on the way out."""
     resume_from = ckpt.newest_complete(ckpt.checkpoints_root(out))
     roles = create_roles(cfg, out)
-    loop = PPOLoop(cfg, roles, PromptStream(prompts, cfg.run.seed), out, control)
+    stream = PromptStream(prompts, cfg.run.seed)
+    loop = PPOLoop(cfg, roles, stream, out, control, eval_prompts=eval_prompts)
     try:
         if resume_from is not None:
             loop.restore(resume_from)
-        totals = loop.run(stop)
-        loop.learner_call(
-            roles.learner.export(str(phase_dir(out, "ppo")), totals), "exporting the policy"
-        )
+        loop.export(loop.run(stop))  # policy/: the best evaluated step; policy-last/: the last
     finally:
         roles.stop()
         loop.scaler.release_retired()

@@ -344,14 +344,25 @@ class PPOConfig(Section):
     minibatch_size: int = 16  # responses per gradient step of the learner
     epochs: int = 4  # passes of the learner over each batch
     lr: float = 5e-4  # learning rate of the policy's LoRA adapter
+    # the adapter's learning rate over the steps: constant, or linear decay to lr / steps at the
+    # last step, after lr_warmup_steps of linear warm-up (rlhf_ray/ppo/lr_schedule.py)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0  # updates of linear warm-up of the adapter's learning rate
     critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
     weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
     kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
+    # adaptive KL (Ziegler et al. 2019): beta starts at kl_coef and after each step moves by
+    # clip(kl / kl_target - 1, -0.2, 0.2) * rollouts_per_step / kl_horizon; 0: beta fixed
+    kl_target: float = 0.0  # the KL (objective/kl) the adaptive beta aims at; 0: beta fixed
+    kl_horizon: int = 10000  # rollouts over which beta may change by about e^(+-0.2)
     gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
     lam: float = 0.95  # lambda of GAE
     clip_range: float = 0.2  # PPO ratio clip
     value_clip_range: float = 0.2  # critic value clip around the rollout's values
     max_grad_norm: float = 1.0  # policy and critic gradients each clipped to this norm
+    # early stop [SB3]: a minibatch whose approx-KL to the rollout's policy (measured before its
+    # step) passes this ends the step's update, without its own step; 0: every epoch runs
+    target_kl: float = 0.0
     temperature: float = 1.0  # sampling temperature; every logprob uses logits / temperature
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
@@ -392,6 +403,10 @@ class PPOConfig(Section):
         )
         self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
         self.positive("max_grad_norm", "temperature")
+        self.non_negative("target_kl", "kl_target", "lr_warmup_steps")
+        self.one_of("lr_schedule", ("constant", "linear"))
+        self.check(self.lr_warmup_steps < self.steps, "lr_warmup_steps", f"< steps={self.steps}")
+        self.positive("kl_horizon")
         self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
         self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
         self.positive("keep_checkpoints")
@@ -500,15 +515,31 @@ class ScoringConfig(Section):
 
 @dataclass(frozen=True)
 class EvalConfig(Section):
-    """Held-out evaluation by the gold judge: sampled responses, compared per prompt."""
+    """Held-out evaluation: during PPO (the best step becomes `policy/`), and at the end of the
+    run (every model sampled, scored by the gold judge and the judges named)."""
 
     section: ClassVar[str] = "eval"
     samples_per_prompt: int = 2  # responses sampled per held-out prompt and model
     temperature: float = 1.0  # sampling temperature of the evaluation
     batch_size: int = 64  # prompts sampled at once
+    # During PPO: every `every` steps and at the last, the held-out prompts are sampled with the
+    # policy (`samples_during_training` each, at ppo.temperature) and scored by the gold judge
+    # (synthetic data) or the reward model; the best step is exported as policy/, the last as
+    # policy-last/. 0: no evaluation during PPO, policy/ is the last step.
+    every: int = 8
+    samples_during_training: int = 1  # responses per held-out prompt at each eval.every
+    # At the end, besides the gold judge (which knows only the synthetic world's prompts), the
+    # held-out samples of base, SFT and policy are scored by these: reward_model (the run's, when
+    # it has one) and reward functions as module:function (scoring.functions' signature)
+    judges: tuple[str, ...] = ("reward_model",)
 
     def validate(self) -> None:
-        self.positive("samples_per_prompt", "temperature", "batch_size")
+        self.positive("samples_per_prompt", "temperature", "batch_size", "samples_during_training")
+        self.non_negative("every")
+        for judge in self.judges:
+            if judge != "reward_model" and not _FUNCTION_SPEC.fullmatch(judge):
+                self.fail("judges", self.judges, f"reward_model or module:function, not {judge!r}")
+        self.check(len(set(self.judges)) == len(self.judges), "judges", "no judge twice")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

@@ -64,6 +64,14 @@ class Ranks:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         return {n: (sums[0, i] / sums[1, i]).item() for i, n in enumerate(names)}
 
+    def global_max(self, value: torch.Tensor, device: torch.device) -> float:
+        """The largest of every rank's scalar `value`."""
+        if not self.distributed:
+            return value.item()
+        top = value.detach().to(device=device, dtype=torch.float64).reshape(1)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return top.item()
+
     def wrap(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         """`module` under DDP when there are several ranks: its forward then readies the
         gradient reduction that its backward runs. Only trainable parameters are broadcast

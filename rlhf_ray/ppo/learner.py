@@ -33,14 +33,21 @@ from pathlib import Path
 
 import torch
 from peft import TaskType
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from rlhf_ray.models import token_math
 from rlhf_ray.models.adapters import add_lora, save_merged
 from rlhf_ray.models.forward import ResponseLogits, ResponseValues, response_logprobs
-from rlhf_ray.models.loading import disable_dropout, load_scalar_model, to_device, trainable_state
+from rlhf_ray.models.loading import (
+    disable_dropout,
+    load_scalar_model,
+    load_trainable_state,
+    to_device,
+    trainable_state,
+)
 from rlhf_ray.models.source import ADAPTER_DIR
-from rlhf_ray.ppo import estimators, losses, masked
+from rlhf_ray.ppo import estimators, kl_control, losses, lr_schedule, masked
 from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.messages import (
     ReferenceLogprobs,
@@ -55,6 +62,7 @@ from rlhf_ray.ppo.rollout_generator import build_policy
 from rlhf_ray.ppo.settings import LearnerSettings
 from rlhf_ray.ppo.targets import Targets, critic_free_targets, ppo_targets
 from rlhf_ray.run import metrics
+from rlhf_ray.run.best_step import STEP_WEIGHTS
 from rlhf_ray.run.checkpoints import atomic_dir, write_metrics
 from rlhf_ray.run.saved_state import rng_state, set_rng_state, under_prefix, with_prefix
 from rlhf_ray.train.common import Worker
@@ -78,6 +86,7 @@ class LearnerCore:
         if self.critic is not None:
             self.trained["critic"] = self._optimized(self.critic, self.cfg.critic_lr)
         self.version = 0
+        self.kl_coef = self.cfg.kl_coef  # beta; adapted after each step with ppo.kl_target
         self.critic_sharded = False
         self.use_ranks(Ranks())
 
@@ -126,7 +135,7 @@ class LearnerCore:
         critic's tensors are gathered whole (a collective), so the checkpoint is the same with
         any rank count or sharding, and resumes with any."""
         tensors = with_prefix("rng/", rng_state())
-        state: dict = {"version": self.version}
+        state: dict = {"version": self.version, "kl_coef": self.kl_coef}
         for name, (_, opt) in self.trained.items():
             place = self._place(name)
             weights = whole_trainable_state(self._model(name), place)
@@ -146,6 +155,7 @@ class LearnerCore:
             load_whole_optimizer_state(opt, moments, state[f"{name}_opt"])
         set_rng_state(under_prefix("rng/", tensors))
         self.version = state["version"]
+        self.kl_coef = state.get("kl_coef", self.cfg.kl_coef)  # older checkpoints: fixed
 
     def trainable_digest(self) -> dict[str, str]:
         """Trained model ("policy", "critic") -> a SHA-256 of its trainable tensors as this rank
@@ -190,15 +200,42 @@ class LearnerCore:
         recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
         sampler, loss_weights = self._own_old_logprobs(batch, recompute)
         targets = self._targets(batch, scores.total.to(device), ref)
-        stats = self._update(batch, targets, loss_weights)
+        lr = self._schedule_lr()
+        stats = {**self._update(batch, targets, loss_weights), metrics.LEARNING_RATE: lr}
         self.version += 1
+        rollout = _rollout_stats(batch, targets, self._reward_kl_coef)
+        rollout[metrics.KL_COEF] = self.kl_coef
+        self._adapt_kl_coef(rollout[metrics.KL], batch.response.shape[0])
         return {
             **stats,
             **sampler,
-            **_rollout_stats(batch, targets, self.cfg.reward_kl_coef),
+            **rollout,
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.POLICY_LAG: lag,
         }
+
+    def _schedule_lr(self) -> float:
+        """Set the policy optimizer's learning rate for this update (`ppo.lr_schedule`) -> it."""
+        cfg = self.cfg
+        lr = lr_schedule.scheduled_lr(
+            cfg.lr, self.version, cfg.steps, cfg.lr_warmup_steps, cfg.lr_schedule
+        )
+        for group in self.trained["policy"][1].param_groups:
+            group["lr"] = lr
+        return lr
+
+    @property
+    def _reward_kl_coef(self) -> float:
+        """beta in the per-token rewards: 0 when the KL is a loss term instead."""
+        return 0.0 if self.cfg.kl_in_loss else self.kl_coef
+
+    def _adapt_kl_coef(self, kl: float, rollouts: int) -> None:
+        """With `ppo.kl_target`, the next step's beta from this step's KL [Ziegler et al.]."""
+        cfg = self.cfg
+        if cfg.kl_target > 0:
+            self.kl_coef = kl_control.adaptive_kl_coef(
+                self.kl_coef, kl, cfg.kl_target, cfg.kl_horizon, rollouts
+            )
 
     def _own_old_logprobs(
         self, batch: RolloutBatch, recompute: bool
@@ -258,7 +295,7 @@ class LearnerCore:
         self, batch: RolloutBatch, scores: torch.Tensor, ref_logprobs: torch.Tensor
     ) -> Targets:
         cfg = self.cfg
-        kl_coef = cfg.reward_kl_coef  # 0 when the KL is a loss term instead
+        kl_coef = self._reward_kl_coef  # 0 when the KL is a loss term instead
         if self.critic is None:
             return critic_free_targets(
                 cfg.estimator,
@@ -297,27 +334,23 @@ class LearnerCore:
     def _update(
         self, batch: RolloutBatch, targets: Targets, weights: torch.Tensor | None
     ) -> dict[str, float]:
-        """`epochs` passes over shuffled minibatches -> each stat averaged over all minibatch
-        steps, plus RATIO_FIRST: the ratio of the very first step, before any update.
+        """`epochs` passes over shuffled minibatches -> the update's stats (`update_stats`).
         `weights`: (B, R) per-token weights of the policy loss (tis), or None. Every rank
-        draws the same order (the same seed, the same draws) and trains on its slice."""
-        sums: dict[str, float] = {}
-        first_ratio, count = None, 0
-        for _ in range(self.cfg.epochs):
+        draws the same order (the same seed, the same draws) and trains on its slice. With
+        `ppo.target_kl`, a minibatch whose approx-KL passed it ends the update without its
+        step (`kl_control.stops_update`)."""
+        steps: list[tuple[int, dict[str, float]]] = []  # (epoch, a minibatch step's stats)
+        for epoch in range(self.cfg.epochs):
             order = torch.randperm(batch.response.shape[0], device=batch.response.device)
             for idx in order.split(self.cfg.minibatch_size):
                 mine = self.ranks.share(idx)
                 step = self._minibatch_step(
                     batch, targets, idx, mine, None if weights is None else weights[mine]
                 )
-                first_ratio = step[metrics.RATIO] if first_ratio is None else first_ratio
-                for name, value in step.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                count += 1
-        return {
-            **{name: total / count for name, total in sums.items()},
-            metrics.RATIO_FIRST: first_ratio,
-        }
+                if step is None:
+                    return update_stats(steps)
+                steps.append((epoch, step))
+        return update_stats(steps)
 
     def _minibatch_step(
         self,
@@ -326,10 +359,11 @@ class LearnerCore:
         idx: torch.Tensor,
         mine: torch.Tensor,
         weights: torch.Tensor | None,
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """One gradient step on minibatch `idx` (row indices), this rank training on its rows
         `mine`; every loss is scaled to the mean over the whole minibatch (`Ranks.loss_scale`)
-        and every stat is the whole minibatch's."""
+        and every stat is the whole minibatch's. None, and no step, when its approx-KL passed
+        `ppo.target_kl` (every rank decides on the whole minibatch's)."""
         cfg, ranks, mask = self.cfg, self.ranks, targets.mask[mine]
         query, query_mask = batch.query[mine], batch.query_mask[mine]
         response = batch.response[mine]
@@ -351,6 +385,8 @@ class LearnerCore:
             per_sequence=cfg.loss_per_sequence,
             weights=weights,
         )
+        if cfg.target_kl > 0 and self._stops(pg["approxkl"], tokens, pg_loss):
+            return None
         loss = pg_loss * policy_scale
         stats = {
             metrics.POLICY_LOSS: pg_loss.item(),
@@ -364,7 +400,7 @@ class LearnerCore:
             kl = estimators.kl_k3(logprobs, targets.ref_logprobs[mine], mask)
             aggregate = masked.sequence_mean if cfg.loss_per_sequence else masked.masked_mean
             kl_loss = aggregate(kl, mask)
-            loss = loss + cfg.kl_coef * kl_loss * policy_scale
+            loss = loss + self.kl_coef * kl_loss * policy_scale
             stats[metrics.KL_LOSS] = kl_loss.item()
             counts[metrics.KL_LOSS] = policy_count
         if self.critic is not None:
@@ -378,33 +414,98 @@ class LearnerCore:
             stats[metrics.VALUE_CLIPFRAC] = vf["value_clipfrac"].item()
             counts[metrics.VALUE_LOSS] = counts[metrics.VALUE_CLIPFRAC] = tokens
         loss.backward()  # under DDP: the gradients averaged over the ranks
-        for params, opt in self.trained.values():
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        norms = {}
+        for name, (params, opt) in self.trained.items():
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             entropy = token_math.entropy_from_logits(logits, temperature)
             stats[metrics.ENTROPY] = masked.masked_mean(entropy, mask).item()
             counts[metrics.ENTROPY] = tokens
-        return ranks.global_means(stats, counts, mask.device)
+        return {
+            **ranks.global_means(stats, counts, mask.device),
+            # the policy's gradients are whole and alike on every rank (DDP reduced them)
+            metrics.GRAD_NORM: norms["policy"].item(),
+            metrics.LOGRATIO_MAX: ranks.global_max(pg["logratio_absmax"], mask.device),
+        }
 
-    def export(self, out_dir: str, run_metrics: dict) -> None:
-        """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
-        original base model where SFT was LoRA too), written atomically."""
+    def _stops(self, approxkl: torch.Tensor, tokens: float, pg_loss: torch.Tensor) -> bool:
+        """Whether the whole minibatch's approx-KL passed `ppo.target_kl`; if so the policy's
+        forward pass is closed with a zero backward (DDP waits for one) and nothing steps."""
+        name, device = metrics.APPROXKL, approxkl.device
+        kl = self.ranks.global_means({name: approxkl.item()}, {name: tokens}, device)[name]
+        if not kl_control.stops_update(kl, self.cfg.target_kl):
+            return False
+        (pg_loss * 0.0).backward()
+        for _, opt in self.trained.values():
+            opt.zero_grad(set_to_none=True)
+        return True
+
+    def stage(self, out_dir: str, run_metrics: dict) -> None:
+        """The policy's trainable weights as they are (a step's, for `export` at the end of the
+        run), in `out_dir/STEP_WEIGHTS` with `run_metrics`, written atomically; training goes on."""
         with atomic_dir(Path(out_dir)) as tmp:
-            policy = self.settings.policy
-            sft_adapter = Path(policy.sft_path) / ADAPTER_DIR
-            stack_on = sft_adapter if sft_adapter.is_dir() else None
-            save_merged(self.policy, self.tok, tmp, policy.sft_path, policy.model, stack_on)
+            save_file(trainable_state(self.policy), tmp / STEP_WEIGHTS)
             write_metrics(tmp, run_metrics)
+
+    def export(self, out_dir: str, run_metrics: dict, step_weights: str | None = None) -> None:
+        """The policy as a standard model directory (LoRA merged, and the adapter alone: on the
+        original base model where SFT was LoRA too), written atomically. The policy trained is
+        merged in place, so this ends training; `step_weights`: a file `stage` wrote, exported
+        from a policy built afresh instead, the one trained left as it was."""
+        policy = self.policy
+        if step_weights is not None:
+            _, policy = build_policy(self.settings.policy)
+            load_trainable_state(policy, load_file(step_weights))
+        with atomic_dir(Path(out_dir)) as tmp:
+            settings = self.settings.policy
+            sft_adapter = Path(settings.sft_path) / ADAPTER_DIR
+            stack_on = sft_adapter if sft_adapter.is_dir() else None
+            save_merged(policy, self.tok, tmp, settings.sft_path, settings.model, stack_on)
+            write_metrics(tmp, run_metrics)
+
+
+def update_stats(steps: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """An update's log from its minibatch steps, each (epoch, its stats), in order: each stat's
+    mean over the steps, RATIO_FIRST the first step's ratio (before any update), the largest
+    approx-KL, clip fraction, |log-ratio| and gradient norm, the mean approx-KL of each epoch,
+    and the number of steps taken. No step (target_kl stopped the first): the count alone."""
+    if not steps:
+        return {metrics.MINIBATCH_STEPS: 0}
+    names = steps[0][1]
+    out = {name: sum(s[name] for _, s in steps) / len(steps) for name in names}
+    out[metrics.LOGRATIO_MAX] = max(s[metrics.LOGRATIO_MAX] for _, s in steps)
+    for name, top in (
+        (metrics.APPROXKL, metrics.APPROXKL_MAX),
+        (metrics.CLIPFRAC, metrics.CLIPFRAC_MAX),
+        (metrics.GRAD_NORM, metrics.GRAD_NORM_MAX),
+    ):
+        out[top] = max(s[name] for _, s in steps)
+    for epoch in sorted({e for e, _ in steps}):
+        kls = [s[metrics.APPROXKL] for e, s in steps if e == epoch]
+        out[metrics.approxkl_epoch(epoch + 1)] = sum(kls) / len(kls)
+    out[metrics.RATIO_FIRST] = steps[0][1][metrics.RATIO]
+    out[metrics.MINIBATCH_STEPS] = len(steps)
+    return out
 
 
 def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dict[str, float]:
     """What the batch looked like: TRL's objective/* metrics, lengths, EOS. `kl_coef`: the KL
     penalty's weight in the rewards (0 when the KL is a loss term: loss/kl_avg shows that)."""
     kl_sum = targets.kl.sum(1)  # (B,) summed over each response's tokens
+    mask = targets.mask.bool()
+    stats = {}
+    if targets.returns is not None:  # gae: the advantages before whitening
+        raw = targets.returns - targets.old_values
+        stats[metrics.ADVANTAGE_RAW_STD] = masked.masked_var(raw, mask).sqrt().item()
     return {
+        **stats,
         metrics.KL: kl_sum.mean().item(),
+        metrics.KL_MAX: kl_sum.max().item(),
+        metrics.KL_MEDIAN: kl_sum.median().item(),
+        metrics.KL_TOKEN_MAX: torch.where(mask, targets.kl, -torch.inf).max().item(),
+        metrics.ADVANTAGE_ABSMAX: torch.where(mask, targets.advantages.abs(), 0).max().item(),
         metrics.SCORES: targets.scores.mean().item(),
         metrics.NON_SCORE_REWARD: (-kl_coef * kl_sum).mean().item(),
         metrics.RLHF_REWARD: (targets.scores - kl_coef * kl_sum).mean().item(),

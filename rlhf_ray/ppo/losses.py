@@ -36,8 +36,9 @@ def policy_loss(
     the mean over responses of each one's token mean (`sequence_mean`, as GRPO defines it).
     `weights` (B, T) float, no grad: each token's clipped loss is multiplied by its weight
     (truncated importance weights of the sampler/learner mismatch), as in Yao et al. 2025.
-    Returns (scalar loss, detached scalar stats "clipfrac",
-    "approxkl", "ratio"). The log-ratio is zeroed on padding so exp() cannot overflow there.
+    Returns (scalar loss, detached scalar stats "clipfrac", "approxkl", "ratio",
+    "logratio_absmax": the largest |log-ratio| of a token). The log-ratio is zeroed on padding
+    so exp() cannot overflow there.
     [lm-hp] `loss`; [N-impl] "Policy loss" (clipfrac, approxkl = 0.5 * mean(logratio^2)).
     """
     m = mask.bool()
@@ -53,6 +54,7 @@ def policy_loss(
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
             "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
             "ratio": masked_mean(ratio, mask),
+            "logratio_absmax": log_ratio.abs().max(),  # 0 on padding
         }
     return loss, stats
 

@@ -16,10 +16,11 @@ import torch
 
 from rlhf_ray.data.chat import assistant_message, is_conversational, prompt_text
 from rlhf_ray.data.tokenizer import load_tokenizer
+from rlhf_ray.errors import RoleFailed
 from rlhf_ray.models.forward import prompt_response, sequence_scores
 from rlhf_ray.models.loading import device_of, load_frozen_scalar_model
 from rlhf_ray.models.sampling import decode_responses
-from rlhf_ray.ppo.messages import RolloutBatch, Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, RolloutBatch, Scores
 from rlhf_ray.ppo.reward_functions import call_reward_function, import_reward_function
 from rlhf_ray.ppo.settings import ScorerSettings
 from rlhf_ray.world.gold_judge import GoldJudge, gold_reward
@@ -65,6 +66,35 @@ class ScorerCore:
         weights[REWARD_MODEL] = self.settings.reward_model_weight
         total = sum(weights.get(name, 0.0) * values for name, values in components.items())
         return Scores(total.float(), components, [b.key for b in batches])
+
+    @torch.no_grad()
+    def evaluate(self, batch: RolloutBatch, reference: ReferenceLogprobs) -> dict[str, float]:
+        """Held-out responses sampled during PPO -> judge name -> mean score ("gold_judge" when
+        the judge knows every prompt, whether or not it watches training; "reward_model";
+        each reward function; "total", what PPO trains on), and their mean summed KL to the
+        reference ("kl", k1: the sum of logp_policy - logp_ref over each response's tokens)."""
+        if reference.batch != batch.key:
+            raise RoleFailed("the reference logprobs of the held-out batch are of another batch")
+        scores = self.score([batch])
+        means = {name: values.float().mean().item() for name, values in scores.components.items()}
+        means["total"] = scores.total.mean().item()
+        if GOLD_JUDGE not in means and all(self.judge.knows(prompt_text(p)) for p in batch.prompts):
+            texts = decode_responses(self._tokenizer(), batch)
+            completions = [
+                assistant_message(t) if is_conversational(p) else t
+                for p, t in zip(batch.prompts, texts, strict=True)
+            ]
+            means[GOLD_JUDGE] = sum(gold_reward(batch.prompts, completions)) / len(texts)
+        mask = batch.response_mask
+        kl = ((batch.logprobs - reference.logprobs) * mask).sum(1)
+        means["kl"] = kl.mean().item()
+        means["response_length"] = mask.sum(1).float().mean().item()
+        return means
+
+    def _tokenizer(self):
+        if self.tok is None:
+            self.tok = load_tokenizer(self.settings.tokenizer_path, self.settings.trust_remote_code)
+        return self.tok
 
     def _reward_model(self, batch: RolloutBatch) -> torch.Tensor:
         """-> (B,) float32 reward-model scores."""

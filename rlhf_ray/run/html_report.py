@@ -4,6 +4,8 @@
   PPO score, KL and rewards over steps      DIR/metrics/ppo.jsonl
   time per phase and per PPO stage          DIR/summary.json (phase_seconds, ppo_stage_seconds)
   gold reward of base, SFT, policy, ideal   DIR/summary.json
+  each eval.judges judge's mean score of    DIR/summary.json (<judge>_reward_<model>,
+  base, SFT, policy; policy's win rate      <judge>_win_rate_vs_sft, eval_judges)
   over-optimisation (Gao et al. 2022)       DIR/metrics/ppo.jsonl: the reward model's score and
                                             the watching gold judge's, against KL, step by step
   SFT and policy answers to the same prompts  DIR/eval_samples.jsonl
@@ -36,7 +38,15 @@ SAMPLES_SHOWN = 8
 _GOLD = metrics.reward_source("gold_judge")
 _RM = metrics.reward_source("reward_model")
 GOLD_MODELS = ("base", "sft", "policy", "ideal")
-HEADLINE = ("gold_reward_policy", "win_rate_vs_sft", "gap_closed", "kl_final", "rm_accuracy")
+HEADLINE = (
+    "gold_reward_policy",
+    "win_rate_vs_sft",
+    "gap_closed",
+    "kl_heldout",
+    "kl_last_step",
+    "ppo_best_step",
+    "rm_accuracy",
+)
 # summary.json's keys the page reads: numbers (or null), and tables of seconds
 _SUMMARY_NUMBERS = (*HEADLINE, *(f"gold_reward_{m}" for m in GOLD_MODELS))
 _SUMMARY_TABLES = ("phase_seconds", "ppo_stage_seconds")
@@ -56,6 +66,11 @@ def write_report(out: Path) -> Path:
         _section("Time", _plot(out, "time", _time, summary), _why_not(summary, "summary.json")),
         _section(
             "Gold reward", _plot(out, "gold", _gold, summary), _why_not(summary, "summary.json")
+        ),
+        _section(
+            "Judges of the held-out samples (eval.judges)",
+            _plot(out, "judges", _judges, summary),
+            _why_not(summary.get("eval_judges"), "eval_judges in summary.json"),
         ),
         _section(
             "Over-optimisation: reward model vs gold judge against KL",
@@ -96,8 +111,8 @@ def _ppo_steps(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     panels = [
-        ("score (reward model)", [metrics.SCORES]),
-        ("KL to the reference", [metrics.KL]),
+        ("score", [metrics.SCORES, metrics.EVAL_SCORE]),
+        ("KL to the reference", [metrics.KL, metrics.EVAL_KL]),
         ("rewards", [metrics.RLHF_REWARD, _RM, _GOLD]),
     ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -158,6 +173,31 @@ def _scored_by_both(sources: _Sources, rows: list[dict]) -> list[dict]:
                 "plot)"
             )
     return [r for r in both if metrics.KL in r]
+
+
+def _judges(summary: dict):
+    """One panel per judge of eval.judges: its mean score of base, SFT and policy, and the
+    policy's win rate against SFT; a judge PPO trained on is labelled so."""
+    import matplotlib.pyplot as plt
+
+    judges = summary.get("eval_judges")
+    if not isinstance(judges, dict) or not judges:
+        return None
+    figure, axes = plt.subplots(1, len(judges), figsize=(4.5 * len(judges), 3.4), squeeze=False)
+    for ax, (judge, kind) in zip(axes[0], judges.items(), strict=True):
+        models = [
+            m for m in ("base", "sft", "policy") if _is_number(summary.get(f"{judge}_reward_{m}"))
+        ]
+        values = [summary[f"{judge}_reward_{m}"] for m in models]
+        ax.bar(models, values, color=["#999", "#69c", "#d62"][: len(models)])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=9)
+        rate = summary.get(f"{judge}_win_rate_vs_sft")
+        ax.set_title(f"{judge}\n({kind})", fontsize=9)
+        ax.set_xlabel(f"policy's win rate vs SFT: {rate:.3f}" if _is_number(rate) else "")
+        ax.axhline(0, color="black", linewidth=0.5)
+    axes[0][0].set_ylabel("mean score on held-out prompts")
+    return figure
 
 
 def _overoptimisation(rows: list[dict]):

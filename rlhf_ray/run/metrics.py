@@ -35,6 +35,23 @@ RATIO = "val/ratio"  # mean PPO ratio over every minibatch step of an iteration
 # The ratio of an iteration's first minibatch, before any update: 1 unless the rollout's
 # logprobs differ from the learner's own forward pass (padding, positions, temperature).
 RATIO_FIRST = "val/ratio_first"
+# The heavy tail of the per-response KL (the summed k1 of each response): one response far from
+# the reference moves objective/kl (the mean) by kl_max / rollouts_per_step.
+KL_MAX = "objective/kl_max"  # the largest response's summed KL
+KL_MEDIAN = "objective/kl_median"  # the median response's
+KL_TOKEN_MAX = "objective/kl_token_max"  # the largest single token's k1 (logp - logp_ref)
+# The update's diagnostics, over its minibatch steps (each minibatch's before its own step):
+APPROXKL_MAX = "policy/approxkl_max"  # the largest minibatch approx-KL
+CLIPFRAC_MAX = "policy/clipfrac_max"
+LOGRATIO_MAX = "policy/logratio_max"  # the largest |logp - logp_old| of a token
+GRAD_NORM = "policy/grad_norm_avg"  # the policy's gradient norm before clipping, mean
+GRAD_NORM_MAX = "policy/grad_norm_max"  # and the largest
+# minibatch steps taken: epochs x minibatches, fewer when ppo.target_kl stopped the update
+MINIBATCH_STEPS = "policy/minibatch_steps"
+ADVANTAGE_ABSMAX = "val/advantage_absmax"  # the largest |advantage| (after whitening)
+ADVANTAGE_RAW_STD = "val/advantage_raw_std"  # gae: the std of the advantages before whitening
+LEARNING_RATE = "policy/lr"  # the adapter's learning rate of the step's update (ppo.lr_schedule)
+KL_COEF = "objective/kl_coef"  # the KL penalty's weight this step (ppo.kl_target adapts it)
 RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
 NO_EOS_FRACTION = "val/no_eos_fraction"
 POLICY_LAG = "policy/version_lag"  # learner version minus the rollout's policy_version
@@ -49,6 +66,24 @@ TOKENS_PER_S = "perf/tokens_per_s"  # prompt+response tokens through a whole PPO
 # into TOKENS_PER_S. A constant because it crosses from the learner's process to the driver.
 BATCH_TOKENS = "batch/tokens"
 STAGES = ("generate", "score", "reference", "learn", "sync")
+
+# Evaluation during PPO (eval.every): the held-out prompts sampled with the policy as it is
+EVAL_SCORE = "eval/score"  # the mean score steps are ranked by (gold judge, else reward model)
+EVAL_KL = "eval/kl"  # mean summed k1 KL to the reference of the held-out responses
+EVAL_RESPONSE_LENGTH = "eval/response_length"
+EVAL_BEST_STEP = "eval/best_step"  # the best evaluated step so far (exported as policy/)
+EVAL_SECONDS = "time/eval_s"  # sampling, scoring and the reference, plus any export
+
+
+def eval_judge(judge: str) -> str:
+    """`eval/<judge>`: one judge's mean score of the held-out responses during PPO (gold_judge,
+    reward_model, a reward function's module:function, total)."""
+    return f"eval/{judge}"
+
+
+def approxkl_epoch(epoch: int) -> str:
+    """`policy/approxkl_epoch<N>`: the mean approx-KL of the update's epoch N (1-based)."""
+    return f"policy/approxkl_epoch{epoch}"
 
 
 def reward_source(source: str) -> str:

@@ -12,6 +12,7 @@ from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.run import metrics
 from rlhf_ray.run.checkpoints import is_complete, phase_dir, read_metrics
 from rlhf_ray.run.evaluation import gold_scores, mean_gold, win_rate
+from rlhf_ray.run.judges import INDEPENDENT, OPTIMISED, judge_summary, trained_on
 from rlhf_ray.train.settings import EVAL_SCORES_FILE
 from rlhf_ray.world.gold_judge import GoldJudge
 
@@ -33,6 +34,12 @@ def write_summary(
     if "policy" in gold and "sft" in gold:
         summary["win_rate_vs_sft"] = _round(win_rate(gold["policy"], gold["sft"]))
         summary["gap_closed"] = _gap_closed(summary)
+    summary.update(judge_summary(evaluation.get("judged", {})))
+    if evaluation.get("judged"):
+        summary["eval_judges"] = {
+            name: OPTIMISED if trained_on(cfg, name) else INDEPENDENT
+            for name in evaluation["judged"]
+        }
     summary.update(_reward_model_summary(cfg, out, evaluation["data_dir"], judge))
     summary.update(_ppo_summary(cfg, phase_dir(out, "ppo")))
     summary["phase_seconds"] = {**_previous_seconds(out), **seconds}
@@ -44,8 +51,16 @@ def write_summary(
 def print_summary(summary: dict) -> None:
     print("\n=== rlhf-ray summary (gold judge, held-out prompts) ===")
     for key, value in summary.items():
-        if key not in ("data",):
-            print(f"{key:>24}: {value}")
+        if key not in ("data", "eval_judges"):
+            print(f"{key:>24}: {value}{_judge_label(summary, key)}")
+
+
+def _judge_label(summary: dict, key: str) -> str:
+    """ "  (optimised by PPO)" after a judge's figures when PPO trained on that judge."""
+    for judge, kind in (summary.get("eval_judges") or {}).items():
+        if key.startswith(f"{judge}_") and kind == OPTIMISED:
+            return f"  ({OPTIMISED})"
+    return ""
 
 
 def _gap_closed(summary: dict) -> float | None:
@@ -95,7 +110,13 @@ def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
         "ppo_samples_per_prompt": cfg.ppo.samples_per_prompt,
         "ppo_kl_placement": "loss" if cfg.ppo.kl_in_loss else "reward",
         "ppo_reward_sources": sources,
-        "kl_final": _round(ppo[metrics.KL]),
+        # KL to the reference, in nats per response: of the exported policy on the held-out
+        # prompts (measured at its evaluation, eval.every), and of the last training step's
+        # rollouts (training prompts, the policy as it sampled them)
+        "kl_heldout": _round(ppo.get(metrics.EVAL_KL)),
+        "kl_last_step": _round(ppo[metrics.KL]),
+        "ppo_best_step": ppo.get("best_step"),  # the step policy/ holds; None: the last
+        "ppo_eval_judge": ppo.get("eval_judge"),  # what ranked the evaluated steps
         "ppo_tokens_per_s": _round(ppo[metrics.TOKENS_PER_S]),
         "ppo_stage_seconds": ppo.get("stage_seconds"),
         "ppo_role_busy": ppo.get("role_busy"),  # share of PPO wall time each role worked
