@@ -358,7 +358,7 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
 def judge_samples(cfg: Config, out: Path, prompts: list, responses: dict) -> dict:
     """The held-out samples scored by eval.judges (the reward model, reward functions), in a
     Ray task with the reward scorer's resources: judge -> model -> [prompt][sample] scores."""
-    names, note = judges.judges_of(cfg)
+    names, note = judges.judges_of(cfg, phase_dir(out, "reward"))
     if note:
         print(f"[eval] {note}", flush=True)
     if not names or not is_complete(phase_dir(out, "sft")):

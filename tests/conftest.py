@@ -30,6 +30,11 @@ from rlhf_ray.run.checkpoints import write_metrics
 from rlhf_ray.train.settings import EVAL_SCORES_FILE
 
 REPO = Path(__file__).resolve().parent.parent
+# Ray Train's controller polls its workers every 2 s by default, so a phase ended up to 2 s
+# after its last report, and each of the ~15 Ray Train phases in the suite waited for it (3 s of
+# a smoke phase's 15 s, measured). Every Ray this session starts inherits it: the session's,
+# the drivers' and the scenarios' clusters.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 DRIVER_TIMEOUT_S = 300
 ROLE_TIMEOUT = 120  # seconds a test waits for a PPO role's answer
 

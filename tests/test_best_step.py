@@ -158,6 +158,9 @@ def test_judges_of_leaves_the_reward_model_out_of_a_run_without_one_and_says_so(
     )
     judges, note = judges_of(no_rm)
     assert judges == (fn,) and "no reward model" in note
+    # `--phases sft`: the SFT model is evaluated before any reward model is trained
+    judges, note = judges_of(cfg, tmp_path / "reward")
+    assert judges == () and f"no trained reward model in {tmp_path / 'reward'}" in note
     assert trained_on(no_rm, fn) and not trained_on(cfg, "a:b")
 
 

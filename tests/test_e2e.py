@@ -148,7 +148,18 @@ def ray_head(tmp_path):
                 os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
         log.close()
+        _keep_head_logs(Path(temp_dir), tmp_path / "head-logs")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _keep_head_logs(temp_dir: Path, keep: Path) -> None:
+    """The head's own logs, kept with the test's files (pytest keeps the last runs' tmp_path):
+    a job the head would not take ("No available agent to submit job") is explained there."""
+    logs = temp_dir / "session_latest" / "logs"
+    keep.mkdir()
+    for name in ("dashboard.log", "dashboard_agent.log", "raylet.out", "gcs_server.out"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(logs / name, keep / name)
 
 
 def _ray_cli(args: list[str], env: dict, timeout: float = 60) -> tuple[int, str]:

@@ -1,8 +1,10 @@
 """Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight) stopped by SIGTERM, its
-rerun SIGKILLed, and its second rerun losing its learner (rebuilt from its checkpoint), equals
-one never stopped; with one learner rank, and with two (stopped, then one rank SIGKILLed): the
-LoRA policy under DDP and the full-parameter critic sharded over them by FSDP2 (its DDP
-counterpart: tests/test_learner_group.py's restore on one and on two ranks).
+rerun SIGKILLed, and its second rerun losing one learner rank (every role rebuilt from its
+checkpoint), equals one never stopped. The learner is a group of two ranks: the LoRA policy under
+DDP and the full-parameter critic sharded over them by FSDP2, so a checkpoint holds the gathered
+shards and each rank's RNG; one rank is the same code with a group of one (restores across rank
+counts and shardings: tests/test_learner_group.py; one rank through `ray job stop` and a resubmit:
+tests/test_e2e.py).
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -34,6 +36,7 @@ DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
     *("--ppo.overlap", "true"),  # every checkpoint then holds a batch sampled a version behind
     *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
+    *("--resources.learner_workers", "2", "--resources.learner_sharding", "fsdp"),
 )
 # Differ between runs by nature: wall-clock figures, and the synced object's size (the pickled
 # tensors of a restored learner took 2 bytes more in one run)
@@ -87,9 +90,9 @@ def _log(tmp_path: Path) -> str:
     return (tmp_path / "stopped.log").read_text()
 
 
-def _until_saved(out: Path, step: int, ranks: tuple[str, ...]) -> subprocess.Popen:
+def _until_saved(out: Path, step: int) -> subprocess.Popen:
     """The driver started on `out` (the same command every time), once `step` is saved."""
-    driver = start_driver(out, *DRIVER_ARGS, *ranks)
+    driver = start_driver(out, *DRIVER_ARGS)
     _wait_for_checkpoint(out, step, driver)
     return driver
 
@@ -102,46 +105,39 @@ def _last_saved(out: Path, tmp_path: Path) -> int:
     return saved
 
 
-@pytest.mark.parametrize(("workers", "sharding"), [(1, "ddp"), (2, "fsdp")], ids=["1", "2-fsdp"])
-def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_end_as_one_never_stopped(
-    local_ray, tiny_run, tmp_path, workers, sharding
+def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_rank_end_as_one_never_stopped(
+    local_ray, tiny_run, tmp_path
 ):
     never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
-    ranks = ("--resources.learner_workers", str(workers), "--resources.learner_sharding", sharding)
-    code = finish(start_driver(never_stopped, *DRIVER_ARGS, *ranks))
+    code = finish(start_driver(never_stopped, *DRIVER_ARGS))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     out = _run_dir(tmp_path, tiny_run, "stopped")
 
     # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.
-    first = _until_saved(out, 2, ranks)
+    first = _until_saved(out, 2)
     first.send_signal(signal.SIGTERM)
     assert finish(first) == 143, _log(tmp_path)[-3000:]
     assert "Run the same command again to continue" in _log(tmp_path)
     stopped_at = _last_saved(out, tmp_path)
 
-    # 2. The same command, SIGKILLed once it has saved a step of its own: the group's part in
-    # this is what step 1 shows (a new driver, new ranks, the checkpoint read back), so it is
-    # done with one rank only (each driver start is ~30 s of the CI's budget).
-    killed_at = stopped_at
-    if workers == 1:
-        second = _until_saved(out, stopped_at + 1, ranks)
-        second.kill()
-        assert finish(second) == -signal.SIGKILL
-        killed_at = _last_saved(out, tmp_path)
+    # 2. The same command, SIGKILLed once it has saved a step of its own.
+    second = _until_saved(out, stopped_at + 1)
+    second.kill()
+    assert finish(second) == -signal.SIGKILL
+    killed_at = _last_saved(out, tmp_path)
 
-    # 3. Once more; its learner (one of its ranks) is SIGKILLed (the process and everything it
-    # held are gone) once it has saved a step, and every role is rebuilt from the newest
-    # checkpoint; the other rank, if any, may be waiting for it in a collective.
-    third = _until_saved(out, killed_at + 1, ranks)
+    # 3. Once more; one of its learner ranks is SIGKILLed (the process and everything it held
+    # are gone) once it has saved a step, while the other may wait for it in a collective; every
+    # role is rebuilt from the newest checkpoint.
+    third = _until_saved(out, killed_at + 1)
     learners = session_ray_processes("ray::PPOLearner")
-    assert len(learners) == workers
+    assert len(learners) == 2
     learners[-1].kill()
     assert finish(third) == 0, _log(tmp_path)[-3000:]
     log = _log(tmp_path)
-    for resumed_at in {stopped_at, killed_at}:
+    for resumed_at in (stopped_at, killed_at):
         assert f"[ppo] resuming after step {resumed_at}" in log
     assert "PPOLearner" in log and "[ppo] rebuilding every role from" in log
     assert "1 of ppo.max_learner_restarts=2" in log
-    if workers > 1:  # the error names the rank that died
-        assert re.search(r"\(learner-[01]\): The actor died", log), log[-3000:]
+    assert re.search(r"\(learner-[01]\): The actor died", log), log[-3000:]  # names the rank
     _assert_same_run(out, never_stopped)

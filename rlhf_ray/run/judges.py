@@ -14,6 +14,7 @@ training pairs were (a sampled response without EOS gets one, as a completion in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ from rlhf_ray.errors import ConfigError
 from rlhf_ray.models.forward import sequence_scores
 from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_scalar_model
 from rlhf_ray.ppo.reward_functions import call_reward_function, import_reward_function
+from rlhf_ray.run.checkpoints import is_complete
 from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.run.evaluation import win_rate
 
@@ -35,11 +37,17 @@ OPTIMISED = "optimised by PPO"
 INDEPENDENT = "not trained on"
 
 
-def judges_of(cfg: Config) -> tuple[tuple[str, ...], str | None]:
-    """(the judges this run uses, a note naming any of eval.judges left out and why)."""
-    if REWARD_MODEL in cfg.eval.judges and not cfg.scoring.uses_reward_model:
-        kept = tuple(j for j in cfg.eval.judges if j != REWARD_MODEL)
+def judges_of(cfg: Config, reward_dir: Path | None = None) -> tuple[tuple[str, ...], str | None]:
+    """(the judges this run uses, a note naming any of eval.judges left out and why).
+    `reward_dir`: where the run's reward model should be, when checked for a complete one (a
+    run of `--phases sft` evaluates its SFT model with none trained yet)."""
+    if REWARD_MODEL not in cfg.eval.judges:
+        return cfg.eval.judges, None
+    kept = tuple(j for j in cfg.eval.judges if j != REWARD_MODEL)
+    if not cfg.scoring.uses_reward_model:
         return kept, "eval.judges: reward_model left out: this run has no reward model"
+    if reward_dir is not None and not is_complete(reward_dir):
+        return kept, f"eval.judges: reward_model left out: no trained reward model in {reward_dir}"
     return cfg.eval.judges, None
 
 
