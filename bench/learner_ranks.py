@@ -20,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,26 +37,13 @@ VARIANTS = {
 
 def one_run(models: Path, variant: str, steps: int, nodes: int) -> dict:
     """The variant's PPO steps in this process -> per-step seconds and learn-stage seconds."""
-    from bench.ray_setup import bench_ray
-    from jobs.ppo.loop import PPOLoop
-    from jobs.ppo.roles import create_roles
+    from bench.ray_setup import timed_ppo_steps
     from rlhf_ray.config.command_line import parse_run_args
-    from rlhf_ray.data.jsonl import read_jsonl
-    from rlhf_ray.ppo.run_state import PromptStream
 
     args = ["--output_dir", str(models), "--ppo.steps", str(steps), *VARIANTS[variant]]
     cfg = parse_run_args([*args, "--ppo.checkpoint_every", "0"])
-    with bench_ray(nodes):
-        roles = create_roles(cfg, models)
-        prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
-        loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
-        pending, step_s, learn_s = loop.dispatch(), [], []
-        for step in range(1, steps + 1):
-            start = time.perf_counter()
-            pending, _, times = loop.step(pending, more=step < steps)
-            step_s.append(time.perf_counter() - start)
-            learn_s.append(times["learn"])
-        roles.stop()
+    timed = timed_ppo_steps(cfg, models, nodes)
+    step_s, learn_s = timed.seconds, [times["learn"] for times in timed.stages]
     return {"step_s": statistics.median(step_s[1:]), "learn_s": statistics.median(learn_s[1:])}
 
 

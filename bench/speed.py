@@ -44,33 +44,16 @@ def ours(models: Path, estimator: str, steps: int, extra: list[str], nodes: int)
     """rlhf-ray's four roles on a local Ray of 2 CPUs, or on `nodes` simulated nodes sharing
     those 2 CPUs (ray.cluster_utils.Cluster; each node has its own object store, so batches
     cross between nodes as on a cluster); per-step wall time, stage times, busy shares."""
-    from bench.ray_setup import bench_ray
-    from jobs.ppo.loop import PPOLoop
-    from jobs.ppo.roles import create_roles
+    from bench.ray_setup import timed_ppo_steps
     from rlhf_ray.config.command_line import parse_run_args
-    from rlhf_ray.data.jsonl import read_jsonl
-    from rlhf_ray.ppo.run_state import PromptStream
-    from rlhf_ray.run.busy import busy_since
 
     k = 1 if estimator == "gae" else SAMPLES
     args = ["--output_dir", str(models), "--ppo.estimator", estimator]
     args += ["--ppo.samples_per_prompt", str(k), "--ppo.rollouts_per_step", str(COMPLETIONS)]
     args += ["--ppo.minibatch_size", str(COMPLETIONS), "--ppo.epochs", "1", "--ppo.kl_coef"]
     args += [str(KL), "--ppo.steps", str(steps), "--ppo.checkpoint_every", "0", *extra]
-    cfg = parse_run_args(args)
-    with bench_ray(nodes):
-        roles = create_roles(cfg, models)
-        prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
-        loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
-        pending, seconds, stages = loop.dispatch(), [], []
-        for step in range(1, steps + 1):
-            start = time.perf_counter()
-            pending, _, times = loop.step(pending, more=step < steps)
-            seconds.append(time.perf_counter() - start)
-            stages.append(times)
-            if step == 1:  # steady state from here: each role's busy clock, read inside the role
-                clocks = loop.busy_clocks()
-        busy = busy_since(clocks, loop.busy_clocks())
+    timed = timed_ppo_steps(parse_run_args(args), models, nodes)
+    seconds, stages, busy = timed.seconds, timed.stages, timed.busy
     steady = seconds[1:]
     step_s = statistics.median(steady)
     share = {s: statistics.median(t[s] for t in stages[1:]) / step_s for s in stages[0]}
