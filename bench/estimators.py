@@ -26,8 +26,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rlhf_ray.run import metrics  # noqa: E402 (after the checkout is on the path)
+# after the checkout is on the path
+import torch  # noqa: E402
+
+from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
+from rlhf_ray.data.jsonl import read_jsonl  # noqa: E402
+from rlhf_ray.data.prepare import limits_of  # noqa: E402
+from rlhf_ray.models.loading import FrozenModelSettings  # noqa: E402
+from rlhf_ray.run import metrics  # noqa: E402
+from rlhf_ray.run.best_step import LAST_DIR  # noqa: E402
+from rlhf_ray.run.evaluation import (  # noqa: E402
+    EvalSettings,
+    generate_eval_responses,
+    gold_scores,
+    mean_gold,
+    win_rate,
+)
 from rlhf_ray.run.trackers import read_metrics_log  # noqa: E402
+from rlhf_ray.world.gold_judge import GoldJudge  # noqa: E402
 
 GOLD = "rlhf_ray.world.gold_judge:gold_reward"
 GROUPS = ["--ppo.samples_per_prompt", "4"]  # 128 rollouts = 32 prompts x 4 samples
@@ -55,14 +71,44 @@ def run(config: str, out: Path, extra: list[str]) -> dict:
     command += ["--run.progress_bar", "false", *extra]
     start = time.time()
     subprocess.run(command, cwd=REPO, check=True)
+    wall_s = round(time.time() - start, 1)
     summary = json.loads((out / "summary.json").read_text())
     step_kl = [row[metrics.KL] for row in read_metrics_log(out, "ppo")]
     return {
         "command": " ".join(command[1:]),
-        "wall_s": round(time.time() - start, 1),
+        "wall_s": wall_s,
         "max_step_kl": max(step_kl),
         "steps_kl_over_1_5": sum(kl > 1.5 for kl in step_kl),
+        **last_step_figures(parse_run_args(command[2:]), out, summary),
         **summary,
+    }
+
+
+def last_step_figures(cfg, out: Path, summary: dict) -> dict:
+    """The gold judge's win rate and gap closed of `policy-last/` (the last step), sampled as
+    the evaluation phase samples `policy/` (the best evaluated step): the same prompts, seed and
+    settings, against the SFT samples that phase wrote. The same as policy/'s where the last
+    step was the best (policy-last/ is then a link)."""
+    last = out / LAST_DIR
+    if last.is_symlink():
+        return {
+            "win_rate_last": summary["win_rate_vs_sft"],
+            "gap_closed_last": summary["gap_closed"],
+        }
+    torch.set_num_threads(1)  # as in the evaluation phase's Ray task (rollout_cpus < 1)
+    rows = read_jsonl(out / "eval_samples.jsonl")
+    prompts = [row["prompt"] for row in rows]
+    res = cfg.resources
+    model = FrozenModelSettings(str(last), cfg.model, cfg.quantization, res.rollout_cpus, 0)
+    settings = EvalSettings(model, cfg.eval, limits_of(cfg.data), cfg.run.seed)
+    judge = GoldJudge()
+    policy = gold_scores(judge, prompts, generate_eval_responses(settings, prompts))
+    sft = gold_scores(judge, prompts, [row["sft"] for row in rows])
+    ideal = summary["gold_reward_ideal"]
+    sft_mean = summary["gold_reward_sft"]
+    return {
+        "win_rate_last": win_rate(policy, sft),
+        "gap_closed_last": (mean_gold(policy) - sft_mean) / (ideal - sft_mean),
     }
 
 
@@ -79,8 +125,9 @@ def share_first_phases(source: Path, out: Path) -> None:
 def table(results: dict) -> str:
     rows = [
         "| run | estimator | rewarded by | win rate vs SFT | gap closed | held-out KL "
-        "| max step KL (steps > 1.5) | best step | PPO s | PPO tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| best step | last step: win rate / gap closed | max step KL (steps > 1.5) | PPO s "
+        "| PPO tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         sources = ", ".join(
@@ -89,8 +136,9 @@ def table(results: dict) -> str:
         rows.append(
             f"| {name} | {r['ppo_estimator']} (k={r['ppo_samples_per_prompt']}, KL in "
             f"{r['ppo_kl_placement']}) | {sources} | {r['win_rate_vs_sft']:.3f} | "
-            f"{r['gap_closed']:.3f} | {r['kl_heldout']:.3f} | {r['max_step_kl']:.2f} "
-            f"({r['steps_kl_over_1_5']}) | {r['ppo_best_step']} | {r['phase_seconds']['ppo']:.0f} "
+            f"{r['gap_closed']:.3f} | {r['kl_heldout']:.3f} | {r['ppo_best_step']} | "
+            f"{r['win_rate_last']:.3f} / {r['gap_closed_last']:.3f} | {r['max_step_kl']:.2f} "
+            f"({r['steps_kl_over_1_5']}) | {r['phase_seconds']['ppo']:.0f} "
             f"| {r['ppo_tokens_per_s']:.0f} |"
         )
     return "\n".join(rows)

@@ -125,30 +125,25 @@ def test_each_synced_adapter_version_is_the_one_that_samples(vllm_run):
     assert not generator.adapters.exists()
 
 
-def test_ppo_steps_on_vllm_train_on_the_learners_own_logprobs_with_tis(local_ray, vllm_run):
-    out, prepared = vllm_run
-    cfg = _config(out, **{"ppo.steps": "2", "rollout.logprob_correction": "tis"})
-    with running_roles(cfg, out) as roles:
-        loop = ppo_loop(cfg, roles, prepared)
-        pending = loop.dispatch()
-        for step in (1, 2):
-            pending, stats, _ = loop.step(pending, more=step < 2)
-            assert stats[metrics.POLICY_LAG] == 0
-            assert stats[metrics.LOGPROB_GAP_MEAN] <= stats[metrics.LOGPROB_GAP_MAX]
-            assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
-            # sampler and learner agree, so the truncated importance weights are all ~1
-            assert stats[metrics.TIS_WEIGHT] == pytest.approx(1.0, abs=1e-3)
-            assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
-        weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
-        assert weights.version == 2
-        assert stats[metrics.SYNC_BYTES] >= _adapter_bytes(weights)
+def _trained_on_the_learners_own_logprobs(stats: dict) -> None:
+    """A step on vLLM's batch: sampled by the learner's current version, whose logprobs the
+    sampler's match, so the truncated importance weights are all ~1."""
+    assert stats[metrics.POLICY_LAG] == 0
+    assert stats[metrics.LOGPROB_GAP_MEAN] <= stats[metrics.LOGPROB_GAP_MAX]
+    assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
+    assert stats[metrics.TIS_WEIGHT] == pytest.approx(1.0, abs=1e-3)
+    assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(
+def test_ppo_steps_on_vllm_with_tis_and_a_killed_generator_restarted_with_the_current_adapter(
     local_ray, vllm_run, tmp_path
 ):
+    """Two PPO steps on vLLM rollouts (rollout.logprob_correction tis), the generator killed
+    between them with the second batch in flight: the restarted engine loads the learner's
+    adapter (version 1) before it samples the retried batch, so both steps train on batches of
+    the learner's own version. (One set of roles for both: each vLLM engine start is ~15 s.)"""
     out, prepared = vllm_run
-    cfg = _config(out, **{"ppo.steps": "2"})
+    cfg = _config(out, **{"ppo.steps": "2", "rollout.logprob_correction": "tis"})
     with running_roles(cfg, out) as roles:
         generator = roles.generators[0]
         first_pid = ray.get(generator.ready.remote(), timeout=TIMEOUT)
@@ -156,16 +151,17 @@ def test_killed_vllm_generator_restarts_and_samples_with_the_current_adapter(
         pending = loop.dispatch()
         with closed_gate(tmp_path / "gate") as gate:  # the version-1 batch is held in generate
             loop.prompts.prompts = [gate.hold(p) for p in loop.prompts.prompts]
-            pending, _, _ = loop.step(pending, more=True)  # trains version 1, syncs, dispatches
+            pending, first, _ = loop.step(pending, more=True)  # trains version 1, syncs, dispatches
             gate.wait_entered(first_pid, TIMEOUT)
             assert ray.wait(pending.refs[:1], timeout=0)[0] == []
             ray.kill(generator, no_restart=False)  # dies with the version-1 batch in flight
-        _, stats, _ = loop.step(pending, more=False)  # asked again, of the restarted one
+        _, second, _ = loop.step(pending, more=False)  # asked again, of the restarted one
         assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
-        # the restarted engine loaded the learner's adapter (version 1) before it sampled the
-        # retried batch: its logprobs are the learner's own of version 1
-        assert stats[metrics.POLICY_LAG] == 0
-        assert stats[metrics.LOGPROB_GAP_MAX] < SAME_VERSION_ATOL
+        _trained_on_the_learners_own_logprobs(first)
+        _trained_on_the_learners_own_logprobs(second)
+        weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
+        assert weights.version == 2
+        assert second[metrics.SYNC_BYTES] >= _adapter_bytes(weights)
 
 
 def _check_eos(batch, eos: int, max_tokens: int) -> None:
