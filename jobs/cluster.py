@@ -7,9 +7,14 @@ ready, so a request no node can hold is refused before anything is written or st
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 import ray._private.utils
@@ -58,20 +63,21 @@ def start_local(run: RunConfig) -> str:
     if ray.is_initialized():  # e.g. a test session's local Ray
         return "using the Ray already initialised in this process"
     node = local_node(run)
-    port = dashboard_port()
-    set_local_ray_environment(port)
     # Ray turns token authentication on for a new local Ray unless RAY_AUTH_MODE says otherwise,
     # and warns that it did; the line returned says so instead, with where the token is.
     logging.getLogger(RAY_TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
-    context = ray.init(
-        address="local",  # a new local Ray, never one that `ray start` left on this machine
-        num_cpus=int(node["CPU"]),
-        num_gpus=int(node.get("GPU", 0)),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        logging_level=logging.INFO if is_verbose() else logging.WARNING,
-    )
+    with one_local_start_at_a_time():
+        port = dashboard_port()
+        set_local_ray_environment(port)
+        context = ray.init(
+            address="local",  # a new local Ray, never one that `ray start` left on this machine
+            num_cpus=int(node["CPU"]),
+            num_gpus=int(node.get("GPU", 0)),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            logging_level=logging.INFO if is_verbose() else logging.WARNING,
+        )
     url = f"http://{context.dashboard_url}" if context.dashboard_url else "n/a"
     return f"started a local Ray; dashboard at {url}{dashboard_token_note()}"
 
@@ -91,6 +97,20 @@ def set_local_ray_environment(dashboard: int) -> None:
     """
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@contextmanager
+def one_local_start_at_a_time() -> Iterator[None]:
+    """Runs started together on one machine each found 8265 free, and all but the first
+    local Ray then failed to bind it ("Failed to find a valid port for dashboard", seen with
+    three runs launched at once): their port choice and start take turns under a file lock,
+    so each later one finds the port taken and picks another."""
+    with open(Path(tempfile.gettempdir()) / "rlhf-ray-local-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def dashboard_port() -> int:
