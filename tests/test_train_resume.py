@@ -39,8 +39,9 @@ TIMEOUT = 300
 EPOCHS, STEPS_PER_EPOCH = 4, 32
 # 1138 pairs, of which the smoke preset's eval_fraction 0.1 holds out 114: 1024 train, in
 # batches of 16 over 2 workers: 32 steps (about 1.5 s) an epoch. Ray Train records an epoch's
-# checkpoint up to ~2 s after the workers write it (its controller polls them every 2 s), so a
-# fault injected once epoch 2 is recorded lands in epoch 3 or 4: two epochs after it leave room.
+# checkpoint a little after the workers write it (its controller polls them: every 2 s by
+# default, 0.25 s in this suite, tests/conftest.py), so a fault injected once epoch 2 is recorded
+# lands in epoch 3 or 4: two epochs after it leave room.
 ARGS = (
     *("--phases", "reward", "--reward.epochs", str(EPOCHS)),
     *("--data.num_preferences", "1138", "--run.evaluate", "false"),
