@@ -73,7 +73,8 @@ def run(config: str, out: Path, extra: list[str]) -> dict:
     subprocess.run(command, cwd=REPO, check=True)
     wall_s = round(time.time() - start, 1)
     summary = json.loads((out / "summary.json").read_text())
-    step_kl = [row[metrics.KL] for row in read_metrics_log(out, "ppo")]
+    # (rows of the roles' busy shares alone are logged between steps)
+    step_kl = [row[metrics.KL] for row in read_metrics_log(out, "ppo") if metrics.KL in row]
     return {
         "command": " ".join(command[1:]),
         "wall_s": wall_s,
