@@ -220,3 +220,17 @@ def test_the_recorded_learner_threads_are_those_the_learner_runs_with(
     cfg = smoke_config(tmp_path, **overrides)
     assert cfg.resources.learner_torch_threads == expected
     assert max(1, int(roles.policy_settings(cfg, tmp_path).cpus)) == expected  # use_cpus's rule
+
+
+def test_a_setting_added_after_the_phase_ran_counts_only_when_not_at_its_default(tmp_path):
+    """A record written before ppo.target_kl existed lacks it: a run at its default continues,
+    one that sets it is refused naming it (the earlier run trained without an early stop)."""
+    data_dir = prepare_run(smoke_config(tmp_path)).data_dir
+    made = fingerprints.phase_settings(smoke_config(tmp_path), data_dir)["ppo"]
+    older = {k: v for k, v in made.items() if k != "ppo.target_kl"}
+    fingerprints.write_record(tmp_path, "ppo", older)
+    fingerprints.check_against_record(tmp_path, "ppo", made, redo="ppo")
+    early_stop = smoke_config(tmp_path, **{"ppo.target_kl": "0.05"})
+    now = fingerprints.phase_settings(early_stop, data_dir)["ppo"]
+    with pytest.raises(ConfigError, match=r"ppo.target_kl: '\(unset\)' then, 0.05 now"):
+        fingerprints.check_against_record(tmp_path, "ppo", now, redo="ppo")

@@ -12,6 +12,7 @@ SHA-256 of the rows the phase trains on, whatever file they came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -155,6 +156,21 @@ def write_record(output_dir: Path, phase: str, settings: dict) -> None:
     tmp.replace(path)
 
 
+@functools.cache
+def _defaults() -> dict:
+    """{"section.key": default value} of every setting, as a record would hold it."""
+    sections = json.loads(json.dumps(dataclasses.asdict(Config())))
+    return {f"{name}.{k}": v for name, values in sections.items() for k, v in values.items()}
+
+
+def _differs(key: str, recorded: dict, current: dict) -> bool:
+    """A setting the record lacks was added to rlhf-ray after the phase ran: the run was made
+    with its default behaviour, so only a value other than the default is a change."""
+    if key not in recorded and key in current and key in _defaults():
+        return current[key] != _defaults()[key]
+    return recorded.get(key, "(unset)") != current.get(key, "(unset)")
+
+
 def check_against_record(output_dir: Path, phase: str, settings: dict, redo: str) -> None:
     """Raise ConfigError naming every setting that differs from the phase's record, if any.
 
@@ -166,7 +182,7 @@ def check_against_record(output_dir: Path, phase: str, settings: dict, redo: str
     # JSON turned tuples into lists; compare what the record would hold now.
     current = json.loads(json.dumps(settings))
     keys = sorted(set(recorded) | set(current))
-    changed = [k for k in keys if recorded.get(k, "(unset)") != current.get(k, "(unset)")]
+    changed = [k for k in keys if _differs(k, recorded, current)]
     if changed:
         lines = "\n".join(
             f"  {k}: {recorded.get(k, '(unset)')!r} then, {current.get(k, '(unset)')!r} now"
