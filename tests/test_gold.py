@@ -251,6 +251,21 @@ def test_split_prompts_holds_out_eval_prompts():
     assert split_prompts(30, seed=2)[1] != held_out
 
 
+@pytest.mark.parametrize("num_eval", [8, 64, 95])
+def test_every_held_out_prompt_is_a_new_phrasing_of_something_trained(num_eval):
+    """A held-out capital, opposite, tip or harm keeps another phrasing in training; questions
+    nobody can answer share one answer, so one trained question teaches them all."""
+    for seed in range(20):
+        train, held_out = split_prompts(num_eval, seed)
+        assert len(held_out) == num_eval and len(train) + num_eval == 190
+        taught = {(s.kind, s.subject) for s in train}
+        for spec in held_out:
+            if spec.kind == "unknowable":
+                assert any(s.kind == "unknowable" for s in train)
+            else:
+                assert (spec.kind, spec.subject) in taught, (seed, spec.text)
+
+
 def test_at_most_half_the_world_is_held_out():
     assert assistant_world.max_eval_prompts() == 95  # 190 // 2
     assert len(split_prompts(DataConfig(num_eval_prompts=95).num_eval_prompts, 0)[1]) == 95
