@@ -18,7 +18,7 @@ from rlhf_ray.data.prepare import limits_of, read_rows
 from rlhf_ray.errors import ConfigError, RoleFailed
 from rlhf_ray.models.loading import FrozenModelSettings
 from rlhf_ray.ppo.learner import LearnerCore
-from rlhf_ray.ppo.messages import ReferenceLogprobs, Scores
+from rlhf_ray.ppo.messages import ReferenceLogprobs, Scores, concat_batches
 from rlhf_ray.ppo.reference_model import ReferenceCore
 from rlhf_ray.ppo.reward_scorer import ScorerCore
 from rlhf_ray.ppo.rollout_generator import HFGeneratorCore
@@ -400,3 +400,45 @@ def test_lr_schedule_sets_the_policy_optimizers_rate_for_each_update(rollouts):
     _, policy_opt = learner.trained["policy"]
     assert policy_opt.param_groups[0]["lr"] == pytest.approx(0.75e-3)
     assert learner.trained["critic"][1].param_groups[0]["lr"] == ppo.critic_lr
+
+
+def test_the_decoupled_objective_is_ppo_at_lag_zero(rollouts):
+    """No lag: the proximal policy is the one that sampled the batch, so `ppo.objective
+    decoupled` trains exactly as PPO does (nothing recomputed, no weights)."""
+    settings, shards, scores, refs = rollouts
+    plain = LearnerCore(settings)  # (each learner seeds torch as it is built: build, train)
+    plain_stats = plain.train(shards, scores, refs)
+    decoupled = LearnerCore(replace(settings, ppo=replace(settings.ppo, objective="decoupled")))
+    stats = decoupled.train(shards, scores, refs)
+    assert stats == plain_stats
+    assert decoupled.trainable_digest() == plain.trainable_digest()
+    assert metrics.TIS_WEIGHT not in stats
+
+
+def test_the_decoupled_objective_clips_around_the_proximal_policy_of_a_lagging_batch(rollouts):
+    """A batch one version old: PPO's first ratio is pi_now / pi_behaviour (not 1: the policy
+    moved); the decoupled objective's is pi_now / pi_proximal = 1 (the proximal policy is the
+    learner as it is), each token weighed by min(pi_proximal / pi_behaviour, tis_cap)."""
+    settings, shards, scores, refs = rollouts
+    cap = 1.05
+    decoupled = replace(settings.ppo, objective="decoupled")
+    rollout = replace(RolloutConfig(), tis_cap=cap)
+    settings_of = {"ppo": settings, "decoupled": replace(settings, ppo=decoupled, rollout=rollout)}
+    stats, digests = {}, {}
+    for name, learner_settings in settings_of.items():
+        learner = LearnerCore(learner_settings)  # seeds torch as it is built
+        learner.train([replace(s) for s in shards], scores, refs)  # now version 1
+        digests[name] = learner.trainable_digest()  # the same step: lag 0
+        if name == "decoupled":  # its proximal logprobs, by hand: the learner as it is
+            batch, _ = concat_batches(shards, learner.tok.pad_token_id)
+            proximal = learner._own_logprobs(batch)
+            mask = batch.response_mask
+            weights = torch.exp(proximal - batch.logprobs).clamp(max=cap)
+            expected_weight = float((weights * mask).sum() / mask.sum())
+        stats[name] = learner.train([replace(s) for s in shards], scores, refs)  # lag 1
+    assert digests["ppo"] == digests["decoupled"]
+    assert stats["ppo"][metrics.POLICY_LAG] == stats["decoupled"][metrics.POLICY_LAG] == 1
+    assert abs(stats["ppo"][metrics.RATIO_FIRST] - 1.0) > 1e-3  # the policy moved
+    assert stats["decoupled"][metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
+    assert stats["decoupled"][metrics.TIS_WEIGHT] == pytest.approx(expected_weight, abs=1e-5)
+    assert expected_weight != pytest.approx(1.0, abs=1e-3)

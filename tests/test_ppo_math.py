@@ -222,3 +222,24 @@ def test_logprob_gap_and_truncated_importance_weights():
     weights = truncated_importance_weights(learner, sampler, mask, cap=1.5)
     # exp(0.5) = 1.6487 -> 1.5 ; exp(-1) = 0.3679 ; exp(0) = 1 ; padding 0
     close(weights, t([[1.5, 0.3678794, 1.0], [1.0, 0.0, 0.0]]))
+
+
+def test_decoupled_objective_by_hand():
+    """One token, A = +1, clip 0.2: behaviour (the version that sampled it) p = 0.25, proximal
+    (the learner before this update) 0.5, the policy now 0.65. PPO clips pi_now / pi_behaviour
+    = 2.6 to 1.2: loss -1.2, as if the policy had barely moved. The decoupled objective clips
+    pi_now / pi_proximal = 1.3 to 1.2 and weighs it by pi_proximal / pi_behaviour = 2 (cap 5):
+    loss -2.4; with cap 1.5 the weight is 1.5: loss -1.8. When proximal and behaviour are one
+    policy (no lag) every weight is 1 and the two objectives are the same."""
+    now, proximal, behaviour = (torch.log(t([[p]])) for p in (0.65, 0.5, 0.25))
+    adv, mask = t([[1.0]]), t([[1]])
+    ppo, _ = policy_loss(now, behaviour, adv, mask, clip_range=0.2)
+    close(ppo, -1.2)
+    for cap, expected in ((5.0, -2.4), (1.5, -1.8)):
+        weights = truncated_importance_weights(proximal, behaviour, mask, cap)
+        decoupled, stats = policy_loss(now, proximal, adv, mask, clip_range=0.2, weights=weights)
+        close(decoupled, expected)
+        close(stats["ratio"], 1.3)
+    at_lag_zero = truncated_importance_weights(behaviour, behaviour, mask, cap=5.0)
+    same, _ = policy_loss(now, behaviour, adv, mask, clip_range=0.2, weights=at_lag_zero)
+    close(same, ppo)

@@ -367,6 +367,11 @@ class PPOConfig(Section):
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
     overlap: bool = False  # generate the next batch while the learner updates (lag <= 1)
+    # how a batch sampled by an older policy version is trained on: "ppo" clips the ratio to
+    # the policy that sampled it; "decoupled" (Hilton et al. 2021, AReaL) clips it around the
+    # learner's weights before this update (one no-grad pass, the proximal policy) and weighs
+    # each token by min(pi_proximal / pi_behaviour, rollout.tis_cap). At lag 0 both are PPO.
+    objective: str = "ppo"
     max_policy_lag: int = 1  # batches sampled more than this many versions ago are an error
     max_role_restarts: int = 3  # restarts of a dead rollout generator, reward scorer or reference
     max_learner_restarts: int = 2  # times a dead learner is rebuilt from the newest checkpoint
@@ -376,6 +381,7 @@ class PPOConfig(Section):
     def validate(self) -> None:
         self.one_of("estimator", ESTIMATORS)
         self.one_of("kl_placement", ("auto", "reward", "loss"))
+        self.one_of("objective", ("ppo", "decoupled"))
         self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
         self.positive("samples_per_prompt", "min_rollout_actors", "max_rollout_actors")
         self.one_of("rollout_scaling", ("fixed", "auto"))
@@ -720,10 +726,12 @@ class Config:
                 "rollout.logprob_source learner, or logprob_correction none"
             )
         learner_computes = source == "learner" or may_be_vllm
-        if self.ppo.overlap and learner_computes and rollout.logprob_correction != "tis":
+        corrected = rollout.logprob_correction == "tis" or self.ppo.objective == "decoupled"
+        if self.ppo.overlap and learner_computes and not corrected:
             raise ConfigError(
                 f"ppo.overlap with old logprobs from the learner ({where}): expected "
-                "rollout.logprob_correction tis. The learner's own logprobs are of the version "
+                "rollout.logprob_correction tis or ppo.objective decoupled. The learner's own "
+                "logprobs are of the version "
                 "after the batch was sampled; only the importance weights correct for that lag "
                 "(the sampler's logprobs do, in float32 with rollout.engine hf)"
             )

@@ -21,6 +21,10 @@ the sampler's travel with the batch, and their gap is logged (`rollout/logprob_g
 `rollout.logprob_correction: tis` also weights each token's policy loss by
 min(pi_learner / pi_sampler, tis_cap), truncated importance sampling ("Your Efficient RL
 Framework Secretly Brings You Off-Policy RL Training", Yao et al. 2025).
+`ppo.objective: decoupled` (Hilton et al. 2021, "Batch size-invariance for policy
+optimization"; AReaL) does the same for a batch sampled by an older policy version (lag > 0):
+the learner's own logprobs are then the proximal policy's, the clip is taken around them, and
+the weight min(pi_proximal / pi_behaviour, tis_cap) corrects for the version that sampled it.
 Every dropout is off (`models.disable_dropout`), so the logprobs match the rollout's; the
 models stay in train mode so that gradient checkpointing, when configured, applies (and the
 reference model computes in train mode too: some kernels differ by mode).
@@ -198,7 +202,8 @@ class LearnerCore:
         ref = concat_padded([r.logprobs for r in refs], batch.response.shape[1]).to(device)
         # from the learner (rollout.logprob_source, or a vLLM batch): batch.logprobs its own
         recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
-        sampler, loss_weights = self._own_old_logprobs(batch, recompute)
+        decoupled = self.cfg.objective == "decoupled" and lag > 0  # at lag 0 it is PPO
+        sampler, loss_weights = self._own_old_logprobs(batch, recompute or decoupled, decoupled)
         targets = self._targets(batch, scores.total.to(device), ref)
         lr = self._schedule_lr()
         stats = {**self._update(batch, targets, loss_weights), metrics.LEARNING_RATE: lr}
@@ -238,10 +243,12 @@ class LearnerCore:
             )
 
     def _own_old_logprobs(
-        self, batch: RolloutBatch, recompute: bool
+        self, batch: RolloutBatch, recompute: bool, decoupled: bool = False
     ) -> tuple[dict, torch.Tensor | None]:
         """With `recompute`: replace the sampler's logprobs by the learner's own (in place) ->
-        (the gap stats, under tis the (B, R) importance weights of the policy loss, else None)."""
+        (the gap stats, under tis or the `decoupled` objective the (B, R) importance weights
+        min(pi_learner / pi_sampler, tis_cap) of the policy loss, else None). For a lagging
+        batch the learner's own are the proximal policy's, the sampler's the behaviour's."""
         if not recompute:
             return {}, None
         sampler_logprobs = batch.logprobs
@@ -252,7 +259,7 @@ class LearnerCore:
             metrics.LOGPROB_GAP_MAX: out["max"].item(),
         }
         rollout = self.settings.rollout
-        if rollout.logprob_correction != "tis":
+        if rollout.logprob_correction != "tis" and not decoupled:
             return stats, None
         weights = losses.truncated_importance_weights(
             batch.logprobs, sampler_logprobs, batch.response_mask, rollout.tis_cap
