@@ -650,6 +650,14 @@ def test_settings_an_estimator_does_not_use_are_named_when_changed():
     assert PPOConfig(critic_lr=0.01, lam=0.9).unused_settings() == []  # gae uses them all
 
 
+def test_the_decoupled_objective_is_named_unused_without_overlap():
+    """Only overlap makes a batch lag; at lag 0 the decoupled objective is PPO."""
+    assert PPOConfig(objective="decoupled").unused_settings() == ["ppo.objective=decoupled"]
+    assert PPOConfig(objective="decoupled", overlap=True).unused_settings() == []
+    with raises_with("ppo.objective='aReaL'", "one of ppo, decoupled"):
+        PPOConfig(objective="aReaL")
+
+
 def test_auto_scaling_bounds_are_checked_and_unused_without_it():
     with raises_with("ppo.rollout_scaling='elastic'", "one of fixed, auto"):
         PPOConfig(rollout_scaling="elastic")

@@ -1,10 +1,10 @@
-"""Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight) stopped by SIGTERM, its
-rerun SIGKILLed, and its second rerun losing one learner rank (every role rebuilt from its
-checkpoint), equals one never stopped. The learner is a group of two ranks: the LoRA policy under
-DDP and the full-parameter critic sharded over them by FSDP2, so a checkpoint holds the gathered
-shards and each rank's RNG; one rank is the same code with a group of one (restores across rank
-counts and shardings: tests/test_learner_group.py; one rank through `ray job stop` and a resubmit:
-tests/test_e2e.py).
+"""Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight, trained on by the
+decoupled objective) stopped by SIGTERM, its rerun SIGKILLed, and its second rerun losing one
+learner rank (every role rebuilt from its checkpoint), equals one never stopped. The learner is a
+group of two ranks: the LoRA policy under DDP and the full-parameter critic sharded over them by
+FSDP2, so a checkpoint holds the gathered shards and each rank's RNG; one rank is the same code
+with a group of one (restores across rank counts and shardings: tests/test_learner_group.py; one
+rank through `ray job stop` and a resubmit: tests/test_e2e.py).
 
 Each run is the real driver (`python jobs/rlhf.py --phases ppo`) in its own process, joined to
 the session's local Ray, on the tiny run's untrained SFT and reward models. Compared with the
@@ -35,6 +35,7 @@ TIMEOUT = 300
 DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
     *("--ppo.overlap", "true"),  # every checkpoint then holds a batch sampled a version behind
+    *("--ppo.objective", "decoupled"),  # trained on around the proximal policy, weighed
     *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
     *("--resources.learner_workers", "2", "--resources.learner_sharding", "fsdp"),
 )
@@ -77,8 +78,8 @@ def _assert_same_run(out: Path, never_stopped: Path) -> None:
     expected_metrics = _per_step_metrics(never_stopped)
     got = _per_step_metrics(out)
     assert got.keys() == expected_metrics.keys()
-    for tag, points in got.items():
-        assert [step for step, _ in points] == list(range(1, STEPS + 1)), tag  # each step once
+    assert [step for step, _ in got[metrics.KL]] == list(range(1, STEPS + 1))  # each step once
+    for tag, points in got.items():  # (the decoupled objective's weights from step 2 on)
         assert points == expected_metrics[tag], tag
     weights, expected_weights = _policy_weights(out), _policy_weights(never_stopped)
     assert weights.keys() == expected_weights.keys()
@@ -111,6 +112,9 @@ def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_rank_end_as_on
     never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
     code = finish(start_driver(never_stopped, *DRIVER_ARGS))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
+    # steps 2.. trained on batches a version behind, weighed by the decoupled objective
+    weighed = [step for step, _ in _per_step_metrics(never_stopped)[metrics.TIS_WEIGHT]]
+    assert weighed == list(range(2, STEPS + 1))
     out = _run_dir(tmp_path, tiny_run, "stopped")
 
     # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.

@@ -439,12 +439,13 @@ class PPOConfig(Section):
 
     def unused_settings(self) -> list[str]:
         """`ppo.key=value` for each setting changed from its default that this estimator (the
-        critic's, GAE's) or fixed scaling (the auto bounds) does not use, so the run can say so
-        instead of dropping it silently."""
+        critic's, GAE's), fixed scaling (the auto bounds) or no overlap (the objective for
+        lagging batches) does not use, so the run can say so instead of dropping it silently."""
         critics = ("critic_lr", "value_clip_range", "lam", "whiten_rewards")
         unused = () if self.uses_critic else critics
         unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
         unused += ("min_rollout_actors", "max_rollout_actors") if not self.autoscales else ()
+        unused += ("objective",) if not self.overlap else ()  # without it no batch lags
         defaults = {f.name: f.default for f in fields(self)}
         return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
 
