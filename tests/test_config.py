@@ -69,7 +69,7 @@ def test_default_preset_loads_with_yaml_values_and_types():
     assert cfg == load_config("default")
     assert cfg.model.is_embedded
     assert cfg.model.vocab_size == 1024
-    assert cfg.data.num_preferences == 4000
+    assert cfg.data.num_preferences == 8000 and cfg.ppo.target_kl == 0.05
     assert cfg.sft.epochs == 10 and cfg.sft.lr == 0.002
     # YAML list -> tuple, so the frozen config stays hashable.
     assert cfg.lora.target_modules == (
