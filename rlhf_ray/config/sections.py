@@ -732,7 +732,7 @@ class Config:
             raise ConfigError(
                 f"ppo.overlap with old logprobs from the learner ({where}): expected "
                 "rollout.logprob_correction tis or ppo.objective decoupled. The learner's own "
-                "logprobs are of the version "
-                "after the batch was sampled; only the importance weights correct for that lag "
-                "(the sampler's logprobs do, in float32 with rollout.engine hf)"
+                "logprobs are of the version after the batch was sampled; only the importance "
+                "weights correct for that lag (the sampler's logprobs do, in float32 with "
+                "rollout.engine hf)"
             )
