@@ -23,37 +23,37 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
-from rlhf_ray.data.encoding import completion_ids, prompt_ids  # noqa: E402
 from rlhf_ray.data.prepare import limits_of  # noqa: E402
-from rlhf_ray.data.tokenizer import load_tokenizer  # noqa: E402
-from rlhf_ray.models.loading import FrozenModelSettings, load_frozen_scalar_model  # noqa: E402
+from rlhf_ray.models.loading import FrozenModelSettings  # noqa: E402
+from rlhf_ray.run.checkpoints import is_complete  # noqa: E402
+from rlhf_ray.run.judges import REWARD_MODEL, JudgeSettings, judge_responses  # noqa: E402
 from rlhf_ray.world import assistant_world  # noqa: E402
 
 
 def fact_judgement(run_dir: Path) -> dict:
-    """{"right_above_every_wrong", "wrong_below_right", "margin"} of RUN_DIR's reward model."""
+    """{"right_above_every_wrong", "wrong_below_right", "margin"} of RUN_DIR's reward model,
+    scored as `eval.judges` scores held-out samples (rlhf_ray/run/judges.py)."""
+    if not (run_dir / "config.yaml").is_file() or not is_complete(run_dir / "reward"):
+        raise SystemExit(
+            f"{run_dir}: not a run with a complete reward model (config.yaml, reward/)"
+        )
     cfg = parse_run_args(["--config", str(run_dir / "config.yaml")])
-    limits = limits_of(cfg.data)
     reward = str(run_dir / "reward")
-    model = load_frozen_scalar_model(FrozenModelSettings(reward, cfg.model, cfg.quantization, 1, 0))
-    tok = load_tokenizer(reward, cfg.model.trust_remote_code)
+    model = FrozenModelSettings(reward, cfg.model, cfg.quantization, 1, 0)
+    settings = JudgeSettings(
+        (REWARD_MODEL,), model, reward, cfg.model.trust_remote_code, limits_of(cfg.data), 64
+    )
+    facts = [spec for spec in assistant_world.all_prompts() if spec.kind == "fact"]
     capitals = list(assistant_world.CAPITALS.values())
+    answers = [[f"The capital of {s.subject} is {c}." for c in capitals] for s in facts]
+    scores = judge_responses(settings, [s.text for s in facts], {"answers": answers})
     above_all, below, margins = [], [], []
-    for spec in assistant_world.all_prompts():
-        if spec.kind != "fact":
-            continue
-        scores = {}
-        for capital in capitals:
-            answer = f"The capital of {spec.subject} is {capital}."
-            ids = prompt_ids(tok, spec.text, limits) + completion_ids(
-                tok, spec.text, answer, limits
-            )
-            with torch.no_grad():
-                scores[capital] = model(torch.tensor([ids])).logits[0, 0].item()
-        right = scores.pop(spec.answer)
-        above_all.append(right > max(scores.values()))
-        below += [wrong < right for wrong in scores.values()]
-        margins.append(right - max(scores.values()))
+    for spec, row in zip(facts, scores[REWARD_MODEL]["answers"], strict=True):
+        by_capital = dict(zip(capitals, row, strict=True))
+        right = by_capital.pop(spec.answer)
+        above_all.append(right > max(by_capital.values()))
+        below += [wrong < right for wrong in by_capital.values()]
+        margins.append(right - max(by_capital.values()))
     return {
         "right_above_every_wrong": round(sum(above_all) / len(above_all), 3),
         "wrong_below_right": round(sum(below) / len(below), 3),
