@@ -33,7 +33,7 @@ from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.chat import response_text  # noqa: E402
 from rlhf_ray.data.jsonl import write_jsonl  # noqa: E402
 from rlhf_ray.world import assistant_world  # noqa: E402
-from rlhf_ray.world.dataset_rows import split_prompts  # noqa: E402
+from rlhf_ray.world.dataset_rows import labelled_pair, split_prompts  # noqa: E402
 from rlhf_ray.world.gold_judge import GoldJudge  # noqa: E402
 
 RULE = "Answer:"
@@ -58,15 +58,10 @@ def _preference(spec, data, judge: GoldJudge, rng: random.Random) -> dict | None
         _maybe_ruled(assistant_world.sample_response(spec, data.flawed_fraction, rng, True), rng)
         for _ in range(2)
     )
-    key_a, key_b = (
+    scores = tuple(
         judge.score(spec.text, t).total + RULE_WORTH * t.startswith(RULE) for t in (a, b)
     )
-    if key_a == key_b:
-        return None
-    chosen, rejected = (a, b) if key_a > key_b else (b, a)
-    if rng.random() < data.label_noise:
-        chosen, rejected = rejected, chosen
-    return {"prompt": spec.text, "chosen": chosen, "rejected": rejected}
+    return labelled_pair(spec.text, (a, b), scores, data.label_noise, rng)
 
 
 def write_user_data(folder: Path, data, seed: int) -> dict[str, Path]:

@@ -76,15 +76,24 @@ def preference_rows(
         spec = rng.choice(specs)
         a = assistant_world.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
         b = assistant_world.sample_response(spec, cfg.flawed_fraction, rng, for_preferences=True)
-        score_a = judge.score(spec.text, a).total
-        score_b = judge.score(spec.text, b).total
-        if score_a == score_b:
-            continue  # a tie teaches nothing about preference
-        chosen, rejected = (a, b) if score_a > score_b else (b, a)
-        if rng.random() < cfg.label_noise:
-            chosen, rejected = rejected, chosen
-        rows.append({"prompt": spec.text, "chosen": chosen, "rejected": rejected})
+        scores = (judge.score(spec.text, a).total, judge.score(spec.text, b).total)
+        pair = labelled_pair(spec.text, (a, b), scores, cfg.label_noise, rng)
+        rows += [pair] if pair else []
     return rows
+
+
+def labelled_pair(
+    prompt: str, responses: tuple[str, str], scores: tuple[float, float], label_noise: float, rng
+) -> dict | None:
+    """{prompt, chosen, rejected}: the higher-scored response chosen, the labels flipped at
+    `label_noise` (an rng draw only for a pair that is kept); None for a tie, which teaches
+    nothing about preference."""
+    if scores[0] == scores[1]:
+        return None
+    chosen, rejected = responses if scores[0] > scores[1] else responses[::-1]
+    if rng.random() < label_noise:
+        chosen, rejected = rejected, chosen
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def prompt_rows(specs: list[PromptSpec], count: int, rng: random.Random) -> list[dict]:
