@@ -50,6 +50,10 @@ class PPOLearner:
         self.learner.use_ranks(self.ranks)
         return self.ranks.rank
 
+    def version(self) -> int:
+        """Updates done: the version the next weights sync carries."""
+        return self.learner.version
+
     def weights(self) -> Weights:
         """Trainable tensors only; stored once in the object store, read by every generator."""
         with self.busy.working():

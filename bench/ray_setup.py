@@ -53,10 +53,11 @@ def timed_ppo_steps(cfg, models: Path, nodes: int) -> TimedSteps:
         roles = create_roles(cfg, models)
         prompts = [row["prompt"] for row in read_jsonl(models / "data" / "prompts.jsonl")]
         loop = PPOLoop(cfg, roles, PromptStream(prompts, 0), models)
-        pending, seconds, stages = loop.dispatch(), [], []
+        loop.queue.dispatch()
+        seconds, stages = [], []
         for step in range(1, steps + 1):
             start = time.perf_counter()
-            pending, _, times = loop.step(pending, more=step < steps)
+            _, _, times = loop.step(steps_left=steps - step)
             seconds.append(time.perf_counter() - start)
             stages.append(times)
             if step == 1:  # steady state from here: each role's busy clock, read inside the role

@@ -38,9 +38,11 @@ ROLE_RESTARTS = 8
 
 
 def _config(out: Path, **overrides: str):
-    """The shared roles' config (two generators), with the loop's `overrides`."""
+    """The shared roles' config (two generators; the learner takes batches up to two versions
+    old, as the loops with overlap make them), with the loop's `overrides`."""
     shared = {"ppo.num_rollout_actors": "2", "ppo.max_role_restarts": str(ROLE_RESTARTS)}
-    return smoke_config(out, **shared, **overrides)
+    shared["ppo.max_policy_lag"] = "2"
+    return smoke_config(out, **(shared | overrides))
 
 
 def _loop(roles, prepared, **overrides: str) -> PPOLoop:
@@ -88,17 +90,17 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     assert _learner_version(roles) == 0, "this test runs first, on roles that never trained"
     _check_version_zero(roles, out)
     loop = _loop(roles, prepared)
-    pending = loop.dispatch()
+    pending = loop.queue.dispatch()
     batches = ray.get(pending.refs, timeout=TIMEOUT)
     # rollouts_per_step 8 over 2 generators: 4 rollouts each, sampled with version 0.
     assert [b.generator_rank for b in batches] == [0, 1]
     assert [b.response.shape[0] for b in batches] == [4, 4]
     assert all(b.policy_version == 0 for b in batches)
     assert all(b.response_mask[:, 0].all() for b in batches)  # every response has a token
-    pending, stats, times = loop.step(pending, more=True)
-    assert stats[metrics.POLICY_LAG] == 0
+    _, stats, times = loop.step(steps_left=1)
+    assert stats[metrics.STALENESS_MAX] == 0
     assert set(times) == set(metrics.STAGES)
-    after_sync = ray.get(pending.refs[0], timeout=TIMEOUT)
+    after_sync = ray.get(next(iter(loop.queue)).refs[0], timeout=TIMEOUT)
     assert after_sync.policy_version == 1  # the learner's update reached the generators
     learner_weights = ray.get(roles.learner.weights(), timeout=TIMEOUT)
     assert learner_weights.version == 1
@@ -111,7 +113,7 @@ def test_two_generators_match_the_reference_at_version_zero_and_receive_synced_w
     print(f"sync: {stats[metrics.SYNC_BYTES]} bytes for an adapter of {adapter}")
     names = len(learner_weights.tensors)
     assert adapter <= stats[metrics.SYNC_BYTES] <= adapter + SYNC_BYTES_PER_NAME * names
-    loop.step(pending, more=False)  # the batch in flight trains: the roles are left synced
+    loop.step(steps_left=0)  # the batch in flight trains: the roles are left synced
 
 
 def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run, tmp_path):
@@ -121,13 +123,13 @@ def test_killed_rollout_generator_restarts_and_the_run_completes(roles, tiny_run
     loop = _loop(roles, prepared)
     with closed_gate(tmp_path / "gate") as gate:
         loop.prompts.prompts = [gate.hold(p) for p in loop.prompts.prompts]
-        pending = loop.dispatch()
+        pending = loop.queue.dispatch()
         gate.wait_entered(first_pid, TIMEOUT)  # the generator is inside generate, held there
         assert ray.wait(pending.refs[:1], timeout=0)[0] == []
         ray.kill(generator, no_restart=False)  # dies with its generate task in flight
     for step in range(1, 4):
-        pending, stats, _ = loop.step(pending, more=step < 3)
-        assert stats[metrics.POLICY_LAG] == 0
+        _, stats, _ = loop.step(steps_left=3 - step)
+        assert stats[metrics.STALENESS_MAX] == 0
     assert ray.get(generator.ready.remote(), timeout=TIMEOUT) != first_pid
     _check_generators_sample_with_the_learners_weights(roles, prepared)
 
@@ -164,7 +166,7 @@ def _check_generators_sample_with_the_learners_weights(roles, prepared) -> None:
 def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, tiny_run):
     _, prepared = tiny_run
     loop = _loop(roles, prepared)
-    pending = loop.dispatch()
+    pending = loop.queue.dispatch()
     # A call in flight when its actor dies is retried on the restarted actor.
     in_flight = roles.scorer.score.remote(pending.refs[0])
     ray.kill(roles.scorer, no_restart=False)
@@ -174,22 +176,54 @@ def test_killed_scorer_and_reference_restart_and_every_step_trains_once(roles, t
     for step in range(1, 4):
         for role in (roles.scorer, roles.reference):
             ray.kill(role, no_restart=False)  # killed before every step's calls reach it
-        pending, stats, _ = loop.step(pending, more=step < 3)
+        loop.step(steps_left=3 - step)
         ledger.append((step, _learner_version(roles) - start))
     assert ledger == [(1, 1), (2, 2), (3, 3)]  # each step's batch trained once, none skipped
 
 
-def test_overlap_generates_next_batch_during_the_update_one_version_behind(roles, tiny_run):
+@pytest.mark.parametrize("lag", [1, 2])
+def test_overlap_runs_the_generators_max_policy_lag_batches_ahead(roles, tiny_run, lag):
+    """stale_batches wait: step 1 trains on rollouts of the learner's version and asks for `lag`
+    batches before it updates; each later step asks for one more, behind the sync of the
+    update before it, so from step lag + 1 on every batch is `lag` versions behind."""
     _, prepared = tiny_run
-    loop = _loop(roles, prepared, **{"ppo.overlap": "true"})
-    pending = loop.dispatch()
-    lags = []
-    for step in range(1, 4):
-        pending, stats, _ = loop.step(pending, more=step < 3)
-        lags.append(stats[metrics.POLICY_LAG])
-    # Step 1 trains on rollouts of the learner's version; every later batch was dispatched
-    # before the previous update finished, so it is one version behind.
-    assert lags == [0, 1, 1]
+    overrides = {"ppo.overlap": "true", "ppo.max_policy_lag": str(lag)}
+    loop = _loop(roles, prepared, **overrides)
+    loop.queue.dispatch()
+    lags, means, dropped = [], [], []
+    for step in range(1, 5):
+        _, stats, _ = loop.step(steps_left=4 - step)
+        lags.append(stats[metrics.STALENESS_MAX])
+        means.append(stats[metrics.STALENESS_MEAN])
+        dropped.append(stats[metrics.DROPPED])
+    assert lags == means == ([0, 1, 1, 1] if lag == 1 else [0, 1, 2, 2])
+    assert dropped == [0, 0, 0, 0] and len(loop.queue) == 0  # no batch asked for beyond step 4
+
+
+def test_stale_batches_drop_trains_on_the_newest_batch_and_counts_the_rows_dropped(roles, tiny_run):
+    """stale_batches drop: a step trains on the newest sampled batch and drops the older ones;
+    the generators are asked for another batch whenever they have none to sample, also while
+    the learner updates. Three batches sampled before step 1: it trains on the third and drops
+    two. Later drops depend on timing; what holds whatever the timing: no step trains on a
+    batch more than max_policy_lag versions old, and every row asked for is trained on,
+    dropped, or still queued at the end."""
+    _, prepared = tiny_run
+    overrides = {"ppo.overlap": "true", "ppo.max_policy_lag": "2", "ppo.stale_batches": "drop"}
+    loop = _loop(roles, prepared, **overrides)
+    rows = loop.ppo.rollouts_per_step
+    first = [loop.queue.dispatch() for _ in range(3)]
+    loop.queue.wait_all()
+    trained, stats, _ = loop.step(steps_left=4)
+    assert trained is first[2] and stats[metrics.DROPPED] == 2 * rows
+    lags, dropped = [stats[metrics.STALENESS_MAX]], stats[metrics.DROPPED]
+    for step in range(2, 6):
+        _, stats, _ = loop.step(steps_left=5 - step)
+        lags.append(stats[metrics.STALENESS_MAX])
+        dropped += stats[metrics.DROPPED]
+    print(f"lags {lags}, rows dropped {dropped}, batches asked for {loop.queue.asked}")
+    assert lags[0] == 0 and all(0 <= lag <= 2 for lag in lags)
+    assert dropped % rows == 0
+    assert loop.queue.asked * rows == 5 * rows + dropped + len(loop.queue) * rows
 
 
 def test_the_sync_after_an_overlapped_update_is_not_the_next_batchs_sampling(roles, tiny_run):
@@ -198,7 +232,8 @@ def test_the_sync_after_an_overlapped_update_is_not_the_next_batchs_sampling(rol
     that batch (1024 rows on every generator) is time of the generate stage, not of the sync."""
     out, prepared = tiny_run
     loop = _loop(roles, prepared, **{"ppo.overlap": "true"})
-    pending, dispatch, queued = loop.dispatch(), loop.dispatch, []
+    loop.queue.dispatch()
+    dispatch, queued = loop.queue.dispatch, []
     prompts = [read_rows(out / "data", "prompts")[0]["prompt"]] * 1024
 
     def dispatch_behind_a_long_sampling():
@@ -206,10 +241,10 @@ def test_the_sync_after_an_overlapped_update_is_not_the_next_batchs_sampling(rol
             queued.append(generator.generate.remote(prompts, [0] * 1024)[1])
         return dispatch()
 
-    loop.dispatch = dispatch_behind_a_long_sampling
-    pending, _, times = loop.step(pending, more=True)
-    loop.dispatch = dispatch
-    loop.step(pending, more=False)
+    loop.queue.dispatch = dispatch_behind_a_long_sampling
+    _, _, times = loop.step(steps_left=1)
+    loop.queue.dispatch = dispatch
+    loop.step(steps_left=0)
     long_sampling = max(got["sample_seconds"] for got in ray.get(queued, timeout=TIMEOUT))
     print(f"sync {times['sync']:.3f}s beside a sampling of {long_sampling:.3f}s")
     assert times["sync"] < 0.25 * long_sampling, (times, long_sampling)
@@ -220,11 +255,11 @@ def test_a_role_that_stays_dead_is_named_in_the_error(roles, tiny_run):
     actor killed with no_restart)."""
     _, prepared = tiny_run
     loop = _loop(roles, prepared)
-    pending = loop.dispatch()
+    loop.queue.dispatch()
     ray.kill(roles.scorer, no_restart=True)
     start = time.time()
     with pytest.raises(RoleFailed, match="the learner update: the reward scorer failed"):
-        loop.step(pending, more=False)
+        loop.step(steps_left=0)
     assert time.time() - start < 60
 
 

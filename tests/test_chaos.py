@@ -1,5 +1,6 @@
-"""Tier 2: a PPO run whose stateless roles are killed at random every few seconds finishes every
-step, trains each step once, and leaves no Ray resource held behind.
+"""Tier 2: a PPO run (with overlap, two batches asked for ahead of the learner) whose stateless
+roles are killed at random every few seconds finishes every step, trains each step once, on no
+batch more than two versions old, and leaves no Ray resource held behind.
 
 The driver runs in its own process, joined to the session's local Ray; a thread here SIGKILLs a
 random rollout generator, reward scorer or reference model process of this session's Ray once
@@ -87,6 +88,8 @@ def test_random_kills_of_stateless_roles_lose_no_step_and_leak_nothing(
         out,
         *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "6"),
         *("--ppo.max_role_restarts", "1000", "--run.evaluate", "false"),
+        # two batches asked for ahead of the learner: a killed generator loses both its calls
+        *("--ppo.overlap", "true", "--ppo.max_policy_lag", "2"),
     )
     killed: list[str] = []
     chaos = threading.Thread(target=_kill_at_random, args=(driver, out, killed, random.Random(0)))
@@ -104,6 +107,8 @@ def test_random_kills_of_stateless_roles_lose_no_step_and_leak_nothing(
     events.Reload()
     steps = [e.step for e in events.Scalars(metrics.KL)]
     assert steps == list(range(1, STEPS + 1))  # every step trained, each once
+    lags = [e.value for e in events.Scalars(metrics.STALENESS_MAX)]
+    assert max(lags) <= 2 and lags[:2] == [0, 1], lags  # a restarted one samples newer weights
 
     released, available = _resources_back_to(free_before, 60)
     assert released, (available, free_before)

@@ -723,3 +723,12 @@ def test_old_logprobs_come_from_the_learner_where_the_sampler_computes_otherwise
     with raises_with("ppo.overlap", "expected rollout.logprob_correction tis"):
         smoke_config(tmp_path, **{"ppo.overlap": "true", "model.dtype": "bfloat16"})
     assert smoke_config(tmp_path, **{"ppo.overlap": "true"}).ppo.overlap  # float32: sampler
+
+
+def test_the_staleness_settings_are_named_unused_without_overlap():
+    """Without overlap no batch lags: k and what to do with stale batches do nothing."""
+    quiet = PPOConfig(max_policy_lag=2, stale_batches="drop")
+    assert quiet.unused_settings() == ["ppo.max_policy_lag=2", "ppo.stale_batches=drop"]
+    assert PPOConfig(max_policy_lag=2, stale_batches="drop", overlap=True).unused_settings() == []
+    with raises_with("ppo.stale_batches='skip'", "one of wait, drop"):
+        PPOConfig(stale_batches="skip")

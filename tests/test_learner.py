@@ -95,7 +95,7 @@ def test_ratio_of_the_first_minibatch_is_one_at_zero_lag(rollouts):
     learner = LearnerCore(settings)
     stats = learner.train(shards, scores, refs)
     print(f"val/ratio_first = {stats[metrics.RATIO_FIRST]!r}")
-    assert stats[metrics.POLICY_LAG] == 0
+    assert stats[metrics.STALENESS_MAX] == 0
     assert stats[metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     # One minibatch and one epoch: the averaged stats are the first step's. approxkl is
     # 0.5 * mean(log-ratio^2), so deviations that cancel in the mean ratio still show here.
@@ -437,7 +437,7 @@ def test_the_decoupled_objective_clips_around_the_proximal_policy_of_a_lagging_b
             expected_weight = float((weights * mask).sum() / mask.sum())
         stats[name] = learner.train([replace(s) for s in shards], scores, refs)  # lag 1
     assert digests["ppo"] == digests["decoupled"]
-    assert stats["ppo"][metrics.POLICY_LAG] == stats["decoupled"][metrics.POLICY_LAG] == 1
+    assert stats["ppo"][metrics.STALENESS_MAX] == stats["decoupled"][metrics.STALENESS_MAX] == 1
     assert abs(stats["ppo"][metrics.RATIO_FIRST] - 1.0) > 1e-3  # the policy moved
     assert stats["decoupled"][metrics.RATIO_FIRST] == pytest.approx(1.0, abs=1e-5)
     assert stats["decoupled"][metrics.TIS_WEIGHT] == pytest.approx(expected_weight, abs=1e-5)

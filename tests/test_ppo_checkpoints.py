@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import ray
 import torch
 
+from jobs.ppo import checkpoint
+from jobs.ppo.pending import Pending
 from rlhf_ray.errors import UserInputError
+from rlhf_ray.ppo.messages import RolloutBatch
 from rlhf_ray.ppo.run_state import PromptStream
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run import saved_state
+from tests.test_messages import shard_a
 
 
 def _tensors(step: int) -> dict[str, torch.Tensor]:
@@ -134,3 +140,47 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     (path / ckpt.STATE_FILE).write_text("{not json")
     with pytest.raises(UserInputError, match="delete the directory"):
         ckpt.read_checkpoint(path)
+
+
+def _queued(version: int, rank: int, prompt: str) -> RolloutBatch:
+    return replace(shard_a(), policy_version=version, generator_rank=rank, prompts=[prompt])
+
+
+def _restored(tensors: dict, state: dict) -> list[tuple]:
+    """Each restored batch as (prompt ids, receipts, its shards' (version, prompts, response))."""
+    return [
+        (
+            p.prompt_ids,
+            ray.get(p.receipts, timeout=60),
+            [(b.policy_version, b.prompts, b.response.tolist()) for b in ray.get(p.refs)],
+        )
+        for p in checkpoint.restored_queue(tensors, state)
+    ]
+
+
+def test_the_batches_queued_ahead_round_trip_and_a_one_batch_checkpoint_still_resumes(local_ray):
+    """With ppo.max_policy_lag 2 a checkpoint holds two batches asked for ahead, each of its
+    shards (one per generator); a checkpoint written before the queue held one batch under
+    other keys, and resumes as a queue of one."""
+    queued = [[_queued(4, 0, "a"), _queued(4, 1, "b")], [_queued(5, 0, "c")]]
+    receipts = [[{"rows": 1, "policy_version": 4}] * 2, [{"rows": 1, "policy_version": 5}]]
+    queue = [
+        Pending([], [], [], prompt_ids=ids, dispatched_at=0.0, sampled=got)
+        for ids, got in zip([[3], [7]], receipts, strict=True)
+    ]
+    tensors = checkpoint.checkpoint_tensors({}, {}, queued)
+    state = {"queue": checkpoint.queue_info(queue, queued)}
+    response = shard_a().response.tolist()
+    assert _restored(tensors, state) == [
+        ([3], receipts[0], [(4, ["a"], response), (4, ["b"], response)]),
+        ([7], receipts[1], [(5, ["c"], response)]),
+    ]
+    # the layout before the queue: the first batch's tensors under the same names
+    first = {k: v for k, v in tensors.items() if not k.startswith("queued")}
+    old = {
+        "pending": state["queue"][0]["shards"],
+        "pending_receipts": receipts[0],
+        "pending_prompt_ids": [3],
+    }
+    assert _restored(first, old) == _restored(tensors, state)[:1]
+    assert _restored({}, {"pending": [], "pending_receipts": [], "pending_prompt_ids": []}) == []

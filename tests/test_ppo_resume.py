@@ -1,5 +1,6 @@
-"""Tier 2: a PPO phase (with `ppo.overlap`: a batch is always in flight, trained on by the
-decoupled objective) stopped by SIGTERM, its rerun SIGKILLed, and its second rerun losing one
+"""Tier 2: a PPO phase (with `ppo.overlap` and `ppo.max_policy_lag 2`: two batches are always in
+flight, trained on two versions behind by the decoupled objective) stopped by SIGTERM, its rerun
+SIGKILLed, and its second rerun losing one
 learner rank (every role rebuilt from its checkpoint), equals one never stopped. The learner is a
 group of two ranks: the LoRA policy under DDP and the full-parameter critic sharded over them by
 FSDP2, so a checkpoint holds the gathered shards and each rank's RNG; one rank is the same code
@@ -34,7 +35,8 @@ STEPS = 8  # three faults, each once a step is saved: later steps leave room for
 TIMEOUT = 300
 DRIVER_ARGS = (
     *("--phases", "ppo", "--ppo.steps", str(STEPS), "--ppo.checkpoint_every", "1"),
-    *("--ppo.overlap", "true"),  # every checkpoint then holds a batch sampled a version behind
+    *("--ppo.overlap", "true"),  # every checkpoint then holds two batches asked for ahead,
+    *("--ppo.max_policy_lag", "2"),  # sampled one and two versions behind the learner
     *("--ppo.objective", "decoupled"),  # trained on around the proximal policy, weighed
     *("--run.evaluate", "false"),  # compared by their metrics and weights, not the gold judge
     *("--resources.learner_workers", "2", "--resources.learner_sharding", "fsdp"),
@@ -112,12 +114,13 @@ def test_a_stopped_run_then_a_killed_driver_then_a_killed_learner_rank_end_as_on
     never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
     code = finish(start_driver(never_stopped, *DRIVER_ARGS))
     assert code == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
-    # steps 2.. trained on batches a version behind, weighed by the decoupled objective
-    weighed = [step for step, _ in _per_step_metrics(never_stopped)[metrics.TIS_WEIGHT]]
-    assert weighed == list(range(2, STEPS + 1))
+    # steps 2.. trained on batches a version behind, 3.. two, weighed by the decoupled objective
+    trained = _per_step_metrics(never_stopped)
+    assert [step for step, _ in trained[metrics.TIS_WEIGHT]] == list(range(2, STEPS + 1))
+    assert [lag for _, lag in trained[metrics.STALENESS_MAX]] == [0, 1] + [2] * (STEPS - 2)
     out = _run_dir(tmp_path, tiny_run, "stopped")
 
-    # 1. SIGTERM (`ray job stop`): the step in progress and the batch in flight are saved.
+    # 1. SIGTERM (`ray job stop`): the step in progress and the batches in flight are saved.
     first = _until_saved(out, 2)
     first.send_signal(signal.SIGTERM)
     assert finish(first) == 143, _log(tmp_path)[-3000:]

@@ -147,7 +147,7 @@ def test_generators_scaled_1_2_1_2_while_the_run_trains(local_ray, tiny_run):
         assert again.returncode == 0, again.stderr
         _wait_for(loop.ledger, _up_again, run, "two generators again")
         run.join(timeout=300)
-        _, saved = read_checkpoint(loop.save_checkpoint(steps, None))
+        _, saved = read_checkpoint(loop.save_checkpoint(steps))
     finally:
         roles.stop()
         ray.kill(control, no_restart=True)

@@ -7,8 +7,10 @@ scalar statistics only.
   recorder.py    what is done with a finished step: metrics, trackers, dashboard, console
   checkpoint.py  the state to continue exactly, written and read back
   roles.py       the four roles as named actors, with their resources and restarts
-  pending.py     a step's batch while it is sampled, shard by shard
-  scaling.py     generators joining and leaving between steps (`rlhf-ray scale`, auto scaling)
+  pending.py     a batch while it is sampled, shard by shard
+  rollout_queue.py  the batches asked for and not yet trained on: asked for, waited for,
+                 kept ahead of the learner with overlap, the one a step trains on chosen
+  scaling.py     generators joining and leaving between batches (`rlhf-ray scale`, auto scaling)
   waiting.py     every wait on Ray: a deadline, a capacity watch, errors naming the role
   dashboard.py   the step's metrics as Ray dashboard gauges
 """

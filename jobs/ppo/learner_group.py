@@ -104,6 +104,10 @@ class LearnerGroup:
     def train(self, shards: list[tuple], scores: list) -> GroupCall:
         return GroupCall([rank.train.remote(shards, scores) for rank in self.ranks])
 
+    def version(self) -> GroupCall:
+        """Rank 0's count of updates done (every rank's is the same)."""
+        return GroupCall([self.chief.version.remote()])
+
     def weights(self):
         """Rank 0's weights: the ref every generator loads (every rank holds the same)."""
         return self.chief.weights.remote()

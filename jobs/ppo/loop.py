@@ -7,7 +7,10 @@
 A step samples `ppo.samples_per_prompt` responses of each of its prompts; every sample carries
 its prompt's group id, so the group estimators (RLOO, GRPO) find a prompt's samples whole even
 when the shards split them over generators.
-With `ppo.overlap` the next batch is generated while the learner updates (one version behind).
+With `ppo.overlap` the next batches are generated while the learner updates, up to
+`ppo.max_policy_lag` versions behind; `ppo.stale_batches` says whether the generators then wait
+or run on, a step training on the newest batch (rlhf_ray/ppo/staleness.py). The batches asked
+for and not yet trained on wait in `queue`, oldest first.
 Every `eval.every` steps and at the last, the held-out prompts are sampled with the policy as it
 is and scored (rlhf_ray/run/best_step.py); the best step so far is exported into a staging
 folder, which becomes `policy/` at the end (`export`).
@@ -23,19 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
 
 from jobs.ppo import checkpoint
 from jobs.ppo.learner_group import GroupCall, LearnerDied
-from jobs.ppo.pending import Pending, Shard
+from jobs.ppo.pending import Pending
 from jobs.ppo.recorder import StepRecorder
 from jobs.ppo.roles import Roles
+from jobs.ppo.rollout_queue import RolloutQueue, failed
 from jobs.ppo.scaling import GeneratorScaler
 from jobs.ppo.waiting import capacity_watch, get_results, wait_ready
 from rlhf_ray.config import Config
 from rlhf_ray.errors import RoleFailed, RunStopped
 from rlhf_ray.ppo.run_state import PromptStream, RunTotals
-from rlhf_ray.ppo.scaling import split_rows
 from rlhf_ray.run import metrics, saved_state
 from rlhf_ray.run import ppo_checkpoints as ckpt
 from rlhf_ray.run.best_step import (
@@ -89,7 +91,10 @@ class PPOLoop:
         self.checkpoints = ckpt.checkpoints_root(out)
         self.ledger = RolloutLedger(out)
         self.totals = RunTotals()
-        self.pending: Pending | None = None  # a restored batch for the next step
+        # the batches asked for and not yet trained on, oldest first
+        self.queue = RolloutQueue(cfg, roles, prompts, self.scaler, self._wait, self.get)
+        self.last_ready = 0.0  # when the batch trained last was sampled (the next queued behind)
+        self.learner_version: int | None = None  # updates done, read at the first step
 
     def run(self, stop: StopRequest) -> dict:
         steps, done = self.ppo.steps, self.totals.step
@@ -99,16 +104,16 @@ class PPOLoop:
         for stale in stale_staged(self.out, self.best):  # evaluated after the checkpoint
             shutil.rmtree(stale)
         recorder = StepRecorder(self.cfg, self.totals, self.ledger, self.busy_clocks)
-        pending = self.pending or self.dispatch()
+        if not self.queue:  # a restored run's batches were saved with its checkpoint
+            self.queue.dispatch()
         for step in range(done + 1, steps + 1):
-            trained = pending
-            pending, stats, times = self.step(trained, more=step < steps)
+            trained, stats, times = self.step(steps_left=steps - step)
             if eval_due(step, self.eval_every, steps):
-                stats |= self.evaluate(step, pending)
+                stats |= self.evaluate(step)
             recorder.step_done(step, trained, stats, times)
             self.scaler.report(step)
             if stop.requested or self._checkpoint_due(step):
-                save = functools.partial(self.save_checkpoint, step, pending)
+                save = functools.partial(self.save_checkpoint, step)
                 path = recorder.checkpointed(step, save)
                 if stop.requested:
                     recorder.close()
@@ -127,17 +132,15 @@ class PPOLoop:
         roles = zip(self.roles.names(), self.roles.all(), strict=True)
         asked = {name: actor.busy_seconds.remote() for name, actor in roles}
         self._wait(list(asked.values()), "reading busy times")
-        return {name: ray.get(ref) for name, ref in asked.items() if not _failed(ref)}
+        return {name: ray.get(ref) for name, ref in asked.items() if not failed(ref)}
 
-    def save_checkpoint(self, step: int, pending: Pending | None) -> Path:
+    def save_checkpoint(self, step: int) -> Path:
         """Everything `restore` needs to continue after `step` exactly as if never stopped."""
         started = time.perf_counter()
-        # The next step's batch is finished and saved, so a resume neither loses nor redoes it;
-        # each generator's RNG is read after that batch (actor calls run in order).
-        receipts = self.wait_sampled(pending) if pending else []
-        batches = self.get(pending.refs, "generating") if pending else []
-        if pending:
-            pending.ready_at = pending.ready_at or time.perf_counter()
+        # The batches asked for are finished and saved, so a resume neither loses nor redoes
+        # them; each generator's RNG is read after them (actor calls run in order).
+        self.queue.wait_all()
+        queued = [self.get(pending.refs, "generating") for pending in self.queue]
         learner_tensors, learner_state = self.learner_call(
             self.roles.learner.checkpoint_state(), "the learner's state"
         )
@@ -147,15 +150,13 @@ class PPOLoop:
             "learner": learner_state,
             "prompts": self.prompts.state(),
             "progress": dataclasses.asdict(self.totals),
-            "pending": [checkpoint.batch_info(b) for b in batches],
-            "pending_receipts": receipts,
-            "pending_prompt_ids": pending.prompt_ids if pending else [],
+            "queue": checkpoint.queue_info(self.queue, queued),
             "generator_ranks": list(rngs),
             "next_generator_rank": self.roles.next_rank,
             "rollouts_per_step": self.ppo.rollouts_per_step,
             "best": self.best.state(),
         }
-        tensors = checkpoint.checkpoint_tensors(learner_tensors, rngs, batches)
+        tensors = checkpoint.checkpoint_tensors(learner_tensors, rngs, queued)
         keep = self.ppo.keep_checkpoints
         path = ckpt.write_checkpoint(self.checkpoints, step, tensors, state, keep)
         size_mb = (path / ckpt.TENSORS_FILE).stat().st_size / 2**20
@@ -170,7 +171,8 @@ class PPOLoop:
         learner = self.roles.learner
         learner_tensors = saved_state.under_prefix("learner/", tensors)
         checkpoint.say_learner_change(state["learner"], learner.workers)
-        self.learner_call(learner.restore(learner_tensors, state["learner"]), "restoring")
+        restoring = learner.restore(learner_tensors, state["learner"])
+        self.learner_version = self.learner_call(restoring, "restoring")
         # The generators the run had when it stopped, so the resumed run samples as it would
         # have; `rlhf-ray scale` or the config's count applies from the next step on.
         self.scaler.use_ranks(state["generator_ranks"], self.get)
@@ -185,18 +187,15 @@ class PPOLoop:
         self.prompts.restore(state["prompts"])
         self.totals = RunTotals(**state["progress"])
         self.best = BestStep.from_state(state.get("best"))
-        if state["pending"]:
-            self.pending = checkpoint.restored_pending(tensors, state)
+        self.queue.restore(checkpoint.restored_queue(tensors, state))
         print(f"[ppo] resuming after step {state['step']} from {path}", flush=True)
 
-    def evaluate(self, step: int, pending: Pending | None) -> dict:
+    def evaluate(self, step: int) -> dict:
         """The held-out prompts sampled by a generator (which holds this step's weights) from
         the run's seed, scored, and their KL to the reference -> eval/* metrics; a step better
         than every earlier one is exported into its staging folder (best_step.py)."""
         started = time.perf_counter()
-        if pending:  # the next batch's sampling comes first on the generators: not timed here
-            self.wait_sampled(pending)
-            pending.ready_at = pending.ready_at or time.perf_counter()
+        self.queue.wait_all()  # queued first on the generators: not timed here
         generator = next(iter(self.roles.generators.values()))
         batch = generator.evaluate.remote(self.eval_rows, self.cfg.run.seed)
         reference = self.roles.reference.logprobs.remote(batch)
@@ -250,38 +249,6 @@ class PPOLoop:
             flush=True,
         )
 
-    def dispatch(self) -> Pending:
-        """Start generation of the next batch: samples_per_prompt rows per prompt, tagged with
-        the prompt's group id, split as evenly as can be over the generators alive after the
-        control's target is applied (a group may be split). No generator is sampling now."""
-        self.scaler.rescale(self.get)
-        k, gens = self.ppo.samples_per_prompt, self.roles.generators
-        prompt_ids = self.prompts.take(self.ppo.prompts_per_step)
-        rows = [self.prompts.prompts[i] for i in prompt_ids for _ in range(k)]
-        group = [i for i in range(len(prompt_ids)) for _ in range(k)]
-        shards = [
-            Shard(rank, rows[start:end], group[start:end])
-            for rank, (start, end) in zip(gens, split_rows(len(rows), len(gens)), strict=True)
-            if end > start  # more generators than rows: the last ones sit this step out
-        ]
-        pending = Pending(shards, [], [], prompt_ids, time.perf_counter())
-        for i in range(len(shards)):
-            self._sample(pending, i)
-        return pending
-
-    def _sample(self, pending: Pending, i: int) -> None:
-        """Ask shard i's generator for its rows (again, after a lost generator)."""
-        shard = pending.shards[i]
-        shard.asked += 1
-        batch, receipt = self.roles.generators[shard.rank].generate.remote(
-            shard.prompts, shard.group
-        )
-        if i < len(pending.refs):
-            pending.refs[i], pending.receipts[i] = batch, receipt
-        else:
-            pending.refs.append(batch)
-            pending.receipts.append(receipt)
-
     def on_generators(self, method: str, args: tuple, what: str) -> dict:
         """rank -> result of `method(*args)` on every generator. With auto scaling one that died
         (its node left) is dropped instead: the next step is split over the others."""
@@ -290,71 +257,52 @@ class PPOLoop:
         }
         if self.ppo.autoscales:
             self._wait(list(asked.values()), what)
-            lost = [rank for rank, ref in asked.items() if _failed(ref)]
+            lost = [rank for rank, ref in asked.items() if failed(ref)]
             if lost:
                 self.scaler.drop(lost)
             asked = {rank: ref for rank, ref in asked.items() if rank not in lost}
         return dict(zip(asked, self.get(list(asked.values()), what), strict=True))
 
-    def wait_sampled(self, pending: Pending) -> list[dict]:
-        """Every shard's receipt, once sampled. A shard whose generator died while sampling is
-        asked again (Ray never re-runs `generate`): with ppo.rollout_scaling auto of a live
-        generator (the dead one is dropped: its node left), else of the same one, restarted by
-        Ray, up to ppo.max_role_restarts times; no row is lost or sampled twice."""
-        while True:
-            self._wait(pending.receipts, "generate")
-            lost = [i for i, ref in enumerate(pending.receipts) if _failed(ref)]
-            if not self.ppo.autoscales and any(
-                pending.shards[i].asked > self.ppo.max_role_restarts for i in lost
-            ):
-                lost = []  # restarts used up: the error below names the generator
-            if not lost:
-                return self.get(pending.receipts, "PPO stage 'generate' (a rollout generator)")
-            if self.ppo.autoscales:
-                ranks = [pending.shards[i].rank for i in lost]
-                live = self.scaler.replace_lost(ranks, self.get)
-                for n, i in enumerate(lost):
-                    pending.shards[i].rank = live[n % len(live)]
-            for i in lost:
-                self._sample(pending, i)
-
-    def step(self, pending: Pending, more: bool) -> tuple[Pending | None, dict, dict]:
-        """One PPO iteration on `pending`; returns the next batch in flight (None after the
-        last step), stats, stage times."""
-        batch_refs = pending.refs
-        receipts = self.wait_sampled(pending)
-        ready_at = pending.ready_at or time.perf_counter()  # not counting later waits
-        times = {"generate": ready_at - pending.dispatched_at}
-        pending.sampled = receipts
-        if self.ppo.overlap and more:
-            pending = self.dispatch()
+    def step(self, steps_left: int) -> tuple[Pending, dict, dict]:
+        """One PPO iteration on the queue's next batch (`RolloutQueue.take`), `steps_left` steps
+        to follow; -> the batch trained on, stats, stage times."""
+        learner = self.roles.learner
+        if self.learner_version is None:
+            self.learner_version = self.learner_call(learner.version(), "the learner's version")
+        trained, dropped = self.queue.take(self.learner_version)
+        # sampled after the batch before it (a generator's calls run in order), or after
+        # being asked for: the generate stage's time, not the time it waited in the queue
+        started = max(trained.dispatched_at, self.last_ready)
+        times = {"generate": max(0.0, trained.ready_at - started)}
+        self.last_ready = trained.ready_at
+        self.queue.fill(steps_left)  # with overlap: sampled while the learner updates
+        batch_refs = trained.refs
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here
         scores_ref = self.roles.scorer.score.remote(*batch_refs)  # the whole step at once
         ref_refs = [self.roles.reference.logprobs.remote(b) for b in batch_refs]
         times["score"] = self._wait([scores_ref], "score", t)
         times["reference"] = self._wait(ref_refs, "reference", t)
         t = time.perf_counter()
-        stats = self.learner_call(
-            self.roles.learner.train(list(zip(batch_refs, ref_refs, strict=True)), [scores_ref]),
-            "the learner update",
-        )
+        train = learner.train(list(zip(batch_refs, ref_refs, strict=True)), [scores_ref])
+        self.queue.fill_until(train.refs, steps_left, self.timeout)
+        stats = self.learner_call(train, "the learner update")
+        self.learner_version += 1
         times["learn"] = time.perf_counter() - t
-        if self.ppo.overlap and more:
-            # The generators load new weights after the next batch (calls run in order): wait
-            # for that batch here, so its sampling is not counted as the sync's time.
-            self.wait_sampled(pending)
-            pending.ready_at = pending.ready_at or time.perf_counter()
+        # The generators load new weights after the batches asked for (calls run in order):
+        # wait for those here, so their sampling is not counted as the sync's time.
+        self.queue.wait_all()
         t = time.perf_counter()
-        weights = self.roles.learner.weights()  # put once, read by every generator
+        weights = learner.weights()  # put once, read by every generator
         self.on_generators("load_weights", (weights,), "loading new weights into the generators")
         times["sync"] = time.perf_counter() - t
         synced = object_bytes(weights, self.timeout)
         if synced is not None:
             stats[metrics.SYNC_BYTES] = synced
-        self.scaler.release_retired()  # their last batch has trained
-        if not self.ppo.overlap and more:
-            pending = self.dispatch()
-        return (pending if more else None), stats, times
+        self.scaler.release_retired(self.queue.oldest_serial())
+        if not self.ppo.overlap and steps_left:
+            self.queue.dispatch()
+        stats[metrics.DROPPED] = dropped
+        return trained, stats, times
 
     def _watch(self) -> None:
         """While waiting: can the live nodes still hold every role, with today's generators?"""
@@ -400,13 +348,3 @@ def object_bytes(ref, timeout_s: float) -> int | None:
     if Ray does not know it)."""
     found = ray.experimental.get_object_locations([ref], timeout_ms=int(timeout_s * 1000))
     return found.get(ref, {}).get("object_size")
-
-
-def _failed(ref) -> bool:
-    """Whether a finished call's result is an actor's death (it is fetched: refs passed here
-    hold a few numbers, as receipts and busy times do)."""
-    try:
-        ray.get(ref)
-    except RayActorError:
-        return True
-    return False

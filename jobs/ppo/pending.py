@@ -28,10 +28,18 @@ class Pending:
     receipts: list
     prompt_ids: list[int]  # the step's prompts (rows of the prompt file), each sampled k times
     dispatched_at: float
-    # when the driver saw it sampled, where it waited before the step that trains on it: for
-    # the sync after an overlapped update, for a checkpoint, or it was restored
+    # when the driver saw it sampled (it may have waited before the step that trains on it:
+    # queued behind others, for a checkpoint, or it was restored)
     ready_at: float | None = None
     sampled: list[dict] | None = None  # every shard's receipt, once sampled
+    serial: int = 0  # the order the driver asked for it in (rollout_queue.RolloutQueue.asked)
+
+    def rows(self) -> int:
+        return sum(len(shard.prompts) for shard in self.shards)
+
+    def version(self) -> int:
+        """The policy version of a sampled batch: its oldest shard's."""
+        return min(got["policy_version"] for got in self.sampled or [])
 
     def generator_stats(self) -> dict[str, dict]:
         """Per generator of a sampled step: rows, policy version, completions per second."""

@@ -78,7 +78,7 @@ def train_from_newest_checkpoint(
         loop.export(loop.run(stop))  # policy/: the best evaluated step; policy-last/: the last
     finally:
         roles.stop()
-        loop.scaler.release_retired()
+        loop.scaler.release_retired(oldest_waiting=loop.queue.asked)  # every one
 
 
 @contextmanager

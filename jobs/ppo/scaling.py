@@ -1,9 +1,9 @@
 """Rollout generators joining and leaving a running PPO job, between steps.
 
-`rlhf-ray scale --rollout N` sets the target on the run's RunControl actor; before each step is
-dispatched (when no generator is sampling) the driver starts or retires generators to reach it.
-A new generator loads the learner's current weights before it samples; a retired one gets no
-more prompts and is stopped once the step that uses its last batch has trained.
+`rlhf-ray scale --rollout N` sets the target on the run's RunControl actor; before each batch is
+asked for the driver starts or retires generators to reach it. A new generator loads the
+learner's current weights before it samples; a retired one gets no more prompts and is stopped
+once every batch it had to sample has been trained on or dropped.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ def fitting_count(cfg: Config, target: int, current: int) -> int:
 class GeneratorScaler:
     def __init__(self, cfg: Config, roles: Roles, control: ray.actor.ActorHandle | None) -> None:
         self.cfg, self.roles, self.control = cfg, roles, control
-        self.retiring: list[ray.actor.ActorHandle] = []
+        # retired generators, each with the serial of the first batch asked for without it
+        self.retiring: list[tuple[ray.actor.ActorHandle, int]] = []
         self.told: tuple[int, int] | None = None  # (asked, running) the user was last told of
 
-    def rescale(self, get: Callable) -> None:
+    def rescale(self, get: Callable, serial: int) -> None:
         """Start or retire generators to reach the control's target, or with auto scaling as
-        many as the live nodes hold within the bounds; `get` waits on refs."""
+        many as the live nodes hold within the bounds, before batch `serial` is asked for;
+        `get` waits on refs."""
         if self.control is None:
             return
         asked, auto = get(self.control.rollout_target.remote(), "reading the run control")
@@ -75,7 +77,7 @@ class GeneratorScaler:
         if not plan:
             return
         for rank in plan.retire:
-            self.retiring.append(self.roles.generators.pop(rank))
+            self.retiring.append((self.roles.generators.pop(rank), serial))
         started = self.roles.start_generators(list(plan.start))
         get([g.ready.remote() for g in started.values()], "starting rollout generators")
         names = ", ".join(map(generator_name, plan.start or plan.retire))
@@ -85,11 +87,11 @@ class GeneratorScaler:
             flush=True,
         )
 
-    def replace_lost(self, ranks: list[int], get: Callable) -> list[int]:
+    def replace_lost(self, ranks: list[int], get: Callable, serial: int) -> list[int]:
         """Drop generators that died (auto scaling: their node left), start others where the
         live nodes have room; -> the ranks alive now, to take over the lost ones' rows."""
         self.drop(ranks)
-        self.rescale(get)
+        self.rescale(get, serial)
         if not self.roles.generators:
             raise RoleFailed("every rollout generator was lost and the live nodes hold no new one")
         return list(self.roles.generators)
@@ -108,11 +110,13 @@ class GeneratorScaler:
         started = self.roles.start_generators([r for r in ranks if r not in self.roles.generators])
         get([g.ready.remote() for g in started.values()], "starting rollout generators")
 
-    def release_retired(self) -> None:
-        """Stop the retired generators: called once the step using their last batch trained."""
-        for generator in self.retiring:
+    def release_retired(self, oldest_waiting: int) -> None:
+        """Stop the retired generators whose batches are all trained on or dropped: the
+        oldest batch still waiting has serial `oldest_waiting`."""
+        done = [(g, serial) for g, serial in self.retiring if serial <= oldest_waiting]
+        for generator, _ in done:
             ray.kill(generator, no_restart=True)
-        self.retiring = []
+        self.retiring = [pair for pair in self.retiring if pair not in done]
 
     def report(self, step: int) -> None:
         """Tell the control (for `rlhf-ray scale` to print) where the run is; not waited on."""

@@ -21,6 +21,7 @@ from rlhf_ray.config.rollout import (
 )
 from rlhf_ray.config.section import Section
 from rlhf_ray.errors import ConfigError
+from rlhf_ray.ppo import staleness
 from rlhf_ray.world.assistant_world import max_eval_prompts
 
 EMBEDDED_MODEL = "embedded"
@@ -366,13 +367,20 @@ class PPOConfig(Section):
     temperature: float = 1.0  # sampling temperature; every logprob uses logits / temperature
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
     whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
-    overlap: bool = False  # generate the next batch while the learner updates (lag <= 1)
+    # generate the next batches while the learner updates, up to max_policy_lag versions behind
+    overlap: bool = False
     # how a batch sampled by an older policy version is trained on: "ppo" clips the ratio to
     # the policy that sampled it; "decoupled" (Hilton et al. 2021, AReaL) clips it around the
     # learner's weights before this update (one no-grad pass, the proximal policy) and weighs
     # each token by min(pi_proximal / pi_behaviour, rollout.tis_cap). At lag 0 both are PPO.
     objective: str = "ppo"
-    max_policy_lag: int = 1  # batches sampled more than this many versions ago are an error
+    # with overlap, k: no batch is trained on more than k updates after the version that
+    # sampled it (the generators run up to k batches ahead of the learner)
+    max_policy_lag: int = 1
+    # with overlap: "wait": the generators stop k batches ahead, each batch is trained on k
+    # versions old; "drop": they never wait, a step trains on the newest sampled batch and
+    # drops the older ones (rlhf_ray/ppo/staleness.py)
+    stale_batches: str = "wait"
     max_role_restarts: int = 3  # restarts of a dead rollout generator, reward scorer or reference
     max_learner_restarts: int = 2  # times a dead learner is rebuilt from the newest checkpoint
     checkpoint_every: int = 10  # steps between PPO checkpoints (0: only when the job is stopped)
@@ -382,6 +390,7 @@ class PPOConfig(Section):
         self.one_of("estimator", ESTIMATORS)
         self.one_of("kl_placement", ("auto", "reward", "loss"))
         self.one_of("objective", ("ppo", "decoupled"))
+        self.one_of("stale_batches", staleness.MODES)
         self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
         self.positive("samples_per_prompt", "min_rollout_actors", "max_rollout_actors")
         self.one_of("rollout_scaling", ("fixed", "auto"))
@@ -439,13 +448,14 @@ class PPOConfig(Section):
 
     def unused_settings(self) -> list[str]:
         """`ppo.key=value` for each setting changed from its default that this estimator (the
-        critic's, GAE's), fixed scaling (the auto bounds) or no overlap (the objective for
-        lagging batches) does not use, so the run can say so instead of dropping it silently."""
+        critic's, GAE's), fixed scaling (the auto bounds) or no overlap (the objective and bound
+        for lagging batches) does not use, so the run can say so instead of dropping it silently."""
         critics = ("critic_lr", "value_clip_range", "lam", "whiten_rewards")
         unused = () if self.uses_critic else critics
         unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
         unused += ("min_rollout_actors", "max_rollout_actors") if not self.autoscales else ()
-        unused += ("objective",) if not self.overlap else ()  # without it no batch lags
+        # without overlap no batch lags
+        unused += ("objective", "max_policy_lag", "stale_batches") if not self.overlap else ()
         defaults = {f.name: f.default for f in fields(self)}
         return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
 

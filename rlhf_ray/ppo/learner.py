@@ -191,7 +191,8 @@ class LearnerCore:
         check_results_match(batches, scores, refs)
         batch, versions = concat_batches(batches, self.tok.pad_token_id)
         self._check_groups(batch.group)
-        lag = self.version - min(versions)
+        staleness = [self.version - v for v in versions]  # per row: updates since sampled
+        lag = max(staleness)
         if lag > self.cfg.max_policy_lag:
             raise RuntimeError(
                 f"rollouts sampled with policy version {min(versions)} are {lag} updates old; "
@@ -216,7 +217,8 @@ class LearnerCore:
             **sampler,
             **rollout,
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
-            metrics.POLICY_LAG: lag,
+            metrics.STALENESS_MEAN: sum(staleness) / len(staleness),
+            metrics.STALENESS_MAX: lag,
         }
 
     def _schedule_lr(self) -> float:

@@ -28,7 +28,6 @@ OPERATIONAL = {
     "model.trust_remote_code",
     "model.gradient_checkpointing",
     "ppo.num_rollout_actors",
-    "ppo.max_policy_lag",
     "ppo.max_role_restarts",
     "ppo.max_learner_restarts",
     "ppo.checkpoint_every",

@@ -54,7 +54,12 @@ LEARNING_RATE = "policy/lr"  # the adapter's learning rate of the step's update 
 KL_COEF = "objective/kl_coef"  # the KL penalty's weight this step (ppo.kl_target adapts it)
 RESPONSE_LENGTH = "val/response_length"  # mean response tokens, EOS included
 NO_EOS_FRACTION = "val/no_eos_fraction"
-POLICY_LAG = "policy/version_lag"  # learner version minus the rollout's policy_version
+# Staleness of the step's rows: the learner's version (updates done) minus the version that
+# sampled each row, mean and largest; and the rows sampled but dropped this step as stale
+# (ppo.stale_batches drop: the older batches when a newer one is sampled)
+STALENESS_MEAN = "rollout/staleness_mean"
+STALENESS_MAX = "rollout/staleness_max"
+DROPPED = "rollout/dropped"
 GENERATORS = "rollout/generators"  # rollout generators that sampled the step's batch
 # vLLM engine: |learner - sampler| logprob of the sampled tokens, mean over tokens and max
 LOGPROB_GAP_MEAN = "rollout/logprob_gap_mean"
@@ -123,7 +128,9 @@ DASHBOARD = (
     KL,
     RLHF_REWARD,
     RESPONSE_LENGTH,
-    POLICY_LAG,
+    STALENESS_MEAN,
+    STALENESS_MAX,
+    DROPPED,
     TOKENS_PER_S,
     GENERATORS,
     *(stage_time(stage) for stage in STAGES),
