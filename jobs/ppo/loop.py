@@ -93,7 +93,6 @@ class PPOLoop:
         self.totals = RunTotals()
         # the batches asked for and not yet trained on, oldest first
         self.queue = RolloutQueue(cfg, roles, prompts, self.scaler, self._wait, self.get)
-        self.last_ready = 0.0  # when the batch trained last was sampled (the next queued behind)
         self.learner_version: int | None = None  # updates done, read at the first step
 
     def run(self, stop: StopRequest) -> dict:
@@ -270,11 +269,7 @@ class PPOLoop:
         if self.learner_version is None:
             self.learner_version = self.learner_call(learner.version(), "the learner's version")
         trained, dropped = self.queue.take(self.learner_version)
-        # sampled after the batch before it (a generator's calls run in order), or after
-        # being asked for: the generate stage's time, not the time it waited in the queue
-        started = max(trained.dispatched_at, self.last_ready)
-        times = {"generate": max(0.0, trained.ready_at - started)}
-        self.last_ready = trained.ready_at
+        times = {"generate": trained.ready_at - trained.started_at}
         self.queue.fill(steps_left)  # with overlap: sampled while the learner updates
         batch_refs = trained.refs
         t = time.perf_counter()  # scoring and reference run in parallel: both timed from here

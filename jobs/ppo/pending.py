@@ -33,6 +33,7 @@ class Pending:
     ready_at: float | None = None
     sampled: list[dict] | None = None  # every shard's receipt, once sampled
     serial: int = 0  # the order the driver asked for it in (rollout_queue.RolloutQueue.asked)
+    started_at: float = 0.0  # when its sampling began, as near as the driver knows
 
     def rows(self) -> int:
         return sum(len(shard.prompts) for shard in self.shards)

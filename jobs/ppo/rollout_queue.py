@@ -40,6 +40,7 @@ class RolloutQueue:
         self.wait, self.get = wait, get
         self.batches: deque[Pending] = deque()
         self.asked = 0  # batches asked for by this process: each Pending's serial
+        self.last_ready = 0.0  # when the last batch taken off the queue was seen sampled
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -129,7 +130,9 @@ class RolloutQueue:
         return pending.sampled is not None
 
     def take(self, learner_version: int) -> tuple[Pending, int]:
-        """The batch a step trains on, out of the queue, and the rows dropped as stale."""
+        """The batch a step trains on, out of the queue, and the rows dropped as stale. Its
+        `started_at`: when it was asked for, or when the batch before it on the generators was
+        sampled (their calls run in order), so its time in the queue is not sampling time."""
         dropped = 0
         while True:
             versions = [p.version() if self._sampled_now(p) else None for p in self.batches]
@@ -138,11 +141,15 @@ class RolloutQueue:
             )
             for i in reversed(choice.drop):
                 dropped += self.batches[i].rows()
+                self.last_ready = max(self.last_ready, self.batches[i].ready_at)
                 del self.batches[i]
             if choice.train is not None:
                 train = choice.train - sum(1 for i in choice.drop if i < choice.train)
                 pending = self.batches[train]
                 del self.batches[train]
+                started = max(pending.dispatched_at, self.last_ready)
+                pending.started_at = min(started, pending.ready_at)  # seen out of order: 0 s
+                self.last_ready = pending.ready_at
                 return pending, dropped
             if not self.batches:
                 self.dispatch()  # every batch was too old: a fresh one
