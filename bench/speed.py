@@ -223,6 +223,14 @@ def main() -> None:
         help='more rlhf-ray settings for its runs, e.g. "--ppo.overlap true" (quoted)',
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=SETTINGS",
+        help="also run each rlhf-ray system with these settings (after --ours), in the same "
+        'rounds, e.g. "k2=--ppo.overlap true --ppo.max_policy_lag 2"; may be repeated',
+    )
+    parser.add_argument(
         "--nodes", type=int, default=1, help="rlhf-ray on this many simulated nodes (2 CPUs in all)"
     )
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one, in-process
@@ -232,21 +240,37 @@ def main() -> None:
         result = run_one(args.system, models, args.steps, args.ours.split(), args.nodes)
         print(json.dumps(result))
         return
-    results: dict[str, list[dict]] = {s: [] for s in args.systems}
+    runs = list(with_variants(args.systems, args.ours, args.variant))
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
     for round_ in range(args.rounds):
-        for system in args.systems:
+        for name, system, ours_settings in runs:
             command = [sys.executable, __file__, "--models", str(models), "--system", system]
-            command += ["--ours", args.ours] if args.ours else []
+            command += ["--ours", ours_settings] if ours_settings else []
             command += ["--nodes", str(args.nodes)]
             done = subprocess.run(
                 [*command, "--steps", str(args.steps)], capture_output=True, text=True, cwd=REPO
             )
             if done.returncode != 0:
-                sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
-            results[system].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"round {round_ + 1}: {system} {results[system][-1]}", flush=True)
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {round_ + 1}: {name} {results[name][-1]}", flush=True)
     (models.parent / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
+
+
+def with_variants(systems: list[str], ours: str, variants: list[str]):
+    """(name in the table, system, rlhf-ray settings) for every run of a round: each rlhf-ray
+    system as given and once per `LABEL=SETTINGS` variant, named `system [LABEL]`."""
+    for system in systems:
+        if not system.startswith("rlhf-ray-"):
+            yield system, system, ""
+            continue
+        yield system, system, ours
+        for variant in variants:
+            label, sep, settings = variant.partition("=")
+            if not sep or not label:
+                sys.exit(f"--variant {variant!r}: expected LABEL=SETTINGS")
+            yield f"{system} [{label}]", system, f"{ours} {settings}".strip()
 
 
 def roles(results: dict[str, list[dict]]) -> list[str]:
