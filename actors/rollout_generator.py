@@ -36,6 +36,7 @@ class RolloutGenerator:
         rank: int,
         learner: str,  # the actor name of the learner rank that serves the weights
         timeout_s: float,
+        board: str | None = None,  # partial rollouts: the run's WeightsBoard actor name
     ) -> None:
         # before peft is imported; vLLM's imports are not ours to change
         skip_bitsandbytes(settings.quantization.load_in_4bit or engine is not None)
@@ -58,6 +59,13 @@ class RolloutGenerator:
         # restart depends on them staying (Ray says so at level E, ray-project/ray#53727).
         learner_rank = ray.get_actor(learner)
         self.generator.load_weights(ray.get(learner_rank.weights.remote(), timeout=timeout_s))
+        self.board = ray.get_actor(board) if board else None
+        self.timeout_s = timeout_s
+
+    def _newer(self, version: int) -> Weights | None:
+        """Partial rollouts: the weights posted on the board if newer than `version`."""
+        posted = ray.get(self.board.newer_than.remote(version), timeout=self.timeout_s)
+        return ray.get(posted[0], timeout=self.timeout_s) if posted else None
 
     def ready(self) -> int:
         return os.getpid()
@@ -78,7 +86,10 @@ class RolloutGenerator:
         rows, the policy version they were sampled with, and the seconds sampling took."""
         start = time.perf_counter()
         with self.busy.working():
-            batch = self.generator.generate(prompts, group)
+            if self.board is None:
+                batch = self.generator.generate(prompts, group)
+            else:  # the vLLM engine: rollout.partial_chunk_tokens needs it
+                batch = self.generator.generate(prompts, group, newer=self._newer)
         seconds = time.perf_counter() - start
         return batch, receipt(len(prompts), batch.policy_version, seconds)
 
@@ -89,6 +100,10 @@ class RolloutGenerator:
         import torch
 
         with self.busy.working(), torch.random.fork_rng():
+            if self.board is not None:  # the step's weights may be on the board only
+                weights = self._newer(self.generator.version)
+                if weights is not None:
+                    self.generator.load_weights(weights)
             torch.manual_seed(seed)
             return self.generator.generate(prompts, list(range(len(prompts))))
 

@@ -732,3 +732,16 @@ def test_the_staleness_settings_are_named_unused_without_overlap():
     assert PPOConfig(max_policy_lag=2, stale_batches="drop", overlap=True).unused_settings() == []
     with raises_with("ppo.stale_batches='skip'", "one of wait, drop"):
         PPOConfig(stale_batches="skip")
+
+
+def test_partial_rollouts_need_overlap_and_are_named_unused_with_hf(tmp_path):
+    """rollout.partial_chunk_tokens: an update can only reach a batch being sampled when the
+    batches are sampled during updates; Hugging Face generate samples whole batches."""
+    with raises_with("rollout.partial_chunk_tokens=8 without ppo.overlap", "set ppo.overlap"):
+        smoke_config(tmp_path, **{"rollout.partial_chunk_tokens": "8"})
+    with raises_with("rollout.partial_chunk_tokens=-1", "expected"):
+        smoke_config(tmp_path, **{"rollout.partial_chunk_tokens": "-1"})
+    cfg = smoke_config(tmp_path, **{"rollout.partial_chunk_tokens": "8", "ppo.overlap": "true"})
+    assert cfg.rollout.unused_settings("hf") == [
+        "rollout.partial_chunk_tokens=8 (rollout engine hf)"
+    ]

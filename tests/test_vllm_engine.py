@@ -202,3 +202,79 @@ def test_under_auto_a_generator_with_vllm_but_no_gpu_takes_hf_and_says_why():
     auto = EngineSettings(RolloutConfig(), 48, auto=True)
     assert pick_engine(auto) == ("hf", "no CUDA GPU is visible to this generator")
     assert pick_engine(EngineSettings(RolloutConfig(), 48)) == ("vllm", None)  # named: CPU build
+
+
+CHUNK = 4  # tokens per chunk of the partial-rollout tests
+
+
+def test_a_partial_rollout_goes_on_under_the_newer_adapter_with_each_tokens_version(vllm_run):
+    """rollout.partial_chunk_tokens: weights handed over between chunks reach the rows being
+    sampled. Each token carries the version that sampled it, and its sampler logprob is that
+    version's own (the learner's forward pass of the same prefix under it)."""
+    out, prepared = vllm_run
+    cfg = _config(
+        out,
+        **{"rollout.partial_chunk_tokens": str(CHUNK), "ppo.overlap": "true"},
+        **{"rollout.logprob_correction": "tis"},
+    )
+    settings = policy_settings(cfg, out)
+    learner = LearnerCore(
+        LearnerSettings(settings, str(out / "reward"), "full", cfg.ppo, logprob_source="learner")
+    )
+    generator = VllmGeneratorCore(settings, engine_settings(cfg), rank=0)
+    generator.load_weights(learner.weights())
+    version0 = {n: t.clone() for n, t in learner.weights().tensors.items()}
+    newer = learner.weights()  # version 1: far from version 0
+    newer.version = 1
+    for name, tensor in newer.tensors.items():
+        if "lora_B" in name:
+            tensor.add_(torch.randn_like(tensor) * 0.3)
+    asked = []
+
+    def after_the_first_chunk(version: int):
+        asked.append(version)
+        return newer if len(asked) == 2 else None  # before the second chunk
+
+    prompts = [r["prompt"] for r in read_rows(prepared.data_dir, "prompts")][:8]
+    batch = generator.generate(prompts, list(range(len(prompts))), newer=after_the_first_chunk)
+    assert asked[:2] == [0, 0] and set(asked[2:]) <= {1}  # asked before every chunk
+    real = batch.response_mask > 0
+    lengths = real.sum(1)
+    assert (lengths > CHUNK).any(), "no row outlived the first chunk: nothing tested"
+    expected = torch.where(torch.arange(real.shape[1]) < CHUNK, 0, 1).expand_as(real) * real
+    assert torch.equal(batch.token_versions, expected)
+    assert batch.policy_version == 0 and generator.version == 1
+    _check_eos(batch, generator.tok.eos_token_id, cfg.data.max_completion_tokens)
+    # each token's logprob: the version that sampled it
+    load_trainable_state(learner.policy, version0)
+    under0 = _learner_logprobs(learner, batch)
+    load_trainable_state(learner.policy, newer.tensors)
+    under1 = _learner_logprobs(learner, batch)
+    own = torch.where(batch.token_versions == 1, under1, under0)
+    torch.testing.assert_close(batch.logprobs, own, atol=SAME_VERSION_ATOL, rtol=0)
+    later = batch.token_versions == 1
+    assert (under0[later] - batch.logprobs[later]).abs().max() > 100 * SAME_VERSION_ATOL
+    generator.close()
+
+
+def test_ppo_with_partial_rollouts_posts_each_update_for_the_batches_in_flight(local_ray, vllm_run):
+    """Three PPO steps with overlap and partial rollouts: each update is posted on the run's
+    weights board instead of loaded behind the batch in flight, no step trains on a batch more
+    than one version old, and evaluation samples with the step's weights."""
+    out, prepared = vllm_run
+    overrides = {"rollout.partial_chunk_tokens": str(CHUNK), "ppo.overlap": "true"}
+    cfg = _config(out, **overrides, **{"ppo.steps": "3", "rollout.logprob_correction": "tis"})
+    with running_roles(cfg, out) as roles:
+        assert roles.board is not None
+        loop = ppo_loop(cfg, roles, prepared)
+        loop.queue.dispatch()
+        sampled_with = []
+        for step in range(1, 4):
+            trained, stats, _ = loop.step(steps_left=3 - step)
+            sampled_with.append(trained.version())
+            assert stats[metrics.STALENESS_MAX] <= 1
+            assert 0.0 <= stats[metrics.PARTIAL_TOKENS] <= 1.0
+        # no weights were loaded behind a batch: the generator took each version off the board
+        assert sampled_with[0] == 0 and sampled_with[2] >= 1, sampled_with
+        asked = roles.generators[0].evaluate.remote(["a prompt"], 0)
+        assert ray.get(asked, timeout=TIMEOUT).policy_version == 3  # the last step's, posted

@@ -24,6 +24,7 @@ BATCH_TENSORS = (
     "has_eos",
     "logprobs",
     "group",
+    "token_versions",  # partial rollouts only
 )
 
 
@@ -112,7 +113,8 @@ def _restored_batch(tensors: dict, j: int, saved: dict, serial: int) -> Pending:
 
 
 def batch_tensors(batch: RolloutBatch) -> dict:
-    return {name: getattr(batch, name) for name in BATCH_TENSORS}
+    tensors = {name: getattr(batch, name) for name in BATCH_TENSORS}
+    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
 
 
 def batch_info(batch: RolloutBatch) -> dict:

@@ -283,12 +283,13 @@ class PPOLoop:
         stats = self.learner_call(train, "the learner update")
         self.learner_version += 1
         times["learn"] = time.perf_counter() - t
-        # The generators load new weights after the batches asked for (calls run in order):
-        # wait for those here, so their sampling is not counted as the sync's time.
-        self.queue.wait_all()
+        if self.roles.board is None:
+            # The generators load new weights after the batches asked for (calls run in
+            # order): wait for those here, so their sampling is not counted as the sync's time.
+            self.queue.wait_all()
         t = time.perf_counter()
         weights = learner.weights()  # put once, read by every generator
-        self.on_generators("load_weights", (weights,), "loading new weights into the generators")
+        self.sync(weights)
         times["sync"] = time.perf_counter() - t
         synced = object_bytes(weights, self.timeout)
         if synced is not None:
@@ -298,6 +299,16 @@ class PPOLoop:
             self.queue.dispatch()
         stats[metrics.DROPPED] = dropped
         return trained, stats, times
+
+    def sync(self, weights) -> None:
+        """The update's weights to the generators: loaded after the batches asked for (calls
+        run in order), or with partial rollouts posted on the run's board, where generators
+        take them between chunks, also of the batches they are sampling now."""
+        if self.roles.board is not None:
+            posted = self.roles.board.post.remote(self.learner_version, [weights])
+            self.get(posted, "posting the new weights")
+            return
+        self.on_generators("load_weights", (weights,), "loading new weights into the generators")
 
     def _watch(self) -> None:
         """While waiting: can the live nodes still hold every role, with today's generators?"""

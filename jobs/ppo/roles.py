@@ -12,6 +12,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from actors.reference_model import ReferenceModel
 from actors.reward_scorer import RewardScorer
 from actors.rollout_generator import RolloutGenerator
+from actors.weights_board import BOARD_PREFIX, WeightsBoard
 from jobs.ppo.learner_group import LearnerGroup, in_bundle
 from jobs.ppo.waiting import capacity_watch, get_results
 from rlhf_ray.config import Config
@@ -48,6 +49,9 @@ class Roles:
     out: Path
     next_rank: int = 0  # above every generator rank this run has used, also before a resume
     placement: PlacementGroup | None = None  # the scorer's and the reference's
+    # partial rollouts (rollout.partial_chunk_tokens with vLLM): where the driver posts each
+    # update's weights for the generators to take between chunks
+    board: ray.actor.ActorHandle | None = None
 
     def all(self) -> list:
         """Every role's actor: each learner rank, the scorer, the reference, each generator."""
@@ -61,9 +65,14 @@ class Roles:
         """Every role's process, and the learner's placement group."""
         for actor in [self.scorer, self.reference, *self.generators.values()]:
             ray.kill(actor, no_restart=True)
+        if self.board is not None:
+            ray.kill(self.board, no_restart=True)
         self.learner.stop()
         if self.placement is not None:
             remove_placement_group(self.placement)
+
+    def board_name(self) -> str | None:
+        return BOARD_PREFIX + str(self.out) if self.board is not None else None
 
     def start_generators(self, ranks: list[int]) -> dict[int, ray.actor.ActorHandle]:
         """New generators (not yet waited for, except vLLM engines that share a GPU: each
@@ -82,7 +91,7 @@ class Roles:
                 name=generator_name(rank),
                 **generator_restarts(self.cfg),
                 **actor_options(res.rollout_cpus, res.rollout_gpus),
-            ).remote(settings, engine, rank, self.learner.chief_name, timeout)
+            ).remote(settings, engine, rank, self.learner.chief_name, timeout, self.board_name())
             if one_by_one:
                 get_results(
                     started[rank].ready.remote(), timeout, f"starting {generator_name(rank)}"
@@ -202,6 +211,8 @@ def create_roles(cfg: Config, out: Path, ranks: list[int] | None = None) -> Role
         **in_bundle(together, 1),
     ).remote(frozen(sft_dir, res.reference_cpus, res.reference_gpus), cfg.ppo.temperature)
     roles = Roles(learner, scorer, reference, {}, cfg, out, placement=together)
+    if cfg.rollout.partial_chunk_tokens and engine_settings(cfg) is not None:
+        roles.board = WeightsBoard.options(name=BOARD_PREFIX + str(out)).remote()
     try:
         roles.start_generators(list(range(cfg.ppo.num_rollout_actors)) if ranks is None else ranks)
         refs = [a.ready.remote() for a in roles.all()]

