@@ -93,7 +93,7 @@ steps = [r["step"] for r in gae]
 assert steps == list(range(1, 13)), f"PPO steps logged {steps}: expected 1..12 once each"
 gap_mean = max(r["rollout/logprob_gap_mean"] for r in gae)
 gap_max = max(r["rollout/logprob_gap_max"] for r in gae)
-lag = max(r["policy/version_lag"] for r in gae)
+lag = max(r["rollout/staleness_max"] for r in gae)
 adapter = out / "policy" / "adapter" / "adapter_model.safetensors"
 with safe_open(str(adapter), "pt") as f:  # the policy's adapter, stacked onto the base if SFT was LoRA
     stacked = sum(f.get_tensor(k).numel() for k in f.keys())
