@@ -1,5 +1,6 @@
-"""Settings: one frozen, validated dataclass per concern (`sections`), loaded from a YAML preset
-plus command-line overrides (`loading`)."""
+"""Settings: one frozen, validated dataclass per concern (`sections`, with the PPO phase's in
+`ppo`, the roles' resources in `resources` and the rollout engine's in `rollout`), loaded from a
+YAML preset plus command-line overrides (`loading`)."""
 
 from rlhf_ray.config.rollout import RolloutConfig
 from rlhf_ray.config.sections import (

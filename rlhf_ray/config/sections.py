@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from rlhf_ray.config.ppo import PPOConfig
+from rlhf_ray.config.resources import ResourcesConfig
 from rlhf_ray.config.rollout import (
     VLLM_CPU_HEAD_SIZES,
     VLLM_MAX_LORA_RANK,
@@ -21,20 +23,12 @@ from rlhf_ray.config.rollout import (
 )
 from rlhf_ray.config.section import Section
 from rlhf_ray.errors import ConfigError
-from rlhf_ray.ppo import staleness
 from rlhf_ray.world.assistant_world import max_eval_prompts
 
 EMBEDDED_MODEL = "embedded"
 PHASES = ("sft", "reward", "ppo")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_METHODS = ("full", "lora")
-# How PPO estimates advantages: GAE with a critic, or a critic-free baseline (ppo/estimators.py)
-ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
-GROUP_ESTIMATORS = ("rloo", "grpo")  # compare the k samples of a prompt with each other
-# Where each estimator's paper puts the KL penalty: in the per-token reward (PPO, REINFORCE++;
-# RLOO's sequence reward is their sum) or as a loss term (GRPO).
-KL_PLACEMENT = {"gae": "reward", "rloo": "reward", "grpo": "loss", "reinforce++": "reward"}
-RAY_RESOURCE_UNIT = 0.0001  # Ray rounds resource amounts to 4 decimal places
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _FUNCTION_SPEC = re.compile(
     r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
@@ -232,254 +226,6 @@ class RewardConfig(Section):
         self.positive("epochs", "batch_size", "lr", "max_grad_norm")
         self.non_negative("weight_decay")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
-
-
-ROLES = ("train_worker", "rollout", "reward", "reference", "learner")
-LEARNER_PLACEMENTS = ("pack", "spread")
-TRAIN_SHARDINGS = ("ddp", "fsdp")
-
-
-# Where more GPUs do help, by role (ResourcesConfig's check of *_gpus)
-MORE_GPUS = {
-    "train_worker": "; to use more GPUs, raise resources.train_workers",
-    "rollout": "; to use more GPUs, raise ppo.num_rollout_actors",
-}
-
-
-@dataclass(frozen=True)
-class ResourcesConfig(Section):
-    """What each role asks Ray for. Fractions of a GPU let roles share one device."""
-
-    section: ClassVar[str] = "resources"
-    train_workers: int = 1  # Ray Train data-parallel workers for SFT and the reward model
-    train_worker_cpus: float = 1.0  # CPUs per Ray Train worker
-    train_worker_gpus: float = 0.0  # GPUs per Ray Train worker
-    # Times Ray Train restarts the SFT or reward workers after one dies, from the last epoch
-    # checkpoint; past that the phase fails (its checkpoints are kept for a rerun).
-    train_worker_restarts: int = 2
-    # how the SFT and reward workers train as one: ddp (each holds the whole model; gradients
-    # averaged during the backward pass) or fsdp (FSDP2: weights, gradients and optimizer state
-    # sharded over the workers, for a model one worker cannot hold). Same result up to float
-    # rounding; with one worker nothing is wrapped.
-    train_sharding: str = "ddp"
-    rollout_cpus: float = 1.0  # CPUs per rollout generator
-    rollout_gpus: float = 0.0  # GPUs per rollout generator
-    reward_cpus: float = 0.5  # CPUs of the reward scorer
-    reward_gpus: float = 0.0  # GPUs of the reward scorer
-    reference_cpus: float = 0.5  # CPUs of the reference model
-    reference_gpus: float = 0.0  # GPUs of the reference model
-    learner_cpus: float = 1.0  # CPUs of the PPO learner (policy + critic)
-    learner_gpus: float = 0.0  # GPUs of the PPO learner
-    # torch threads of the learner; 0: as many as learner_cpus. More than learner_cpus borrows
-    # cores the generators reserved, which without ppo.overlap sit idle during the update
-    # (measured: 2 threads update 1.5x faster; 2 threads per generator gained nothing).
-    learner_threads: int = 0
-    # PPO learner ranks: each trains on its slice of every minibatch, gradients averaged by
-    # torch.distributed DDP (gloo on CPU, NCCL on GPU); learner_cpus, learner_gpus and
-    # learner_threads are per rank
-    learner_workers: int = 1
-    # how Ray's placement group lays out the learner ranks: pack (as few nodes as can hold
-    # them) or spread (one per node where it can)
-    learner_placement: str = "pack"
-    # how the learner ranks hold a full-parameter critic (reward.method full, ppo.estimator
-    # gae): ddp (each rank holds it whole) or fsdp (FSDP2: its weights, gradients and AdamW
-    # moments sharded over the ranks). The LoRA policy is always under DDP: its frozen base is
-    # the same on every rank, its adapter small.
-    learner_sharding: str = "ddp"
-
-    def validate(self) -> None:
-        self.positive("train_workers", "learner_workers")
-        self.one_of("train_sharding", TRAIN_SHARDINGS)
-        self.one_of("learner_placement", LEARNER_PLACEMENTS)
-        self.one_of("learner_sharding", TRAIN_SHARDINGS)
-        self.non_negative("train_worker_restarts", "learner_threads")
-        for role in ROLES:
-            for kind in ("cpus", "gpus"):
-                key = f"{role}_{kind}"
-                amount = getattr(self, key)
-                self.check(
-                    amount == 0 or amount >= RAY_RESOURCE_UNIT,
-                    key,
-                    f"0 or at least {RAY_RESOURCE_UNIT} (Ray's smallest unit)",
-                )
-                self.non_negative(key)
-            # Each role (and each Ray Train worker) runs on one device: a second GPU would be
-            # reserved and left idle. Data parallelism over GPUs comes from more train workers
-            # (SFT, reward) or more rollout generators; vLLM tensor parallelism and a learner
-            # over several GPUs are not built yet.
-            self.check(
-                getattr(self, f"{role}_gpus") <= 1,
-                f"{role}_gpus",
-                "at most 1 (a fraction shares one GPU): the role runs on one device, and more "
-                f"would be reserved and sit idle{MORE_GPUS.get(role, '')}",
-            )
-
-    @property
-    def learner_torch_threads(self) -> int:
-        """The PPO learner's torch threads: learner_threads, or as many as its whole CPUs."""
-        return self.learner_threads or max(1, int(self.learner_cpus))
-
-
-@dataclass(frozen=True)
-class PPOConfig(Section):
-    """PPO as an actor system. Defaults follow "The N Implementation Details of RLHF with PPO"."""
-
-    section: ClassVar[str] = "ppo"
-    steps: int = 40  # PPO iterations: generate, score, reference, learn, sync
-    # advantages: gae (with a critic, PPO proper), or critic-free rloo, grpo or reinforce++
-    estimator: str = "gae"
-    # rollout generators at the start; rollouts_per_step is split over them as evenly as can
-    # be, and `rlhf-ray scale --rollout N` changes their number while the job runs
-    num_rollout_actors: int = 1
-    # fixed: that many generators (or what `rlhf-ray scale` asks); auto: before each step as
-    # many as the live nodes hold beside the other roles, within the two bounds below, so
-    # generators start on nodes that join and the run goes on without those of nodes that leave
-    rollout_scaling: str = "fixed"
-    min_rollout_actors: int = 1  # auto: fewer fit, and the run stops with an error
-    max_rollout_actors: int = 8  # auto: never more than this
-    rollouts_per_step: int = 64  # responses sampled per iteration
-    samples_per_prompt: int = 1  # k responses per prompt (a group); rloo and grpo need k >= 2
-    # the KL penalty: in the reward or as a loss term; auto = as the estimator's paper does
-    # (loss for grpo, reward for the others)
-    kl_placement: str = "auto"
-    minibatch_size: int = 16  # responses per gradient step of the learner
-    epochs: int = 4  # passes of the learner over each batch
-    lr: float = 5e-4  # learning rate of the policy's LoRA adapter
-    # the adapter's learning rate over the steps: constant, or linear decay to lr / steps at the
-    # last step, after lr_warmup_steps of linear warm-up (rlhf_ray/ppo/lr_schedule.py)
-    lr_schedule: str = "constant"
-    lr_warmup_steps: int = 0  # updates of linear warm-up of the adapter's learning rate
-    critic_lr: float = 1e-3  # learning rate of the critic (its own optimizer)
-    weight_decay: float = 0.01  # AdamW weight decay of the policy's adapter and of the critic
-    kl_coef: float = 0.1  # beta: the KL penalty's weight, in the reward or the loss
-    # adaptive KL (Ziegler et al. 2019): beta starts at kl_coef and after each step moves by
-    # clip(kl / kl_target - 1, -0.2, 0.2) * rollouts_per_step / kl_horizon; 0: beta fixed
-    kl_target: float = 0.0  # the KL (objective/kl) the adaptive beta aims at; 0: beta fixed
-    kl_horizon: int = 10000  # rollouts over which beta may change by about e^(+-0.2)
-    gamma: float = 1.0  # discount of GAE and of REINFORCE++ returns
-    lam: float = 0.95  # lambda of GAE
-    clip_range: float = 0.2  # PPO ratio clip
-    value_clip_range: float = 0.2  # critic value clip around the rollout's values
-    max_grad_norm: float = 1.0  # policy and critic gradients each clipped to this norm
-    # early stop [SB3]: a minibatch whose approx-KL to the rollout's policy (measured before its
-    # step) passes this ends the step's update, without its own step; 0: every epoch runs
-    target_kl: float = 0.0
-    temperature: float = 1.0  # sampling temperature; every logprob uses logits / temperature
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
-    whiten_rewards: bool = False  # rescale per-token rewards to unit variance before GAE
-    # generate the next batches while the learner updates, up to max_policy_lag versions behind
-    overlap: bool = False
-    # how a batch sampled by an older policy version is trained on: "ppo" clips the ratio to
-    # the policy that sampled it; "decoupled" (Hilton et al. 2021, AReaL) clips it around the
-    # learner's weights before this update (one no-grad pass, the proximal policy) and weighs
-    # each token by min(pi_proximal / pi_behaviour, rollout.tis_cap). At lag 0 both are PPO.
-    objective: str = "ppo"
-    # with overlap, k: no batch is trained on more than k updates after the version that
-    # sampled it (the generators run up to k batches ahead of the learner)
-    max_policy_lag: int = 1
-    # with overlap: "wait": the generators stop k batches ahead, each batch is trained on k
-    # versions old; "drop": they never wait, a step trains on the newest sampled batch and
-    # drops the older ones (rlhf_ray/ppo/staleness.py)
-    stale_batches: str = "wait"
-    max_role_restarts: int = 3  # restarts of a dead rollout generator, reward scorer or reference
-    max_learner_restarts: int = 2  # times a dead learner is rebuilt from the newest checkpoint
-    checkpoint_every: int = 10  # steps between PPO checkpoints (0: only when the job is stopped)
-    keep_checkpoints: int = 2  # newest complete PPO checkpoints kept; older ones are deleted
-
-    def validate(self) -> None:
-        self.one_of("estimator", ESTIMATORS)
-        self.one_of("kl_placement", ("auto", "reward", "loss"))
-        self.one_of("objective", ("ppo", "decoupled"))
-        self.one_of("stale_batches", staleness.MODES)
-        self.positive("steps", "num_rollout_actors", "rollouts_per_step", "minibatch_size")
-        self.positive("samples_per_prompt", "min_rollout_actors", "max_rollout_actors")
-        self.one_of("rollout_scaling", ("fixed", "auto"))
-        self.check(
-            self.min_rollout_actors <= self.max_rollout_actors,
-            "max_rollout_actors",
-            f">= min_rollout_actors={self.min_rollout_actors}",
-        )
-        self.check(
-            self.min_rollout_actors <= self.num_rollout_actors <= self.max_rollout_actors
-            or self.rollout_scaling == "fixed",
-            "num_rollout_actors",
-            f"within min_rollout_actors={self.min_rollout_actors} and max_rollout_actors="
-            f"{self.max_rollout_actors} when rollout_scaling is auto",
-        )
-        self.check(
-            self.estimator not in GROUP_ESTIMATORS or self.samples_per_prompt >= 2,
-            "samples_per_prompt",
-            f"at least 2 with estimator {self.estimator} (it compares the samples of a prompt)",
-        )
-        self.check(
-            self.rollouts_per_step % self.samples_per_prompt == 0,
-            "rollouts_per_step",
-            f"a multiple of samples_per_prompt={self.samples_per_prompt}",
-        )
-        self.positive("epochs", "lr", "critic_lr", "clip_range", "value_clip_range")
-        self.positive("max_grad_norm", "temperature")
-        self.non_negative("target_kl", "kl_target", "lr_warmup_steps")
-        self.one_of("lr_schedule", ("constant", "linear"))
-        self.check(self.lr_warmup_steps < self.steps, "lr_warmup_steps", f"< steps={self.steps}")
-        self.positive("kl_horizon")
-        self.non_negative("kl_coef", "missing_eos_penalty", "max_policy_lag", "weight_decay")
-        self.non_negative("max_role_restarts", "max_learner_restarts", "checkpoint_every")
-        self.positive("keep_checkpoints")
-        self.check(0 < self.gamma <= 1, "gamma", "a discount in (0, 1]")
-        self.check(0 <= self.lam <= 1, "lam", "a value in [0, 1]")
-        self.check(
-            self.rollouts_per_step % self.minibatch_size == 0,
-            "minibatch_size",
-            f"a divisor of rollouts_per_step={self.rollouts_per_step}",
-        )
-        self.check(
-            not self.overlap or self.max_policy_lag >= 1,
-            "max_policy_lag",
-            ">= 1 when overlap is on (the next batch is sampled one version behind)",
-        )
-
-    @property
-    def uses_critic(self) -> bool:
-        return self.estimator == "gae"
-
-    @property
-    def autoscales(self) -> bool:
-        return self.rollout_scaling == "auto"
-
-    def unused_settings(self) -> list[str]:
-        """`ppo.key=value` for each setting changed from its default that this estimator (the
-        critic's, GAE's), fixed scaling (the auto bounds) or no overlap (the objective and bound
-        for lagging batches) does not use, so the run can say so instead of dropping it silently."""
-        critics = ("critic_lr", "value_clip_range", "lam", "whiten_rewards")
-        unused = () if self.uses_critic else critics
-        unused += ("gamma",) if self.estimator in GROUP_ESTIMATORS else ()
-        unused += ("min_rollout_actors", "max_rollout_actors") if not self.autoscales else ()
-        # without overlap no batch lags
-        unused += ("objective", "max_policy_lag", "stale_batches") if not self.overlap else ()
-        defaults = {f.name: f.default for f in fields(self)}
-        return [f"ppo.{k}={getattr(self, k)}" for k in unused if getattr(self, k) != defaults[k]]
-
-    @property
-    def kl_in_loss(self) -> bool:
-        placement = (
-            KL_PLACEMENT[self.estimator] if self.kl_placement == "auto" else self.kl_placement
-        )
-        return placement == "loss"
-
-    @property
-    def reward_kl_coef(self) -> float:
-        """beta of the KL penalty in the per-token rewards: kl_coef, or 0 when the KL is a loss
-        term instead."""
-        return 0.0 if self.kl_in_loss else self.kl_coef
-
-    @property
-    def loss_per_sequence(self) -> bool:
-        """GRPO averages each response's token losses first, then over responses."""
-        return self.estimator == "grpo"
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.rollouts_per_step // self.samples_per_prompt
 
 
 @dataclass(frozen=True)
