@@ -17,7 +17,7 @@ from rlhf_ray.models.forward import response_logits
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.sampling import sample
 from rlhf_ray.models.token_math import logprobs_from_logits
-from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore
+from rlhf_ray.ppo.vllm_generator import VllmGeneratorCore, _Row
 from tests.conftest import smoke_config
 
 TEMPERATURE = 0.7
@@ -104,11 +104,11 @@ def test_vllm_completions_become_a_batch_masked_up_to_eos_or_their_own_end(tiny_
     tok = load_tokenizer(str(out / "sft"))
     eos = tok.eos_token_id
 
-    def completion(tokens: list[int]) -> SimpleNamespace:
-        steps = [{t: SimpleNamespace(logprob=-1.0 - i)} for i, t in enumerate(tokens)]
-        return SimpleNamespace(token_ids=tokens, logprobs=steps)
+    def completion(tokens: list[int], version: int = 3) -> _Row:
+        logprobs = [-1.0 - i for i in range(len(tokens))]
+        return _Row(list(tokens), logprobs, [version] * len(tokens), done=True)
 
-    generator = SimpleNamespace(tok=tok, version=3, rank=1)
+    generator = SimpleNamespace(tok=tok, version=3, rank=1, chunk_tokens=0)
     rows = [completion([5, 6, eos]), completion([7]), completion([8, 9, 10, 11])]
     batch = VllmGeneratorCore._batch(
         generator, [[1, 2], [3], [4]], rows, ["a", "b", "c"], [0, 1, 2]
@@ -118,4 +118,13 @@ def test_vllm_completions_become_a_batch_masked_up_to_eos_or_their_own_end(tiny_
     assert batch.response[1].tolist() == [7] + [tok.pad_token_id] * 3
     assert batch.logprobs.tolist() == [[-1, -2, -3, 0], [-1, 0, 0, 0], [-1, -2, -3, -4]]
     assert batch.query_mask.tolist() == [[1, 1], [0, 1], [0, 1]]  # left-padded prompts
+    assert batch.token_versions is None  # whole responses: every token policy_version's
     assert (batch.policy_version, batch.generator_rank) == (3, 1)
+    # partial rollouts: a row's later chunk by version 4; the batch's version is its oldest
+    generator.chunk_tokens = 2
+    rows[2] = _Row([8, 9, 10, 11], [-1.0, -2.0, -3.0, -4.0], [3, 3, 4, 4], done=True)
+    batch = VllmGeneratorCore._batch(
+        generator, [[1, 2], [3], [4]], rows, ["a", "b", "c"], [0, 1, 2]
+    )
+    assert batch.token_versions.tolist() == [[3, 3, 3, 0], [3, 0, 0, 0], [3, 3, 4, 4]]
+    assert batch.policy_version == 3
