@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_ray.ppo.kl_control import adaptive_kl_coef, stops_update
-from rlhf_ray.ppo.learner import update_stats
+from rlhf_ray.ppo.learner_stats import update_stats
 from rlhf_ray.ppo.losses import policy_loss
 from rlhf_ray.ppo.lr_schedule import scheduled_lr
 from rlhf_ray.run import metrics

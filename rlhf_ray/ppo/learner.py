@@ -51,7 +51,7 @@ from rlhf_ray.models.loading import (
     trainable_state,
 )
 from rlhf_ray.models.source import ADAPTER_DIR
-from rlhf_ray.ppo import estimators, kl_control, losses, lr_schedule, masked
+from rlhf_ray.ppo import estimators, kl_control, learner_stats, losses, lr_schedule, masked
 from rlhf_ray.ppo.data_parallel import Ranks
 from rlhf_ray.ppo.messages import (
     ReferenceLogprobs,
@@ -191,8 +191,7 @@ class LearnerCore:
         check_results_match(batches, scores, refs)
         batch, versions = concat_batches(batches, self.tok.pad_token_id)
         self._check_groups(batch.group)
-        staleness = [self.version - v for v in versions]  # per row: updates since sampled
-        lag = max(staleness)
+        lag = self.version - min(versions)
         if lag > self.cfg.max_policy_lag:
             raise RuntimeError(
                 f"rollouts sampled with policy version {min(versions)} are {lag} updates old; "
@@ -200,6 +199,7 @@ class LearnerCore:
             )
         device = next(self.policy.parameters()).device
         batch = _to(batch, device)
+        staleness = learner_stats.staleness_stats(batch, versions, self.version)
         ref = concat_padded([r.logprobs for r in refs], batch.response.shape[1]).to(device)
         # from the learner (rollout.logprob_source, or a vLLM batch): batch.logprobs its own
         recompute = self.settings.recomputes_logprobs or any(b.engine == "vllm" for b in batches)
@@ -209,7 +209,7 @@ class LearnerCore:
         lr = self._schedule_lr()
         stats = {**self._update(batch, targets, loss_weights), metrics.LEARNING_RATE: lr}
         self.version += 1
-        rollout = _rollout_stats(batch, targets, self._reward_kl_coef)
+        rollout = learner_stats.rollout_stats(batch, targets, self._reward_kl_coef)
         rollout[metrics.KL_COEF] = self.kl_coef
         self._adapt_kl_coef(rollout[metrics.KL], batch.response.shape[0])
         return {
@@ -217,9 +217,7 @@ class LearnerCore:
             **sampler,
             **rollout,
             **{metrics.reward_source(n): v.mean().item() for n, v in scores.components.items()},
-            metrics.STALENESS_MEAN: sum(staleness) / len(staleness),
-            metrics.PARTIAL_TOKENS: _newer_token_share(batch, versions),
-            metrics.STALENESS_MAX: lag,
+            **staleness,
         }
 
     def _schedule_lr(self) -> float:
@@ -358,9 +356,9 @@ class LearnerCore:
                     batch, targets, idx, mine, None if weights is None else weights[mine]
                 )
                 if step is None:
-                    return update_stats(steps)
+                    return learner_stats.update_stats(steps)
                 steps.append((epoch, step))
-        return update_stats(steps)
+        return learner_stats.update_stats(steps)
 
     def _minibatch_step(
         self,
@@ -476,55 +474,6 @@ class LearnerCore:
             write_metrics(tmp, run_metrics)
 
 
-def update_stats(steps: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """An update's log from its minibatch steps, each (epoch, its stats), in order: each stat's
-    mean over the steps, RATIO_FIRST the first step's ratio (before any update), the largest
-    approx-KL, clip fraction, |log-ratio| and gradient norm, the mean approx-KL of each epoch,
-    and the number of steps taken. No step (target_kl stopped the first): the count alone."""
-    if not steps:
-        return {metrics.MINIBATCH_STEPS: 0}
-    names = steps[0][1]
-    out = {name: sum(s[name] for _, s in steps) / len(steps) for name in names}
-    out[metrics.LOGRATIO_MAX] = max(s[metrics.LOGRATIO_MAX] for _, s in steps)
-    for name, top in (
-        (metrics.APPROXKL, metrics.APPROXKL_MAX),
-        (metrics.CLIPFRAC, metrics.CLIPFRAC_MAX),
-        (metrics.GRAD_NORM, metrics.GRAD_NORM_MAX),
-    ):
-        out[top] = max(s[name] for _, s in steps)
-    for epoch in sorted({e for e, _ in steps}):
-        kls = [s[metrics.APPROXKL] for e, s in steps if e == epoch]
-        out[metrics.approxkl_epoch(epoch + 1)] = sum(kls) / len(kls)
-    out[metrics.RATIO_FIRST] = steps[0][1][metrics.RATIO]
-    out[metrics.MINIBATCH_STEPS] = len(steps)
-    return out
-
-
-def _rollout_stats(batch: RolloutBatch, targets: Targets, kl_coef: float) -> dict[str, float]:
-    """What the batch looked like: TRL's objective/* metrics, lengths, EOS. `kl_coef`: the KL
-    penalty's weight in the rewards (0 when the KL is a loss term: loss/kl_avg shows that)."""
-    kl_sum = targets.kl.sum(1)  # (B,) summed over each response's tokens
-    mask = targets.mask.bool()
-    stats = {}
-    if targets.returns is not None:  # gae: the advantages before whitening
-        raw = targets.returns - targets.old_values
-        stats[metrics.ADVANTAGE_RAW_STD] = masked.masked_var(raw, mask).sqrt().item()
-    return {
-        **stats,
-        metrics.KL: kl_sum.mean().item(),
-        metrics.KL_MAX: kl_sum.max().item(),
-        metrics.KL_MEDIAN: kl_sum.median().item(),
-        metrics.KL_TOKEN_MAX: torch.where(mask, targets.kl, -torch.inf).max().item(),
-        metrics.ADVANTAGE_ABSMAX: torch.where(mask, targets.advantages.abs(), 0).max().item(),
-        metrics.SCORES: targets.scores.mean().item(),
-        metrics.NON_SCORE_REWARD: (-kl_coef * kl_sum).mean().item(),
-        metrics.RLHF_REWARD: (targets.scores - kl_coef * kl_sum).mean().item(),
-        metrics.RESPONSE_LENGTH: targets.mask.sum(1).mean().item(),
-        metrics.NO_EOS_FRACTION: (~batch.has_eos).float().mean().item(),
-        metrics.BATCH_TOKENS: float(batch.num_tokens),
-    }
-
-
 def _to(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     """The same batch with every tensor on `device`."""
     return RolloutBatch(
@@ -533,12 +482,3 @@ def _to(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
             for name, value in vars(batch).items()
         }
     )
-
-
-def _newer_token_share(batch: RolloutBatch, versions: list[int]) -> float:
-    """The share of response tokens sampled by a newer version than their row's first token
-    (partial rollouts: a sync reached the row while it was sampled); 0 without them."""
-    first = torch.tensor(versions, device=batch.response_mask.device)[:, None]  # (B, 1)
-    real = batch.response_mask > 0
-    newer = (batch.token_versions.to(first.device) > first) & real
-    return (newer.sum() / real.sum().clamp(min=1)).item()
