@@ -56,8 +56,12 @@ def test_a_changed_hyperparameter_stops_the_rerun_naming_it(tmp_path, capsys):
 
 
 def test_changed_data_are_a_changed_setting(tmp_path, capsys):
-    _finished_run(tmp_path)
-    code, err = _rerun(tmp_path, capsys, "--data.num_prompts", "40")
+    # A model directory: with the embedded model, the base's tokenizer (learned from every row)
+    # is refused first (test_a_base_whose_tokenizer_learned_from_other_rows_is_refused).
+    model = ("--model.name_or_path", prepare_run(smoke_config(tmp_path / "first")).base_path)
+    out = tmp_path / "out"
+    _finished_run(out, **{"model.name_or_path": model[1]})
+    code, err = _rerun(out, capsys, *model, "--data.num_prompts", "40")
     assert code == 2
     assert "its ppo outputs" in err and "data.prompt_rows_sha256" in err
 
@@ -107,6 +111,21 @@ def test_a_base_model_built_with_other_settings_is_refused_unless_sft_is_redone(
     prepare_run(smoke_config(tmp_path, **{"model.hidden_size": "64", "run.redo": "sft"}))
     assert fingerprints.read_record(tmp_path, "base")["model.hidden_size"] == 64
     assert '"hidden_size": 64' in (tmp_path / "base" / "config.json").read_text()
+
+
+def test_a_base_whose_tokenizer_learned_from_other_rows_is_refused(tmp_path):
+    """The embedded tokenizer learns from every data row, so more preference pairs make another
+    base model: a rerun keeping the old one would not be the run a new output_dir gives."""
+    prepare_run(smoke_config(tmp_path))
+    tokenizer = (tmp_path / "base" / "tokenizer.json").read_bytes()
+    more_pairs = {"data.num_preferences": "150"}
+    with raises_with("data.tokenizer_corpus_sha256", "--run.redo sft", exc=ConfigError):
+        prepare_run(smoke_config(tmp_path, **more_pairs))
+    prepare_run(smoke_config(tmp_path, **more_pairs, **{"run.redo": "sft"}))
+    rebuilt = (tmp_path / "base" / "tokenizer.json").read_bytes()
+    assert rebuilt != tokenizer
+    prepare_run(smoke_config(tmp_path / "fresh", **more_pairs))
+    assert (tmp_path / "fresh" / "base" / "tokenizer.json").read_bytes() == rebuilt
 
 
 def test_outputs_without_a_record_are_refused(tmp_path):

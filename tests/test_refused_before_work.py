@@ -207,14 +207,17 @@ def test_a_folder_where_a_phase_writes_its_model_is_kept(tmp_path, capsys, phase
 
 
 def test_a_run_refused_for_changed_settings_keeps_the_rows_it_was_trained_on(tmp_path, capsys):
+    # a model directory: an embedded base would refuse the rows first (its tokenizer's digest)
+    model = {"model.name_or_path": prepare_run(smoke_config(tmp_path / "first")).base_path}
     out = tmp_path / "out"
-    prepared = prepare_run(smoke_config(out))
-    settings = fingerprints.phase_settings(smoke_config(out), prepared.data_dir)
+    prepared = prepare_run(smoke_config(out, **model))
+    settings = fingerprints.phase_settings(smoke_config(out, **model), prepared.data_dir)
     fingerprints.write_record(out, "sft", settings["sft"])
     (out / "sft").mkdir()
     write_metrics(out / "sft", {"loss": 1.0})  # a complete SFT phase made with those rows
     before = {p.name: p.read_bytes() for p in prepared.data_dir.iterdir()}
-    code = rlhf.main(["--config", "smoke", "--output_dir", str(out), "--data.num_sft", "7"])
+    args = ["--model.name_or_path", model["model.name_or_path"], "--data.num_sft", "7"]
+    code = rlhf.main(["--config", "smoke", "--output_dir", str(out), *args])
     printed = capsys.readouterr()
     assert code == 2 and "data.sft_rows_sha256" in printed.err, printed.err
     assert "Ray" not in printed.out, printed.out  # refused before it joined or started a Ray

@@ -6,6 +6,7 @@ loaded or Ray resource taken. The rows every phase uses are written to `<output_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -219,7 +220,8 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
         name = cfg.model.name_or_path
         return _tokenizer_of(name, cfg.model.trust_remote_code, "model.name_or_path"), name
     base_dir = out / "base"
-    settings = fingerprints.base_settings(cfg)
+    corpus = _corpus(rows, cfg.data.prompt_template)
+    settings = fingerprints.base_settings(cfg, _digest(corpus))
     if base_dir.exists() and cfg.run.redo != "sft":
         # A rerun keeps the tokenizer the later phases were trained with, if it still fits.
         if fingerprints.read_record(out, "base") is None:
@@ -232,7 +234,7 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
         where = f"{base_dir} (built by an earlier run; --run.redo sft builds it again)"
         check_model_dir(base_dir, False, where)
         return _tokenizer_of(str(base_dir), False, where), str(base_dir)
-    tok = train_bpe_tokenizer(_corpus(rows, cfg.data.prompt_template), cfg.model.vocab_size)
+    tok = train_bpe_tokenizer(corpus, cfg.model.vocab_size)
     max_positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     model = build_embedded_model(cfg.model, tok, max_positions, cfg.run.seed)
     # The old record goes first and the new one comes last: a base/ is never paired with the
@@ -252,21 +254,31 @@ def _tokenizer_of(path: str, trust_remote_code: bool, where: str) -> PreTrainedT
         raise ConfigError(f"{where}: its tokenizer cannot be loaded ({err})") from err
 
 
-def _corpus(rows: dict, template: str):
-    """Texts the embedded tokenizer learns from: every prompt (templated) and completion, each
-    cut to its first _CORPUS_CHARS characters. Rows are cut to a few tokens later anyway, and
-    BPE training slows down with the square of a long word's length (100,000 repeated
-    characters take seconds, 300,000 minutes)."""
+def _digest(texts: list[str]) -> str:
+    """SHA-256 of the tokenizer's corpus, each text ended by a NUL (no text holds one)."""
+    sha = hashlib.sha256()
+    for text in texts:
+        sha.update(text.encode("utf-8") + b"\0")
+    return sha.hexdigest()
+
+
+def _corpus(rows: dict, template: str) -> list[str]:
+    """Texts the embedded tokenizer learns from: every prompt (templated) and completion of every
+    dataset, so that it spells all of them in few tokens; each cut to its first _CORPUS_CHARS
+    characters. Rows are cut to a few tokens later anyway, and BPE training slows down with the
+    square of a long word's length (100,000 repeated characters take seconds, 300,000 minutes)."""
+    texts = []
     for name, dataset in rows.items():
+        fields = _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ())
         for row in dataset:
             prompt = row["prompt"]
             if isinstance(prompt, str):
-                yield template.format(prompt=prompt)[:_CORPUS_CHARS]
+                texts.append(template.format(prompt=prompt)[:_CORPUS_CHARS])
             else:
-                yield from (f"{m['role']}: {m['content']}"[:_CORPUS_CHARS] for m in prompt)
-            for key in _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ()):
-                for text in chat.message_texts(row[key]):
-                    yield (" " + text)[:_CORPUS_CHARS]
+                texts += [f"{m['role']}: {m['content']}"[:_CORPUS_CHARS] for m in prompt]
+            for key in fields:
+                texts += [(" " + text)[:_CORPUS_CHARS] for text in chat.message_texts(row[key])]
+    return texts
 
 
 def _apply_limits(name, dataset, tokenizer, limits: Limits, action: str):

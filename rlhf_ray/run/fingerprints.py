@@ -58,11 +58,17 @@ def _rows_digest(data_dir: Path, name: str) -> str:
     return hashlib.sha256((data_dir / f"{name}.jsonl").read_bytes()).hexdigest()
 
 
-def base_settings(cfg: Config) -> dict:
-    """What the embedded base model (tokenizer and random weights) is built from."""
+def base_settings(cfg: Config, corpus_sha256: str) -> dict:
+    """What the embedded base model is built from: its shape and seed, and the texts its
+    tokenizer learned from (every data row: another row count, seed or file is another base)."""
     model = {f"model.{k}": getattr(cfg.model, k) for k in _EMBEDDED_ONLY}
     positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
-    return {**model, "model.max_positions": positions, "run.seed": cfg.run.seed}
+    return {
+        **model,
+        "model.max_positions": positions,
+        "run.seed": cfg.run.seed,
+        "data.tokenizer_corpus_sha256": corpus_sha256,
+    }
 
 
 def _model(cfg: Config) -> dict:
