@@ -29,6 +29,7 @@ from tests.conftest import (
     check_console,
     copy_outputs,
     finish,
+    make_tiny_run,
     session_ray_processes,
     start_driver,
 )
@@ -49,10 +50,17 @@ ARGS = (
 WALL_CLOCK = (metrics.SFT_TOKENS_PER_S,)
 
 
-def _run_dir(tmp_path: Path, tiny_run, name: str) -> Path:
+@pytest.fixture(scope="module")
+def pairs_run(tmp_path_factory):
+    """A tiny run prepared with this test's 1138 pairs: the embedded base's tokenizer learns
+    from every row, so the base of a run with other data would be refused."""
+    return make_tiny_run(tmp_path_factory.mktemp("pairs-run"), **{"data.num_preferences": "1138"})
+
+
+def _run_dir(tmp_path: Path, pairs_run, name: str) -> Path:
     """An output directory holding what the reward phase starts from, from the tiny run."""
     out = tmp_path / name
-    copy_outputs(tiny_run[0], out, ("base", "sft"))
+    copy_outputs(pairs_run[0], out, ("base", "sft"))
     return out
 
 
@@ -89,9 +97,9 @@ def _weights(out: Path) -> dict:
 
 
 def test_a_stopped_phase_and_a_killed_worker_end_where_a_run_never_stopped_ends(
-    local_ray, tiny_run, tmp_path
+    local_ray, pairs_run, tmp_path
 ):
-    out = _run_dir(tmp_path, tiny_run, "stopped")
+    out = _run_dir(tmp_path, pairs_run, "stopped")
     first = start_driver(out, *ARGS)
     _wait_for_epoch(out, 1, first)
     first.kill()  # the job's Ray Train controller and workers die with their driver
@@ -117,7 +125,7 @@ def test_a_stopped_phase_and_a_killed_worker_end_where_a_run_never_stopped_ends(
     assert [step for step, _ in got[loss]] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     assert not train_storage(out, "reward").exists()  # epoch checkpoints go once it is done
 
-    never_stopped = _run_dir(tmp_path, tiny_run, "uninterrupted")
+    never_stopped = _run_dir(tmp_path, pairs_run, "uninterrupted")
     code = finish(start_driver(never_stopped, *ARGS))
     log = (tmp_path / "uninterrupted.log").read_text()
     assert code == 0, log[-3000:]
