@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,8 +220,8 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
         name = cfg.model.name_or_path
         return _tokenizer_of(name, cfg.model.trust_remote_code, "model.name_or_path"), name
     base_dir = out / "base"
-    corpus = _corpus(rows, cfg.data.prompt_template)
-    settings = fingerprints.base_settings(cfg, _digest(corpus))
+    # two passes over the rows (a digest, then BPE) rather than every text held at once
+    settings = fingerprints.base_settings(cfg, _digest(_corpus(rows, cfg.data.prompt_template)))
     if base_dir.exists() and cfg.run.redo != "sft":
         # A rerun keeps the tokenizer the later phases were trained with, if it still fits.
         if fingerprints.read_record(out, "base") is None:
@@ -234,7 +234,7 @@ def _base_model(cfg: Config, rows: dict, out: Path) -> tuple[PreTrainedTokenizer
         where = f"{base_dir} (built by an earlier run; --run.redo sft builds it again)"
         check_model_dir(base_dir, False, where)
         return _tokenizer_of(str(base_dir), False, where), str(base_dir)
-    tok = train_bpe_tokenizer(corpus, cfg.model.vocab_size)
+    tok = train_bpe_tokenizer(_corpus(rows, cfg.data.prompt_template), cfg.model.vocab_size)
     max_positions = cfg.data.max_prompt_tokens + cfg.data.max_completion_tokens
     model = build_embedded_model(cfg.model, tok, max_positions, cfg.run.seed)
     # The old record goes first and the new one comes last: a base/ is never paired with the
@@ -254,7 +254,7 @@ def _tokenizer_of(path: str, trust_remote_code: bool, where: str) -> PreTrainedT
         raise ConfigError(f"{where}: its tokenizer cannot be loaded ({err})") from err
 
 
-def _digest(texts: list[str]) -> str:
+def _digest(texts: Iterable[str]) -> str:
     """SHA-256 of the tokenizer's corpus, each text ended by a NUL (no text holds one)."""
     sha = hashlib.sha256()
     for text in texts:
@@ -262,23 +262,21 @@ def _digest(texts: list[str]) -> str:
     return sha.hexdigest()
 
 
-def _corpus(rows: dict, template: str) -> list[str]:
-    """Texts the embedded tokenizer learns from: every prompt (templated) and completion of every
-    dataset, so that it spells all of them in few tokens; each cut to its first _CORPUS_CHARS
-    characters. Rows are cut to a few tokens later anyway, and BPE training slows down with the
-    square of a long word's length (100,000 repeated characters take seconds, 300,000 minutes)."""
-    texts = []
+def _corpus(rows: dict, template: str):
+    """Texts the embedded tokenizer learns from: every prompt (templated) and completion, each
+    cut to its first _CORPUS_CHARS characters. Rows are cut to a few tokens later anyway, and
+    BPE training slows down with the square of a long word's length (100,000 repeated
+    characters take seconds, 300,000 minutes)."""
     for name, dataset in rows.items():
-        fields = _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ())
         for row in dataset:
             prompt = row["prompt"]
             if isinstance(prompt, str):
-                texts.append(template.format(prompt=prompt)[:_CORPUS_CHARS])
+                yield template.format(prompt=prompt)[:_CORPUS_CHARS]
             else:
-                texts += [f"{m['role']}: {m['content']}"[:_CORPUS_CHARS] for m in prompt]
-            for key in fields:
-                texts += [(" " + text)[:_CORPUS_CHARS] for text in chat.message_texts(row[key])]
-    return texts
+                yield from (f"{m['role']}: {m['content']}"[:_CORPUS_CHARS] for m in prompt)
+            for key in _COMPLETION_FIELDS.get(name.removesuffix("_eval"), ()):
+                for text in chat.message_texts(row[key]):
+                    yield (" " + text)[:_CORPUS_CHARS]
 
 
 def _apply_limits(name, dataset, tokenizer, limits: Limits, action: str):
