@@ -103,7 +103,7 @@ def last_step_figures(cfg, out: Path, summary: dict) -> dict:
     model = FrozenModelSettings(str(last), cfg.model, cfg.quantization, res.rollout_cpus, 0)
     settings = EvalSettings(model, cfg.eval, limits_of(cfg.data), cfg.run.seed)
     judge = GoldJudge()
-    policy = gold_scores(judge, prompts, generate_eval_responses(settings, prompts))
+    policy = gold_scores(judge, prompts, generate_eval_responses(settings, prompts).texts)
     sft = gold_scores(judge, prompts, [row["sft"] for row in rows])
     ideal = summary["gold_reward_ideal"]
     sft_mean = summary["gold_reward_sft"]

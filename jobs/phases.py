@@ -336,22 +336,31 @@ def evaluate(cfg: Config, prepared: PreparedRun) -> dict:
         **actor_options(res.rollout_cpus, res.rollout_gpus), name="evaluate"
     )
 
-    def settings(path: str) -> evaluation.EvalSettings:
-        model = FrozenModelSettings(
+    def frozen(path: str) -> FrozenModelSettings:
+        return FrozenModelSettings(
             path, cfg.model, cfg.quantization, res.rollout_cpus, res.rollout_gpus
         )
-        return evaluation.EvalSettings(model, cfg.eval, limits_of(cfg.data), cfg.run.seed)
 
-    refs = {name: task.remote(settings(path), prompts) for name, path in models.items()}
-    responses = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
+    def settings(name: str, path: str) -> evaluation.EvalSettings:
+        # the policy's KL to PPO's reference, the SFT model, over every held-out sample
+        reference = frozen(str(phase_dir(out, "sft"))) if name == "policy" else None
+        return evaluation.EvalSettings(
+            frozen(path), cfg.eval, limits_of(cfg.data), cfg.run.seed, reference
+        )
+
+    refs = {name: task.remote(settings(name, path), prompts) for name, path in models.items()}
+    sampled = {name: ray.get(ref, timeout=cfg.run.ray_timeout_s) for name, ref in refs.items()}
+    responses = {name: result.texts for name, result in sampled.items()}
     judged = judge_samples(cfg, out, prompts, responses)
     responses["ideal"] = evaluation.ideal_responses(prompts)
-    evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses)
+    policy_kl = {"policy_kl": sampled["policy"].kl} if "policy" in sampled else {}
+    evaluation.write_samples(out / "eval_samples.jsonl", prompts, responses | policy_kl)
     return {
         "prompts": prompts,
         "responses": responses,
         "data_dir": prepared.data_dir,
         "judged": judged,
+        **policy_kl,
     }
 
 

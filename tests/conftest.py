@@ -20,7 +20,7 @@ import ray
 from jobs.ppo.loop import PPOLoop
 from jobs.ppo.roles import create_roles
 from rlhf_ray.config.command_line import parse_run_args
-from rlhf_ray.data.jsonl import write_jsonl
+from rlhf_ray.data.jsonl import read_jsonl, write_jsonl
 from rlhf_ray.data.prepare import prepare_run, read_rows
 from rlhf_ray.data.tokenizer import load_tokenizer
 from rlhf_ray.models.loading import load_scalar_model
@@ -200,6 +200,15 @@ def run_scenario(module: str, *args: str) -> dict:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_heldout_kl(out: Path, summary: dict) -> None:
+    """summary.json's held-out KL is the mean and the largest of the exported policy's KL over
+    every evaluation sample, as eval_samples.jsonl holds them."""
+    kls = [kl for row in read_jsonl(out / "eval_samples.jsonl") for kl in row["policy_kl"]]
+    assert len(kls) == summary["eval_prompts"] * summary["eval_samples_per_prompt"]
+    assert summary["kl_heldout"] == pytest.approx(sum(kls) / len(kls), abs=1e-4)
+    assert summary["kl_heldout_max"] == pytest.approx(max(kls), abs=1e-4)
 
 
 def copy_outputs(source: Path, out: Path, folders: tuple[str, ...]) -> None:

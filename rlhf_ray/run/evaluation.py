@@ -16,8 +16,10 @@ from rlhf_ray.data.chat import Prompt, prompt_text
 from rlhf_ray.data.encoding import Limits
 from rlhf_ray.data.jsonl import write_jsonl
 from rlhf_ray.data.tokenizer import load_tokenizer
-from rlhf_ray.models.loading import FrozenModelSettings, load_frozen_causal_lm
+from rlhf_ray.models.forward import response_logprobs
+from rlhf_ray.models.loading import FrozenModelSettings, device_of, load_frozen_causal_lm
 from rlhf_ray.models.sampling import decode_responses, sample
+from rlhf_ray.ppo.messages import Samples
 from rlhf_ray.run.console import quiet_libraries
 from rlhf_ray.world import assistant_world
 from rlhf_ray.world.gold_judge import GoldJudge
@@ -29,23 +31,55 @@ class EvalSettings:
     eval: EvalConfig
     limits: Limits
     seed: int  # the same for every model: differences in the samples come from the model
+    # the model the samples' KL is measured to (the SFT model, PPO's reference, for the policy)
+    reference: FrozenModelSettings | None = None
 
 
-def generate_eval_responses(settings: EvalSettings, prompts: list[Prompt]) -> list[list[str]]:
-    """`eval.samples_per_prompt` sampled responses per prompt: -> [prompt][sample] text."""
+@dataclass(frozen=True)
+class EvalResponses:
+    texts: list[list[str]]  # [prompt][sample] decoded responses
+    # [prompt][sample] KL to `reference` in nats per response: the sum over the response's
+    # tokens of logp_model - logp_reference at eval.temperature (k1, as objective/kl); None
+    # without a reference
+    kl: list[list[float]] | None
+
+
+def generate_eval_responses(settings: EvalSettings, prompts: list[Prompt]) -> EvalResponses:
+    """`eval.samples_per_prompt` sampled responses per prompt, and their KL to the reference."""
     quiet_libraries()
     model = load_frozen_causal_lm(settings.model)
+    # loaded before the seed is set: building a model draws from the random stream, and the
+    # samples must be the same with a reference or without
+    reference = load_frozen_causal_lm(settings.reference) if settings.reference else None
     torch.manual_seed(settings.seed)
     tok = load_tokenizer(settings.model.path, settings.model.model.trust_remote_code)
     n, batch_size = settings.eval.samples_per_prompt, settings.eval.batch_size
     flat = [p for p in prompts for _ in range(n)]
-    texts = []
+    texts, kl = [], []
     for i in range(0, len(flat), batch_size):
-        samples, _ = sample(
+        samples, logprobs = sample(
             model, tok, flat[i : i + batch_size], settings.limits, settings.eval.temperature
         )
         texts += decode_responses(tok, samples)
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        if reference is not None:
+            kl += kl_to_reference(reference, samples, logprobs, settings.eval.temperature)
+    return EvalResponses(_per_prompt(texts, n), _per_prompt(kl, n) if reference else None)
+
+
+@torch.no_grad()
+def kl_to_reference(reference, samples: Samples, logprobs: torch.Tensor, temperature: float):
+    """-> [B] summed k1 KL of each response: its (B, R) sampled `logprobs` (0 on padding) minus
+    the reference's logprobs of the same tokens."""
+    device = device_of(reference)
+    tensors = (samples.query, samples.query_mask, samples.response, samples.response_mask)
+    ref = response_logprobs(reference, *(t.to(device) for t in tensors), temperature)
+    mask = samples.response_mask.cpu()
+    return ((logprobs.cpu() - ref.float().cpu()) * mask).sum(1).tolist()
+
+
+def _per_prompt(flat: list, n: int) -> list[list]:
+    """[prompt * n] -> [prompt][n]."""
+    return [flat[i : i + n] for i in range(0, len(flat), n)]
 
 
 def ideal_responses(prompts: list[Prompt]) -> list[list[str]]:
@@ -85,12 +119,13 @@ def win_rate(challenger: list[list[float]], baseline: list[list[float]]) -> floa
     return wins / len(pairs)
 
 
-def write_samples(path: Path, prompts: list[Prompt], responses: dict[str, list[list[str]]]) -> None:
-    """One JSON line per prompt with every model's responses, for reading by eye."""
+def write_samples(path: Path, prompts: list[Prompt], columns: dict[str, list[list]]) -> None:
+    """One JSON line per prompt with every column's [prompt][sample] values (each model's
+    responses, the policy's KL per response), for reading by eye."""
     write_jsonl(
         path,
         (
-            {"prompt": prompt, **{name: texts[i] for name, texts in responses.items()}}
+            {"prompt": prompt, **{name: values[i] for name, values in columns.items()}}
             for i, prompt in enumerate(prompts)
         ),
     )

@@ -41,7 +41,7 @@ def write_summary(
             for name in evaluation["judged"]
         }
     summary.update(_reward_model_summary(cfg, out, evaluation["data_dir"], judge))
-    summary.update(_ppo_summary(cfg, phase_dir(out, "ppo")))
+    summary.update(_ppo_summary(cfg, phase_dir(out, "ppo"), evaluation.get("policy_kl", [])))
     summary["phase_seconds"] = {**_previous_seconds(out), **seconds}
     summary["data"] = data_report
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -97,7 +97,7 @@ def _gold_prefers_chosen(judge: GoldJudge, pair: dict) -> bool:
     return judge.score(prompt, chosen).total > judge.score(prompt, rejected).total
 
 
-def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
+def _ppo_summary(cfg: Config, policy_dir: Path, heldout_kl: list[list[float]]) -> dict:
     if not is_complete(policy_dir):
         return {}
     ppo = read_metrics(policy_dir)
@@ -111,9 +111,9 @@ def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
         "ppo_kl_placement": "loss" if cfg.ppo.kl_in_loss else "reward",
         "ppo_reward_sources": sources,
         # KL to the reference, in nats per response: of the exported policy on the held-out
-        # prompts (measured at its evaluation, eval.every), and of the last training step's
-        # rollouts (training prompts, the policy as it sampled them)
-        "kl_heldout": _round(ppo.get(metrics.EVAL_KL)),
+        # prompts (every sample of the evaluation phase: the mean, and the largest response),
+        # and of the last training step's rollouts (training prompts, as the policy sampled them)
+        **_heldout_kl(heldout_kl),
         "kl_last_step": _round(ppo[metrics.KL]),
         "ppo_best_step": ppo.get("best_step"),  # the step policy/ holds; None: the last
         "ppo_eval_judge": ppo.get("eval_judge"),  # what ranked the evaluated steps
@@ -123,6 +123,14 @@ def _ppo_summary(cfg: Config, policy_dir: Path) -> dict:
         "ppo_rollout_generators": ppo.get(metrics.GENERATORS),  # at the last step
         "ppo_generators_last_step": _generator_stats(ppo),
     }
+
+
+def _heldout_kl(per_sample: list[list[float]]) -> dict:
+    """kl_heldout (mean) and kl_heldout_max over the evaluation phase's [prompt][sample] KLs."""
+    flat = [kl for row in per_sample for kl in row]
+    if not flat:
+        return {"kl_heldout": None}
+    return {"kl_heldout": _round(sum(flat) / len(flat)), "kl_heldout_max": _round(max(flat))}
 
 
 def _generator_stats(ppo: dict) -> dict[str, dict]:
