@@ -367,6 +367,8 @@ def test_malformed_arguments_exit_2_naming_the_option(capsys, argv, parts):
         (["--ppo.minibatch_size", "24"], ("ppo.minibatch_size=24", "divisor")),
         (["--phases", "sft,rl"], ("run.phases=", "subset of", "'ppo'")),
         (["--phases", "sft,sft"], ("run.phases=", "no phase twice")),
+        # the long form takes a list: a comma list there is one unknown phase, and says how
+        (["--run.phases", "sft,ppo"], ("run.phases=('sft,ppo',)", "--phases sft,reward")),
         (["--lora.dropout", "1.0"], ("lora.dropout=1.0", "fraction")),
         (["--model.dtype", "float8"], ("model.dtype='float8'", "bfloat16")),
         (["--model.hidden_size", "130"], ("model.hidden_size=130", "multiple of num_heads=4")),

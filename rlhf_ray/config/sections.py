@@ -333,7 +333,12 @@ class RunConfig(Section):
     def validate(self) -> None:
         self.check(bool(self.output_dir.strip()), "output_dir", "a directory path")
         unknown = [p for p in self.phases if p not in PHASES]
-        self.check(not unknown and len(self.phases) > 0, "phases", f"a subset of {PHASES}")
+        listed = " (on the command line: --run.phases sft reward, or --phases sft,reward)"
+        self.check(
+            not unknown and len(self.phases) > 0,
+            "phases",
+            f"a subset of {PHASES}" + (listed if any("," in p for p in unknown) else ""),
+        )
         self.check(len(set(self.phases)) == len(self.phases), "phases", "no phase twice")
         self.check(
             self.redo is None or self.redo in self.phases,
