@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 
@@ -21,7 +22,13 @@ import pytest
 import ray
 import torch
 
-from jobs.ppo.learner_group import GroupCall, LearnerDied, LearnerGroup
+from jobs.ppo.learner_group import (
+    GroupCall,
+    LearnerDied,
+    LearnerGroup,
+    learner_names,
+    ranks_results,
+)
 from jobs.ppo.roles import learner_settings, policy_settings
 from rlhf_ray.data.prepare import read_rows
 from rlhf_ray.models.loading import FrozenModelSettings
@@ -170,6 +177,50 @@ def test_a_rank_killed_while_the_other_waits_in_a_collective_ends_the_update_nam
         took = time.monotonic() - started
         assert took < 10 < group.timeout, took
         assert group.dead() == ["learner-1"]
+
+
+@ray.remote(num_cpus=0)
+class _Rank:
+    """A stand-in rank: its call fails as a rank's collective does when its peer is gone, or
+    waits (as a rank stuck in the collective does) until it is killed."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def fail(self, message: str):
+        raise RuntimeError(message)
+
+    def wait(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "done"
+
+
+@pytest.mark.parametrize("rank_1_killed", [True, False])
+def test_a_rank_that_fails_because_its_peer_died_is_reported_as_the_peer_dying(
+    rank_1_killed, local_ray
+):
+    """Rank 0's call fails first (gloo's "Connection reset by peer"), rank 1's process is
+    killed a second later: the call ends with LearnerDied naming learner-1, so the run rebuilds
+    the group. Where rank 1 is alive and answers, rank 0's own error is the one raised."""
+    ranks = [_Rank.remote(), _Rank.remote()]
+    rank_1_seconds = 60 if rank_1_killed else 1  # killed after 1 s, or answers after 1 s
+    pid = ray.get(ranks[1].pid.remote(), timeout=TIMEOUT)
+    call = GroupCall(
+        [
+            ranks[0].fail.remote("Connection reset by peer"),
+            ranks[1].wait.remote(rank_1_seconds),
+        ]
+    )
+    if rank_1_killed:
+        ray.wait(call.refs[:1], timeout=TIMEOUT)
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+        with raises_with("the update (learner-1)", exc=LearnerDied):
+            ranks_results(call, learner_names(2), TIMEOUT, "the update")
+    else:
+        with raises_with("Connection reset by peer", exc=RuntimeError):
+            ranks_results(call, learner_names(2), TIMEOUT, "the update")
+    for rank in ranks:
+        ray.kill(rank)
 
 
 @pytest.mark.parametrize("case", ["gae", "gae-fsdp"])
