@@ -30,9 +30,8 @@ from rlhf_ray.run.judges import REWARD_MODEL, JudgeSettings, judge_responses  # 
 from rlhf_ray.world import assistant_world  # noqa: E402
 
 
-def fact_judgement(run_dir: Path) -> dict:
-    """{"right_above_every_wrong", "wrong_below_right", "margin"} of RUN_DIR's reward model,
-    scored as `eval.judges` scores held-out samples (rlhf_ray/run/judges.py)."""
+def reward_judge(run_dir: Path) -> JudgeSettings:
+    """RUN_DIR's reward model as `eval.judges` scores held-out samples (rlhf_ray/run/judges.py)."""
     if not (run_dir / "config.yaml").is_file() or not is_complete(run_dir / "reward"):
         raise SystemExit(
             f"{run_dir}: not a run with a complete reward model (config.yaml, reward/)"
@@ -40,13 +39,23 @@ def fact_judgement(run_dir: Path) -> dict:
     cfg = parse_run_args(["--config", str(run_dir / "config.yaml")])
     reward = str(run_dir / "reward")
     model = FrozenModelSettings(reward, cfg.model, cfg.quantization, 1, 0)
-    settings = JudgeSettings(
+    return JudgeSettings(
         (REWARD_MODEL,), model, reward, cfg.model.trust_remote_code, limits_of(cfg.data), 64
     )
+
+
+def capital_answers() -> tuple[list, list[str], list[list[str]]]:
+    """(fact prompt specs, the 12 capitals, [prompt][capital] answers "The capital of X is Y.")."""
     facts = [spec for spec in assistant_world.all_prompts() if spec.kind == "fact"]
     capitals = list(assistant_world.CAPITALS.values())
     answers = [[f"The capital of {s.subject} is {c}." for c in capitals] for s in facts]
-    scores = judge_responses(settings, [s.text for s in facts], {"answers": answers})
+    return facts, capitals, answers
+
+
+def fact_judgement(run_dir: Path) -> dict:
+    """{"right_above_every_wrong", "wrong_below_right", "margin"} of RUN_DIR's reward model."""
+    facts, capitals, answers = capital_answers()
+    scores = judge_responses(reward_judge(run_dir), [s.text for s in facts], {"answers": answers})
     above_all, below, margins = [], [], []
     for spec, row in zip(facts, scores[REWARD_MODEL]["answers"], strict=True):
         by_capital = dict(zip(capitals, row, strict=True))
