@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from rlhf_ray.config.command_line import parse_run_args  # noqa: E402
 from rlhf_ray.data.encoding import completion_ids, prompt_ids  # noqa: E402
 from rlhf_ray.data.prepare import limits_of  # noqa: E402
+from rlhf_ray.run.checkpoints import is_complete  # noqa: E402
 from rlhf_ray.run.judges import REWARD_MODEL, judge_responses  # noqa: E402
 
 
@@ -47,6 +48,10 @@ def answer_logprobs(model, tok, limits, prompt: str, answers: list[str]) -> torc
 
 
 def optimum_report(run_dir: Path, beta: float) -> dict:
+    judge = reward_judge(run_dir)  # refuses a run without config.yaml or a complete reward/
+    for name in ("sft", "policy"):
+        if not is_complete(run_dir / name):
+            raise SystemExit(f"{run_dir}: no complete {name}/ (a run whose PPO phase is done)")
     cfg = parse_run_args(["--config", str(run_dir / "config.yaml")])
     limits = limits_of(cfg.data)
     tok = AutoTokenizer.from_pretrained(run_dir / "sft")
@@ -57,7 +62,7 @@ def optimum_report(run_dir: Path, beta: float) -> dict:
     lines = (run_dir / "data" / "prompts.jsonl").read_text().splitlines()
     trained = {json.loads(line)["prompt"] for line in lines}
     facts, capitals, answers = capital_answers()
-    scores = judge_responses(reward_judge(run_dir), [s.text for s in facts], {"a": answers})
+    scores = judge_responses(judge, [s.text for s in facts], {"a": answers})
     sums = {split: [0, 0.0, 0.0, 0.0, 0.0] for split in ("trained", "held_out")}
     for spec, row, rewards in zip(facts, answers, scores[REWARD_MODEL]["a"], strict=True):
         logp = {n: answer_logprobs(m, tok, limits, spec.text, row) for n, m in models.items()}
@@ -84,7 +89,12 @@ def optimum_report(run_dir: Path, beta: float) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    run_dir, beta = Path(sys.argv[1]), float(sys.argv[2])
+    try:
+        run_dir, beta = Path(sys.argv[1]), float(sys.argv[2])
+    except (IndexError, ValueError):
+        raise SystemExit("usage: bench/fact_optimum.py RUN_DIR BETA (beta: a number > 0)") from None
+    if beta <= 0:
+        raise SystemExit(f"BETA must be > 0, got {beta}")
     print(json.dumps({"run": str(run_dir), "beta": beta, **optimum_report(run_dir, beta)}))
 
 
