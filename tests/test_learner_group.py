@@ -56,7 +56,7 @@ CASES = {
 }
 
 
-def _config(out, case: str, workers: int):
+def _config(out, case: str, workers: int, max_lag: int):
     return smoke_config(
         out,
         **{
@@ -64,6 +64,7 @@ def _config(out, case: str, workers: int):
             "ppo.rollouts_per_step": "8",
             "ppo.minibatch_size": "4",
             "ppo.epochs": "2",
+            "ppo.max_policy_lag": str(max_lag),
             "resources.learner_workers": str(workers),
         },
     )
@@ -110,11 +111,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 @contextmanager
-def _started(tiny_run, case: str, counts: tuple[int, ...]):
+def _started(tiny_run, case: str, counts: tuple[int, ...], max_lag: int = 1):
     """-> ({rank count: a learner group, started and joined}, one step's inputs); every group
-    is stopped at the end."""
+    is stopped at the end. The inputs are sampled at version 0: a group trains on them again
+    while its version is at most `max_lag` (ppo.max_policy_lag, only a bound without overlap)."""
     out, prepared = tiny_run
-    configs = {n: _config(out, case, n) for n in counts}
+    configs = {n: _config(out, case, n, max_lag) for n in counts}
     inputs = _step_inputs(configs[counts[0]], out, prepared)
     groups = {n: LearnerGroup(cfg, learner_settings(cfg, out)) for n, cfg in configs.items()}
     try:
@@ -127,16 +129,29 @@ def _started(tiny_run, case: str, counts: tuple[int, ...]):
             group.stop()
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_train_the_same_weights_as_one(case, tiny_run, local_ray):
-    with _started(tiny_run, case, (1, 2)) as (groups, (shards, scores)):
-        before = _trained(groups[1])
-        stats = {
-            n: group.results(group.train(shards, scores), "the update")
-            for n, group in groups.items()
-        }
-        after = {n: _trained(group) for n, group in groups.items()}
-        digests = [ray.get(r.trainable_digest.remote(), timeout=TIMEOUT) for r in groups[2].ranks]
+@pytest.fixture(scope="module")
+def one_and_two(request, tiny_run, local_ray):
+    """Groups of one and two ranks of case `request.param` (indirect), started once for the
+    tests of that case: starting three ranks and sampling a step's inputs took ~15 s of each
+    test. pytest runs a case's tests together and stops its groups before the next case's
+    start (their CPUs would not fit beside them). Either test works from whatever state the
+    other left: both groups hold the same one after each. The checkpoint test trains the
+    version-0 inputs at version 2 after the other test's update: hence max_lag 2."""
+    with _started(tiny_run, request.param, (1, 2), max_lag=2) as started:
+        yield started
+
+
+@pytest.mark.parametrize("one_and_two", list(CASES), indirect=True)
+def test_two_ranks_train_the_same_weights_as_one(one_and_two, request):
+    case = request.node.callspec.params["one_and_two"]
+    groups, (shards, scores) = one_and_two
+    before = _trained(groups[1])
+    assert _digest(before) == _digest(_trained(groups[2]))  # the same start
+    stats = {
+        n: group.results(group.train(shards, scores), "the update") for n, group in groups.items()
+    }
+    after = {n: _trained(group) for n, group in groups.items()}
+    digests = [ray.get(r.trainable_digest.remote(), timeout=TIMEOUT) for r in groups[2].ranks]
 
     # every rank of the two holds exactly the same tensors after the update, except the shards
     # of a sharded critic (each rank its own half)
@@ -161,22 +176,25 @@ def test_two_ranks_train_the_same_weights_as_one(case, tiny_run, local_ray):
     assert stats[2][metrics.KL] == stats[1][metrics.KL]  # from the same whole batch, not a slice
 
 
+@pytest.mark.parametrize("one_and_two", ["rloo"], indirect=True)
 def test_a_rank_killed_while_the_other_waits_in_a_collective_ends_the_update_naming_it(
-    tiny_run, local_ray
+    one_and_two,
 ):
     """SIGKILL rank 1 as the update starts: rank 0 waits for it in DDP's gradient all-reduce.
-    The call ends at once (not after run.ray_timeout_s) with LearnerDied naming learner-1."""
-    with _started(tiny_run, "rloo", (2,)) as (groups, (shards, scores)):
-        group = groups[2]
-        pids = group.results(GroupCall(group.ready(), combine=list), "the ranks' processes")
-        update = group.train(shards, scores)
-        os.kill(pids[1], signal.SIGKILL)
-        started = time.monotonic()
-        with raises_with("the update (learner-1)", exc=LearnerDied):
-            group.results(update, "the update")
-        took = time.monotonic() - started
-        assert took < 10 < group.timeout, took
-        assert group.dead() == ["learner-1"]
+    The call ends at once (not after run.ray_timeout_s) with LearnerDied naming learner-1.
+    It kills a rank of the rloo case's shared group of two: defined after the other rloo test,
+    it is that group's last user."""
+    groups, (shards, scores) = one_and_two
+    group = groups[2]
+    pids = group.results(GroupCall(group.ready(), combine=list), "the ranks' processes")
+    update = group.train(shards, scores)
+    os.kill(pids[1], signal.SIGKILL)
+    started = time.monotonic()
+    with raises_with("the update (learner-1)", exc=LearnerDied):
+        group.results(update, "the update")
+    took = time.monotonic() - started
+    assert took < 10 < group.timeout, took
+    assert group.dead() == ["learner-1"]
 
 
 @ray.remote(num_cpus=0)
@@ -223,17 +241,19 @@ def test_a_rank_that_fails_because_its_peer_died_is_reported_as_the_peer_dying(
         ray.kill(rank)
 
 
-@pytest.mark.parametrize("case", ["gae", "gae-fsdp"])
-def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(case, tiny_run, local_ray):
+@pytest.mark.parametrize("one_and_two", ["gae", "gae-fsdp"], indirect=True)
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(one_and_two):
     """A checkpoint holds the whole state (a sharded critic gathered): one of N ranks
     restores on M, a sharded critic cut into M shards again."""
-    with _started(tiny_run, case, (1, 2)) as (groups, (shards, scores)):
-        for source, target in ((2, 1), (1, 2)):
-            group = groups[source]
-            group.results(group.train(shards, scores), "the update")
-            tensors, state = group.results(group.checkpoint_state(), "the learner's state")
-            assert state["learner_workers"] == source
-            groups[target].results(groups[target].restore(tensors, state), "restoring")
-            assert _digest(_trained(groups[target])) == _digest(_trained(group))
-            weights = ray.get(groups[target].weights(), timeout=TIMEOUT)
-            assert weights.version == state["version"]
+    groups, (shards, scores) = one_and_two
+    for source, target in ((2, 1), (1, 2)):
+        group = groups[source]
+        group.results(group.train(shards, scores), "the update")
+        tensors, state = group.results(group.checkpoint_state(), "the learner's state")
+        assert state["learner_workers"] == source
+        before = _digest(_trained(groups[target]))
+        groups[target].results(groups[target].restore(tensors, state), "restoring")
+        restored = _digest(_trained(groups[target]))
+        assert restored == _digest(_trained(group)) != before  # the target's own state replaced
+        weights = ray.get(groups[target].weights(), timeout=TIMEOUT)
+        assert weights.version == state["version"]
